@@ -1,0 +1,51 @@
+"""The PEA adapter: the only trained part. A small MLP from a student encoder's per-token states to
+the frozen UNet's conditioning space (METHOD.md, "Adapter").
+
+    x      = Linear(h→out)(GELU(Linear(h→h)(GELU(Linear(d→h)(LayerNorm(d))))))      # no biases
+    sd15:  prompt_embeds = x                                  (out = token_dim, e.g. 768)
+    sdxl:  pooled = mean_tokens(x)  (out = pooled_dim 1280); prompt_embeds = Linear(1280→token_dim)(GELU(x))
+
+A diffusers ModelMixin + ConfigMixin, so `save_pretrained` writes config.json beside safetensors and
+`from_pretrained` rebuilds exactly the saved widths (the reference's train/inference mismatch cannot
+happen here).
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+DEFAULT_DIMS = {"sd15": {"token_dim": 768, "pooled_dim": None}, "sdxl": {"token_dim": 2048, "pooled_dim": 1280}}
+
+
+class PEAAdapter(ModelMixin, ConfigMixin):
+    @register_to_config
+    def __init__(self, kind: str = "sd15", student_dim: int = 1024, hidden_dim: int = 2048,
+                 token_dim: int | None = None, pooled_dim: int | None = None):
+        super().__init__()
+        if kind not in DEFAULT_DIMS:
+            raise ValueError(f"adapter kind {kind!r} is not one of {sorted(DEFAULT_DIMS)}")
+        token_dim = token_dim or DEFAULT_DIMS[kind]["token_dim"]
+        pooled_dim = pooled_dim or DEFAULT_DIMS[kind]["pooled_dim"]
+        self.register_to_config(token_dim=token_dim, pooled_dim=pooled_dim)
+        mlp_out = pooled_dim if kind == "sdxl" else token_dim
+        self.mlp = nn.Sequential(
+            nn.LayerNorm(student_dim),
+            nn.Linear(student_dim, hidden_dim, bias=False), nn.GELU(),
+            nn.Linear(hidden_dim, hidden_dim, bias=False), nn.GELU(),
+            nn.Linear(hidden_dim, mlp_out, bias=False),
+        )
+        self.to_tokens = nn.Sequential(nn.GELU(), nn.Linear(pooled_dim, token_dim)) if kind == "sdxl" else None
+
+    def forward(self, student_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, L, student_dim) → (prompt_embeds (B, L, token_dim), pooled (B, pooled_dim) or None)."""
+        if student_states.shape[-1] != self.config.student_dim:
+            raise ValueError(f"student hidden size {student_states.shape[-1]} does not match the adapter's "
+                             f"student_dim {self.config.student_dim}; train an adapter for this encoder")
+        x = self.mlp(student_states)
+        if self.to_tokens is None:
+            return x, None
+        # Plain mean over every position, padding included, as the reference does.
+        return self.to_tokens(x), x.mean(dim=1)

@@ -1,0 +1,64 @@
+"""The PEA objective (METHOD.md, "Objective"): distil the frozen UNet's behaviour under the English
+teacher's conditioning into the same UNet under the adapter's conditioning.
+
+Per sample, with m = 1 for native-only captions and 0 for parallel pairs:
+    L = m·MSE(ε_s, ε) + (1−m)·[MSE(ε_s, ε_t) + w·Σ_F MSE(F_s, F_t)]
+F are the outputs of every down block (its hidden state, not the skip tuple), the mid block and
+every up block, read with forward hooks that are removed as soon as the forward pass returns.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from diffusers import UNet2DConditionModel
+
+
+@contextmanager
+def unet_features(unet: UNet2DConditionModel):
+    """Collect the block outputs of one UNet forward pass into the yielded list, in call order."""
+    maps: list[torch.Tensor] = []
+
+    def keep(_module, _inputs, output):
+        maps.append(output[0] if isinstance(output, tuple) else output)
+
+    blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
+    handles = [block.register_forward_hook(keep) for block in blocks]
+    try:
+        yield maps
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _per_sample_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a.float() - b.float()).pow(2).flatten(1).mean(dim=1)
+
+
+@dataclass
+class LossTerms:
+    total: torch.Tensor
+    diffusion: torch.Tensor
+    output_kd: torch.Tensor
+    feature_kd: torch.Tensor
+
+    def floats(self) -> dict[str, float]:
+        return {name: float(value.detach()) for name, value in vars(self).items()}
+
+
+def distill_loss(unet: UNet2DConditionModel, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
+                 target_noise: torch.Tensor, teacher_embeds: torch.Tensor, student_embeds: torch.Tensor,
+                 native: torch.Tensor, feature_weight: float = 0.1) -> LossTerms:
+    """One batch of the objective. Gradients reach only `student_embeds` (the adapter's output)."""
+    with torch.no_grad(), unet_features(unet) as teacher_maps:
+        eps_teacher = unet(noisy_latents, timesteps, encoder_hidden_states=teacher_embeds).sample
+    with unet_features(unet) as student_maps:
+        eps_student = unet(noisy_latents, timesteps, encoder_hidden_states=student_embeds.to(unet.dtype)).sample
+    diffusion = _per_sample_mse(eps_student, target_noise)
+    output_kd = _per_sample_mse(eps_student, eps_teacher)
+    feature_kd = sum(_per_sample_mse(s, t) for s, t in zip(student_maps, teacher_maps, strict=True))
+    m = native.float()
+    per_sample = m * diffusion + (1 - m) * (output_kd + feature_weight * feature_kd)
+    return LossTerms(per_sample.mean(), diffusion.mean(), output_kd.mean(), feature_kd.mean())

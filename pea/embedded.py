@@ -1,0 +1,25 @@
+"""The embedded default's offline world: the tiny model zoo, built from the synthetic captions.
+
+The teacher's tokenizer is trained on every English synthetic caption and each student's on its own
+language's captions (from every shipped spec that has `synthetic_captions`), so the zoo is the same
+whichever language runs first. Built once into `<lake>/zoo/` and reused.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pea.corpus.synthetic import ENGLISH, all_scenes, caption
+from pea.models import build_tiny_zoo
+from pea.spec import available_languages, lake_root, load_spec
+
+
+def prepare_zoo(zoo_dir: Path | None = None, image_size: int = 32) -> dict[str, Path]:
+    scenes = all_scenes()
+    students = {}
+    for language in available_languages():
+        captions = load_spec(language).synthetic_captions
+        if captions is not None:
+            students[language] = [caption(s, captions) for s in scenes]
+    english = [caption(s, ENGLISH) for s in scenes]
+    return build_tiny_zoo(zoo_dir or lake_root() / "zoo", english, students, image_size=image_size)

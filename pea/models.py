@@ -1,0 +1,229 @@
+"""Load the teacher (English text-to-image model) and the student text encoder by id or path.
+
+The same `from_pretrained` code loads a Hugging Face id (`stable-diffusion-v1-5/...`) or a local
+directory; the tiny offline zoo (`build_tiny_zoo`) is saved in exactly the Hub layouts, so nothing
+downstream knows whether a model is tiny. Weights load from safetensors only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import (AutoConfig, AutoModel, AutoTokenizer, BertConfig, BertModel, BertTokenizerFast,
+                          CLIPTextConfig, CLIPTextModel, CLIPTokenizer, PreTrainedModel)
+
+from pea.spec import ModelRef, StudentSpec, TeacherSpec
+
+
+def _kwargs(ref: ModelRef) -> dict:
+    return {"revision": ref.revision, "use_safetensors": True}
+
+
+@dataclass
+class TeacherText:
+    """The teacher's English text path, encoding exactly as diffusers' SD 1.5 pipeline does."""
+
+    tokenizer: CLIPTokenizer
+    text_encoder: CLIPTextModel
+
+    @property
+    def max_length(self) -> int:
+        return self.tokenizer.model_max_length
+
+    @torch.no_grad()
+    def encode(self, captions: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(captions, padding="max_length", max_length=self.max_length, truncation=True,
+                             return_tensors="pt").input_ids
+        return self.text_encoder(ids.to(self.text_encoder.device))[0]
+
+
+@dataclass
+class StudentEncoder:
+    """A frozen non-English text encoder yielding per-token hidden states (B, max_length, d)."""
+
+    tokenizer: object
+    model: PreTrainedModel
+    max_length: int
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+    @torch.no_grad()
+    def encode(self, captions: list[str]) -> torch.Tensor:
+        batch = self.tokenizer(captions, padding="max_length", max_length=self.max_length, truncation=True,
+                               return_tensors="pt").to(self.model.device)
+        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+
+
+def _frozen(module: torch.nn.Module) -> torch.nn.Module:
+    module.requires_grad_(False)
+    return module.eval()
+
+
+def load_teacher_text(ref: TeacherSpec) -> TeacherText:
+    if ref.kind != "sd15":
+        raise NotImplementedError(f"teacher kind {ref.kind!r}: only 'sd15' is wired in this version")
+    tokenizer = CLIPTokenizer.from_pretrained(ref.id, subfolder="tokenizer", revision=ref.revision)
+    encoder = CLIPTextModel.from_pretrained(ref.id, subfolder="text_encoder", **_kwargs(ref))
+    return TeacherText(tokenizer, _frozen(encoder))
+
+
+def load_vae(ref: TeacherSpec) -> AutoencoderKL:
+    return _frozen(AutoencoderKL.from_pretrained(ref.id, subfolder="vae", **_kwargs(ref)))
+
+
+def load_unet(ref: TeacherSpec) -> UNet2DConditionModel:
+    return _frozen(UNet2DConditionModel.from_pretrained(ref.id, subfolder="unet", **_kwargs(ref)))
+
+
+def load_noise_scheduler(ref: TeacherSpec) -> DDPMScheduler:
+    """The training noise schedule: DDPM with the teacher's own betas (scaled-linear for SD)."""
+    return DDPMScheduler.from_pretrained(ref.id, subfolder="scheduler", revision=ref.revision)
+
+
+def load_student(ref: StudentSpec) -> StudentEncoder:
+    """Any transformers encoder with per-token states: plain encoders, or the text tower of a dual
+    encoder (CLIP-style configs with a text_config), or the encoder of an encoder-decoder (T5)."""
+    config = AutoConfig.from_pretrained(ref.id, revision=ref.revision)
+    model = AutoModel.from_pretrained(ref.id, **_kwargs(ref))
+    if getattr(config, "text_config", None) is not None:
+        model = model.text_model
+    elif config.is_encoder_decoder:
+        model = model.get_encoder()
+    tokenizer = AutoTokenizer.from_pretrained(ref.id, revision=ref.revision)
+    return StudentEncoder(tokenizer, _frozen(model), ref.max_length)
+
+
+def _tree_digest(root: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name != "pea-zoo.json"):
+        digest.update(str(path.relative_to(root)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def model_key(ref: ModelRef) -> dict:
+    """What identifies a model's weights for caching and lineage: id + revision, and for a local
+    directory (which has no revision) a digest of its content."""
+    key = {"id": ref.id, "revision": ref.revision}
+    path = Path(ref.id)
+    if path.is_dir():
+        stamp = path / "pea-zoo.json"
+        key["content"] = json.loads(stamp.read_text())["fingerprint"] if stamp.is_file() else _tree_digest(path)
+    return key
+
+
+# --- The tiny offline zoo -------------------------------------------------------------------------
+ZOO_VERSION = 1  # bump when the tiny architectures change, so caches keyed on the zoo are rebuilt
+
+
+def _atomic_build(target: Path, recipe: str, build) -> Path:
+    """Build into a temp dir beside `target`, then rename: a half-built model is never visible.
+    A build whose recipe (zoo version + training captions) changed is rebuilt."""
+    recipe = hashlib.sha256(f"{ZOO_VERSION}\n{recipe}".encode()).hexdigest()[:16]
+    stamp = target / "pea-zoo.json"
+    if stamp.is_file() and json.loads(stamp.read_text()).get("recipe") == recipe:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        build(tmp)
+        (tmp / "pea-zoo.json").write_text(json.dumps({"recipe": recipe, "fingerprint": _tree_digest(tmp)}))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _train_clip_tokenizer(captions: list[str], out: Path) -> CLIPTokenizer:
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+    bpe = Tokenizer(models.BPE(unk_token="<|endoftext|>", end_of_word_suffix="</w>"))
+    bpe.normalizer = normalizers.Lowercase()
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    bpe.train_from_iterator(captions, trainers.BpeTrainer(
+        vocab_size=512, special_tokens=["<|startoftext|>", "<|endoftext|>"], end_of_word_suffix="</w>",
+        show_progress=False))
+    out.mkdir(parents=True, exist_ok=True)
+    bpe.model.save(str(out))
+    return CLIPTokenizer(str(out / "vocab.json"), str(out / "merges.txt"), model_max_length=77)
+
+
+def _train_wordpiece_tokenizer(captions: list[str]) -> BertTokenizerFast:
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+
+    wp = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    # handle_chinese_chars splits Han characters into single tokens, as BERT-Chinese does.
+    wp.normalizer = normalizers.BertNormalizer(handle_chinese_chars=True, lowercase=True)
+    wp.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    wp.train_from_iterator(captions, trainers.WordPieceTrainer(vocab_size=1000, special_tokens=specials,
+                                                               show_progress=False))
+    wp.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[(t, wp.token_to_id(t)) for t in ("[CLS]", "[SEP]")])
+    return BertTokenizerFast(tokenizer_object=wp, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                             sep_token="[SEP]", mask_token="[MASK]")
+
+
+def _build_teacher(out: Path, captions: list[str], image_size: int) -> None:
+    torch.manual_seed(0)
+    scratch = Path(tempfile.mkdtemp())
+    try:
+        tokenizer = _train_clip_tokenizer(captions, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32),
+                        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                        layers_per_block=1, norm_num_groups=8, sample_size=image_size)
+    unet = UNet2DConditionModel(
+        sample_size=image_size // 4, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=8,
+        norm_num_groups=16)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(out, safe_serialization=True)
+
+
+def _build_student(out: Path, captions: list[str]) -> None:
+    torch.manual_seed(1)
+    tokenizer = _train_wordpiece_tokenizer(captions)
+    model = BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                 num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128,
+                                 pad_token_id=tokenizer.pad_token_id))
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def build_tiny_zoo(zoo_dir: Path, english_captions: list[str], student_captions: dict[str, list[str]],
+                   image_size: int = 32) -> dict[str, Path]:
+    """Build (once) a tiny SD 1.5-style teacher and one tiny student per language into `zoo_dir`.
+
+    Randomly initialised, deterministic, seconds to build; tokenizers are trained on the captions
+    they will see. Returns {name: path}; existing complete builds are reused.
+    """
+    zoo_dir = Path(zoo_dir)
+    built = {"sd15-teacher": _atomic_build(zoo_dir / "sd15-teacher", f"{image_size}\n" + "\n".join(english_captions),
+                                           lambda out: _build_teacher(out, english_captions, image_size))}
+    for language, captions in student_captions.items():
+        built[f"student-{language}"] = _atomic_build(zoo_dir / f"student-{language}", "\n".join(captions),
+                                                     lambda out, c=captions: _build_student(out, c))
+    return built

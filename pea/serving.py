@@ -1,0 +1,36 @@
+"""The MLflow pyfunc of a registered adapter (logged as "models from code", so nothing is pickled):
+a batch of prompts in the adapter's language → its conditioning tensors (B, tokens, width).
+
+    model = mlflow.pyfunc.load_model("models:/pea-adapter-zh@champion")
+    prompt_embeds = model.predict(["左边有一个红色的圆形"])
+"""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.pyfunc import PythonModel
+
+
+class AdapterModel(PythonModel):
+    def load_context(self, context) -> None:
+        from pea.adapter import PEAAdapter
+        from pea.models import load_student
+        from pea.spec import StudentSpec
+
+        cfg = context.model_config
+        self.adapter = PEAAdapter.from_pretrained(context.artifacts["adapter"]).eval()
+        self.student = load_student(StudentSpec(id=cfg["student_id"], revision=cfg["student_revision"],
+                                                max_length=cfg["student_max_length"]))
+
+    def predict(self, context, model_input, params=None) -> np.ndarray:
+        from pea.pipeline import encode_prompts
+
+        if isinstance(model_input, pd.DataFrame):
+            model_input = model_input.iloc[:, 0]
+        prompts = [str(p) for p in (model_input if not isinstance(model_input, str) else [model_input])]
+        return encode_prompts(self.adapter, self.student, prompts).float().numpy()
+
+
+mlflow.models.set_model(AdapterModel())

@@ -1,0 +1,238 @@
+"""Language specs: `data/languages/<lang>.yaml`, validated into a typed `LanguageSpec`.
+
+A spec is the only thing a user writes to add a language. A *profile* (`data/profiles/<name>.yaml`)
+is a partial spec deep-merged on top, e.g. `embedded` swaps the real model ids for the tiny offline
+zoo and the manifests for the synthetic corpus. Every stage takes the part of the spec it needs.
+
+    from pea.spec import load_spec
+    spec = load_spec("zh", profile="embedded")
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+# Short BCP-47: a 2-3 letter primary subtag, then up to two subtags (script/region), e.g. zh, zh-Hant, pt-BR.
+LANGUAGE_CODE = re.compile(r"^[a-z]{2,3}(?:-[A-Za-z0-9]{2,8}){0,2}$")
+
+
+class SpecError(ValueError):
+    """A spec or profile that cannot be used; the message names the file and the field."""
+
+
+def home() -> Path:
+    """The project root holding data/ and tracking/ ($PEA_HOME overrides the checkout)."""
+    return Path(os.environ.get("PEA_HOME", PACKAGE_ROOT)).resolve()
+
+
+def lake_root() -> Path:
+    """Where every stage writes ($PEA_LAKE overrides data/lake)."""
+    return Path(os.environ.get("PEA_LAKE", home() / "data" / "lake")).resolve()
+
+
+def validate_language(code: str) -> str:
+    if not isinstance(code, str) or not LANGUAGE_CODE.fullmatch(code):
+        raise SpecError(
+            f"language {code!r} is not a short BCP-47 tag such as 'zh', 'ja' or 'pt-BR'; "
+            "use the code of a spec in data/languages/"
+        )
+    return code
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelRef(Strict):
+    id: str = Field(description="Hugging Face model id or a local directory")
+    revision: str | None = Field(None, description="git revision on the Hub; None for local dirs")
+
+
+class TeacherSpec(ModelRef):
+    kind: Literal["sd15", "sdxl"] = "sd15"
+
+
+class StudentSpec(ModelRef):
+    max_length: int = Field(77, ge=4, le=512)
+
+
+class SyntheticCaptions(Strict):
+    """How the synthetic corpus says a scene in this language (English lives in pea.corpus)."""
+
+    template: str = Field(description="uses {count} {color} {shape} {position}")
+    colors: dict[str, str]
+    shapes: dict[str, str]
+    positions: dict[str, str]
+    counts: dict[str, str]
+
+    @model_validator(mode="after")
+    def _template_uses_every_slot(self) -> SyntheticCaptions:
+        missing = [s for s in ("count", "color", "shape", "position") if "{" + s + "}" not in self.template]
+        if missing:
+            raise ValueError(f"template must use {{{'}, {'.join(missing)}}}")
+        return self
+
+
+class SyntheticCorpus(Strict):
+    size: int = Field(400, ge=10, description="number of good images")
+    seed: int = 0
+
+
+class CorpusSpec(Strict):
+    manifests: list[str] = Field(default_factory=list, description="Parquet manifests: url, caption_en, caption_<lang>")
+    synthetic: SyntheticCorpus | None = Field(None, description="generate and serve a synthetic corpus instead")
+    image_size: int = Field(512, ge=8)
+    processes: int = Field(1, ge=1)
+    threads: int = Field(8, ge=1)
+    timeout_s: int = Field(10, ge=1)
+    retries: int = Field(0, ge=0)
+    rows_per_shard: int = Field(10_000, ge=10)
+
+    @model_validator(mode="after")
+    def _has_a_source(self) -> CorpusSpec:
+        if not self.manifests and self.synthetic is None:
+            raise ValueError("name at least one manifest, or set synthetic")
+        return self
+
+
+class FilterSpec(Strict):
+    min_image_side: int = Field(64, ge=1)
+    max_aspect_ratio: float = Field(2.0, ge=1.0)
+    min_caption_chars: int = Field(1, ge=1)
+    max_caption_chars: int = Field(300, ge=1)
+
+
+class EmbedSpec(Strict):
+    dtype: Literal["float16", "bfloat16"] = "float16"
+    batch_size: int = Field(64, ge=1)
+
+
+class TrainSpec(Strict):
+    hidden_dim: int = Field(2048, ge=1, description="adapter inner width h")
+    steps: int = Field(50_000, ge=1)
+    micro_batch_size: int = Field(10, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    lr: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    warmup_steps: int = Field(100, ge=0)
+    min_lr: float = Field(5e-8, ge=0)
+    zero_stage: Literal[0, 1, 2, 3] = 1
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    feature_kd_weight: float = Field(0.1, ge=0)
+    caption_dropout: float = Field(0.1, ge=0, le=1)
+    noise_offset: float = Field(0.0, ge=0)
+    checkpoint_every: int = Field(1000, ge=1)
+    seed: int = 0
+
+
+class EvaluateSpec(Strict):
+    heldout_percent: int = Field(10, ge=1, le=50, description="share of pairs held out, chosen by hash")
+    timesteps: list[int] = Field(default_factory=lambda: [100, 400, 700, 900])
+    grid_prompts: int = Field(4, ge=1)
+    inference_steps: int = Field(25, ge=1)
+    guidance_scale: float = 7.5
+    seed: int = 0
+
+
+class LanguageSpec(Strict):
+    language: str
+    name: str
+    teacher: TeacherSpec
+    student: StudentSpec
+    corpus: CorpusSpec
+    filter: FilterSpec = FilterSpec()
+    embed: EmbedSpec = EmbedSpec()
+    train: TrainSpec = TrainSpec()
+    evaluate: EvaluateSpec = EvaluateSpec()
+    synthetic_captions: SyntheticCaptions | None = None
+
+    @field_validator("language")
+    @classmethod
+    def _short_bcp47(cls, code: str) -> str:
+        if not LANGUAGE_CODE.fullmatch(code):
+            raise ValueError(f"{code!r} is not a short BCP-47 tag such as 'zh' or 'pt-BR'")
+        return code
+
+    @model_validator(mode="after")
+    def _synthetic_needs_captions(self) -> LanguageSpec:
+        if self.corpus.synthetic is not None and self.synthetic_captions is None:
+            raise ValueError("corpus.synthetic needs synthetic_captions for this language")
+        return self
+
+    @property
+    def caption_column(self) -> str:
+        return "caption_" + self.language.replace("-", "_")
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        merged[key] = _deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise SpecError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: expected a mapping of fields at the top level")
+    return data
+
+
+def _explain(err: ValidationError, source: str) -> SpecError:
+    lines = []
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        hint = {"extra_forbidden": "unknown field; remove it or fix its spelling",
+                "missing": "required field is missing"}.get(e["type"], e["msg"])
+        lines.append(f"  {field}: {hint}")
+    return SpecError(f"{source} is invalid:\n" + "\n".join(lines))
+
+
+def available_languages(languages_dir: Path | None = None) -> list[str]:
+    folder = languages_dir or home() / "data" / "languages"
+    return sorted(p.stem for p in folder.glob("*.yaml"))
+
+
+def load_spec(language: str, profile: str | None = None, *, data_dir: Path | None = None,
+              zoo_dir: Path | None = None) -> LanguageSpec:
+    """Read, merge and validate the spec of `language` (with an optional profile on top).
+
+    Profiles may use `{language}` and `{zoo}` (the tiny model zoo, under the lake by default).
+    """
+    validate_language(language)
+    data_dir = data_dir or home() / "data"
+    path = data_dir / "languages" / f"{language}.yaml"
+    if not path.is_file():
+        known = ", ".join(available_languages(data_dir / "languages")) or "none"
+        raise SpecError(f"no spec for language {language!r} at {path}; known languages: {known}")
+    raw = _read_yaml(path)
+    if raw.get("language") != language:
+        raise SpecError(f"{path}: field language is {raw.get('language')!r} but the file is named {language}.yaml")
+    source = str(path)
+    if profile:
+        if not re.fullmatch(r"[a-z][a-z0-9_-]*", profile):
+            raise SpecError(f"profile {profile!r} must be a plain name such as 'embedded'")
+        profile_path = data_dir / "profiles" / f"{profile}.yaml"
+        if not profile_path.is_file():
+            raise SpecError(f"no profile {profile!r} at {profile_path}")
+        zoo = str((zoo_dir or lake_root() / "zoo").resolve())
+        text = profile_path.read_text(encoding="utf-8").replace("{language}", language).replace("{zoo}", zoo)
+        overlay = yaml.safe_load(text) or {}
+        if not isinstance(overlay, dict):
+            raise SpecError(f"{profile_path}: expected a mapping of fields at the top level")
+        raw = _deep_merge(raw, overlay)
+        source = f"{path} with profile {profile_path}"
+    try:
+        return LanguageSpec.model_validate(raw)
+    except ValidationError as err:
+        raise _explain(err, source) from None

@@ -1,0 +1,218 @@
+"""Distil a PEA adapter through a DeepSpeed engine. Only the adapter is trainable: the UNet is loaded
+frozen (requires_grad off, eval mode), never handed to the engine, so it is neither in the optimizer
+nor in any checkpoint.
+
+One process (what the flow runs on a single machine; DeepSpeed on CPU uses gloo):
+    python -m pea.train --language zh --profile embedded --run-dir data/lake/zh/runs/manual
+Several processes or nodes, each rank reading its own slice of every shuffled batch sequence:
+    deepspeed --num_gpus 8 [--num_nodes 3 --hostfile hostfile] -m pea.train --language zh --run-dir ...
+A run directory resumes from its latest checkpoint; batches, noise and timesteps are drawn from
+generators seeded by (seed, step), so a resumed run sees the same data as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pea import models
+from pea.adapter import PEAAdapter
+from pea.distill import distill_loss
+from pea.embed import EmbedResult, open_stores
+from pea.spec import LanguageSpec, TrainSpec, home, lake_root, load_spec
+from pea.table import TrainingTable, load_table
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_dir: Path
+    adapter_dir: Path
+    steps: int
+    resumed_from: int
+    final_loss: float
+    samples_per_s: float
+    history_path: Path
+    loss_curve: Path
+    ds_config: dict
+
+
+def ds_config(cfg: TrainSpec, world_size: int = 1) -> dict:
+    """The DeepSpeed config for a spec's training section (the reference defaults live in TrainSpec)."""
+    return {
+        "train_batch_size": cfg.micro_batch_size * cfg.gradient_accumulation_steps * world_size,
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        "fp16": {"enabled": cfg.precision == "fp16"},
+        "gradient_clipping": 1.0,
+        # We hand DeepSpeed torch's AdamW (weight decay applied, unlike the reference) instead of
+        # compiling FusedAdam; ZeRO accepts it with this flag.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+    }
+
+
+def _single_process_env() -> None:
+    """Without the `deepspeed` launcher DeepSpeed needs the torch.distributed variables set."""
+    if "RANK" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+class _Batches:
+    """Micro-batch `i` of rank `r`: a slice of a permutation seeded by (seed, epoch); pure in `i`."""
+
+    def __init__(self, n: int, micro: int, seed: int, rank: int, world: int):
+        if n < micro * world:
+            raise ValueError(f"{n} training rows cannot fill one micro-batch of {micro} on {world} process(es); "
+                             "lower train.micro_batch_size or acquire more pairs")
+        self.n, self.micro, self.seed, self.rank, self.world = n, micro, seed, rank, world
+        self.per_epoch = n // (micro * world)
+
+    def indices(self, i: int) -> torch.Tensor:
+        epoch, slot = divmod(i, self.per_epoch)
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+        start = (slot * self.world + self.rank) * self.micro
+        return perm[start:start + self.micro]
+
+
+def _loss_curve(history: list[dict], path: Path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    steps = [h["step"] for h in history]
+    for name in ("loss", "output_kd", "feature_kd"):
+        ax.plot(steps, [h[name] for h in history], label=name)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.legend()
+    ax.set_title("PEA distillation")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def train(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, run_dir: Path) -> TrainResult:
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(home() / ".cache" / "torch_extensions"))
+    _single_process_env()
+    import deepspeed  # after the environment: it reads both at import and initialize
+    from transformers import get_polynomial_decay_schedule_with_warmup
+
+    cfg = spec.train
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    table: TrainingTable = load_table(spec, pairs_path, embedded, "train")
+    unet = models.load_unet(spec.teacher)
+    noise_scheduler = models.load_noise_scheduler(spec.teacher)
+    if table.teacher.shape[-1] != unet.config.cross_attention_dim:
+        raise ValueError(f"teacher conditioning width {table.teacher.shape[-1]} does not match the UNet's "
+                         f"cross_attention_dim {unet.config.cross_attention_dim}; re-embed with this teacher")
+
+    torch.manual_seed(cfg.seed)  # the untrained baseline in pea.evaluate starts from this same init
+    adapter = PEAAdapter(kind=spec.teacher.kind, student_dim=table.student.shape[-1], hidden_dim=cfg.hidden_dim,
+                         token_dim=table.teacher.shape[-1])
+    optimizer = torch.optim.AdamW(adapter.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
+                                  weight_decay=cfg.weight_decay)
+    schedule = get_polynomial_decay_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps,
+                                                         lr_end=cfg.min_lr, power=1.0)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    config = ds_config(cfg, world)
+    engine, _, _, _ = deepspeed.initialize(model=adapter, optimizer=optimizer, lr_scheduler=schedule, config=config)
+    dtype = next(engine.module.parameters()).dtype
+
+    checkpoints = run_dir / "checkpoints"
+    history_path = run_dir / "history.jsonl"
+    start = 0
+    if (checkpoints / "latest").is_file():
+        # Our own run directory, written by engine.save_checkpoint in this run or its interrupted start.
+        _, client = engine.load_checkpoint(str(checkpoints))
+        start = int(client["step"])
+    history = [h for h in (json.loads(line) for line in history_path.read_text().splitlines())
+               if h["step"] <= start] if history_path.is_file() and start else []
+
+    batches = _Batches(len(table), cfg.micro_batch_size, cfg.seed, engine.global_rank, world)
+    accum = cfg.gradient_accumulation_steps
+    from tqdm.auto import tqdm
+    bar = tqdm(range(start, cfg.steps), desc="train adapter", unit="step", initial=start, total=cfg.steps,
+               disable=engine.global_rank != 0)
+    tick, seen = time.perf_counter(), 0
+    for step in bar:
+        for micro in range(accum):
+            i = step * accum + micro
+            idx = batches.indices(i)
+            g = torch.Generator().manual_seed(cfg.seed * 7_919 + i * world + engine.global_rank)
+            latents = table.latents[idx]
+            noise = torch.randn(latents.shape, generator=g)
+            if cfg.noise_offset:
+                noise += cfg.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=g)
+            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(idx),), generator=g)
+            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+            drop = torch.rand(len(idx), generator=g) < cfg.caption_dropout
+            teacher = torch.where(drop[:, None, None], table.teacher_empty, table.teacher[idx])
+            student = torch.where(drop[:, None, None], table.student_empty, table.student[idx])
+            student_embeds, _ = engine(student.to(dtype))
+            terms = distill_loss(unet, noisy, timesteps, noise, teacher, student_embeds, table.native[idx],
+                                 cfg.feature_kd_weight)
+            engine.backward(terms.total)
+            engine.step()
+            seen += len(idx)
+        record = {"step": step + 1, "loss": float(terms.total.detach()), **{k: v for k, v in terms.floats().items()
+                  if k != "total"}, "lr": schedule.get_last_lr()[0],
+                  "samples_per_s": seen * world / (time.perf_counter() - tick)}
+        history.append(record)
+        bar.set_postfix(loss=f"{record['loss']:.4f}")
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            engine.save_checkpoint(str(checkpoints), tag=f"step{step + 1:08d}", client_state={"step": step + 1})
+            if engine.global_rank == 0:
+                tmp = history_path.with_suffix(".tmp")
+                tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
+                os.replace(tmp, history_path)
+
+    adapter_dir = run_dir / "adapter"
+    if engine.global_rank == 0:
+        staging = run_dir / ".adapter.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        engine.module.to(torch.float32).save_pretrained(staging, safe_serialization=True)
+        shutil.rmtree(adapter_dir, ignore_errors=True)
+        os.replace(staging, adapter_dir)
+        with open(run_dir / "ds_config.json", "w") as f:
+            json.dump(config, f, indent=2)
+    recent = history[-20:]
+    return TrainResult(run_dir, adapter_dir, cfg.steps, start,
+                       final_loss=sum(h["loss"] for h in recent) / len(recent),
+                       samples_per_s=recent[-1]["samples_per_s"], history_path=history_path,
+                       loss_curve=_loss_curve(history, run_dir / "loss.png"), ds_config=config)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--language", required=True)
+    parser.add_argument("--profile")
+    parser.add_argument("--run-dir", required=True, type=Path)
+    parser.add_argument("--local_rank", type=int, default=0, help="set by the deepspeed launcher")
+    args = parser.parse_args(argv)
+    spec = load_spec(args.language, args.profile)
+    lake = lake_root()
+    stores = open_stores(spec, lake)
+    embedded = EmbedResult(stores["teacher"].root, stores["student"].root, stores["latents"].root)
+    result = train(spec, lake / spec.language / "pairs" / "pairs.parquet", embedded, args.run_dir)
+    print(f"adapter written to {result.adapter_dir} (final loss {result.final_loss:.4f})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+import torch
+
+from pea import models
+from pea.distill import distill_loss, unet_features
+
+
+def _batch(unet, tokens: int = 77):
+    g = torch.Generator().manual_seed(0)
+    size = unet.config.sample_size
+    latents = torch.randn(3, 4, size, size, generator=g)
+    teacher = torch.randn(3, tokens, unet.config.cross_attention_dim, generator=g)
+    return latents, torch.randn(latents.shape, generator=g), torch.tensor([10, 500, 990]), teacher
+
+
+def test_hooks_read_every_block_once_and_are_removed(zh_spec):
+    unet = models.load_unet(zh_spec.teacher)
+    latents, _, t, teacher = _batch(unet)
+    with unet_features(unet) as maps:
+        unet(latents, t, encoder_hidden_states=teacher)
+    blocks = len(unet.down_blocks) + 1 + len(unet.up_blocks)
+    assert len(maps) == blocks == 5
+    assert maps[0].shape[1] == unet.config.block_out_channels[0]  # a down block's hidden state, not its skips
+    assert all(not block._forward_hooks for block in [*unet.down_blocks, unet.mid_block, *unet.up_blocks])
+
+
+def test_loss_is_zero_when_the_student_matches_the_teacher_and_grows_otherwise(zh_spec):
+    unet = models.load_unet(zh_spec.teacher)
+    latents, noise, t, teacher = _batch(unet)
+    kd = torch.zeros(3)
+    same = distill_loss(unet, latents, t, noise, teacher, teacher.clone().requires_grad_(), kd)
+    assert same.output_kd.item() == 0 and same.feature_kd.item() == 0 and same.total.item() == 0
+    student = (teacher + torch.randn_like(teacher)).requires_grad_()
+    off = distill_loss(unet, latents, t, noise, teacher, student, kd, feature_weight=0.1)
+    torch.testing.assert_close(off.total, off.output_kd + 0.1 * off.feature_kd)
+    off.total.backward()
+    assert student.grad is not None and student.grad.abs().sum() > 0
+    assert all(p.grad is None for p in unet.parameters())  # the UNet is frozen
+
+
+def test_native_captions_use_the_diffusion_loss_only(zh_spec):
+    unet = models.load_unet(zh_spec.teacher)
+    latents, noise, t, teacher = _batch(unet)
+    student = teacher + torch.randn_like(teacher)
+    native = distill_loss(unet, latents, t, noise, teacher, student, torch.ones(3))
+    torch.testing.assert_close(native.total, native.diffusion)
+    mixed = distill_loss(unet, latents, t, noise, teacher, student, torch.tensor([1.0, 0.0, 0.0]))
+    assert native.total != mixed.total

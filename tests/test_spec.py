@@ -1,0 +1,68 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pea.spec import SpecError, available_languages, load_spec
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+
+
+def _write(tmp_path: Path, language: str, spec: dict) -> Path:
+    (tmp_path / "languages").mkdir(exist_ok=True)
+    (tmp_path / "languages" / f"{language}.yaml").write_text(yaml.safe_dump(spec, allow_unicode=True))
+    return tmp_path
+
+
+def _zh() -> dict:
+    return yaml.safe_load((DATA / "languages" / "zh.yaml").read_text())
+
+
+def test_shipped_specs_load_with_and_without_the_embedded_profile(tmp_path):
+    assert {"zh", "ja"} <= set(available_languages())
+    for language in ("zh", "ja"):
+        real = load_spec(language)
+        assert real.language == language and real.caption_column == f"caption_{language}"
+        assert real.corpus.synthetic is None and real.train.lr == 1e-5
+        tiny = load_spec(language, profile="embedded", zoo_dir=tmp_path)
+        assert tiny.student.id == str(tmp_path.resolve() / f"student-{language}")
+        assert tiny.corpus.synthetic is not None and tiny.corpus.manifests == []
+        assert tiny.synthetic_captions == real.synthetic_captions  # the profile keeps what it doesn't name
+
+
+def test_unknown_key_is_refused_naming_the_field(tmp_path):
+    spec = _zh()
+    spec["train"]["stepz"] = 10
+    with pytest.raises(SpecError, match=r"train\.stepz: unknown field"):
+        load_spec("zh", data_dir=_write(tmp_path, "zh", spec))
+
+
+def test_missing_field_is_refused_naming_the_field(tmp_path):
+    spec = _zh()
+    del spec["student"]["id"]
+    with pytest.raises(SpecError, match=r"student\.id: required field is missing"):
+        load_spec("zh", data_dir=_write(tmp_path, "zh", spec))
+
+
+@pytest.mark.parametrize("code", ["../x", "zh/../../etc", "", "ZH", "toolongcode", "zh_CN", "zh-"])
+def test_bad_language_codes_are_refused(code):
+    with pytest.raises(SpecError, match="BCP-47"):
+        load_spec(code)
+
+
+def test_language_field_must_match_the_file_and_unknown_languages_name_the_known_ones(tmp_path):
+    with pytest.raises(SpecError, match=r"known languages: .*ja.*zh"):
+        load_spec("xx")
+    spec = _zh()
+    spec["language"] = "ja"
+    with pytest.raises(SpecError, match="named zh.yaml"):
+        load_spec("zh", data_dir=_write(tmp_path, "zh", spec))
+
+
+def test_bad_values_are_refused_naming_the_field(tmp_path):
+    spec = _zh()
+    spec["train"]["precision"] = "fp8"
+    spec["synthetic_captions"]["template"] = "{color}{shape}"
+    with pytest.raises(SpecError) as err:
+        load_spec("zh", data_dir=_write(tmp_path, "zh", spec))
+    assert "train.precision" in str(err.value) and "synthetic_captions" in str(err.value)
