@@ -141,3 +141,20 @@ def register(spec: LanguageSpec, trained: TrainResult, evaluation: Evaluation, a
     if champion:
         client.set_registered_model_alias(name, "champion", version)
     return Registration(uri, experiment, run.info.run_id, name, version, champion)
+
+
+def fetch_adapter(model_uri: str, dst: Path) -> tuple[Path, dict[str, str]]:
+    """Download a registered adapter (`models:/name@alias` or `models:/name/version`) and its lineage tags."""
+    mlflow.set_tracking_uri(tracking_uri())
+    client = MlflowClient()
+    ref = model_uri.removeprefix("models:/")
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        version = client.get_model_version_by_alias(name, alias)
+    elif "/" in ref:
+        name, number = ref.split("/", 1)
+        version = client.get_model_version(name, number)
+    else:
+        raise ValueError(f"model URI {model_uri!r} must look like models:/<name>@<alias> or models:/<name>/<version>")
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version.version}", dst_path=str(dst)))
+    return local / "artifacts" / "adapter", dict(version.tags)

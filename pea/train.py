@@ -149,7 +149,7 @@ def train(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, run_dir: 
     accum = cfg.gradient_accumulation_steps
     from tqdm.auto import tqdm
     bar = tqdm(range(start, cfg.steps), desc="train adapter", unit="step", initial=start, total=cfg.steps,
-               disable=engine.global_rank != 0)
+               disable=engine.global_rank != 0, mininterval=2)
     tick, seen = time.perf_counter(), 0
     for step in bar:
         for micro in range(accum):
@@ -187,7 +187,8 @@ def train(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, run_dir: 
     if engine.global_rank == 0:
         staging = run_dir / ".adapter.tmp"
         shutil.rmtree(staging, ignore_errors=True)
-        engine.module.to(torch.float32).save_pretrained(staging, safe_serialization=True)
+        exported = engine.module if dtype == torch.float32 else engine.module.float()
+        exported.save_pretrained(staging, safe_serialization=True)
         shutil.rmtree(adapter_dir, ignore_errors=True)
         os.replace(staging, adapter_dir)
         with open(run_dir / "ds_config.json", "w") as f:
