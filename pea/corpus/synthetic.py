@@ -1,0 +1,201 @@
+"""A deterministic synthetic bilingual corpus ("two blue squares at the top") and a loopback server for it.
+
+The embedded default downloads this corpus with img2dataset over real HTTP, so every stage runs the
+code path of a real corpus. Besides the good samples the manifest holds one broken entry per drop
+reason of the filter stage (see `BROKEN`), so a run always exercises and counts every reason.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import itertools
+import os
+import random
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, ImageDraw
+
+from pea.spec import LanguageSpec, SyntheticCaptions
+
+ENGLISH = SyntheticCaptions(
+    template="{count} {color} {shape} {position}",
+    counts={"one": "one", "two": "two"},
+    colors={c: c for c in ("red", "green", "blue", "yellow", "purple", "orange")},
+    shapes={s: s for s in ("circle", "square", "triangle")},
+    positions={"left": "on the left", "right": "on the right", "top": "at the top",
+               "bottom": "at the bottom", "center": "in the center"},
+)
+
+RGB = {"red": (214, 40, 40), "green": (46, 158, 68), "blue": (36, 86, 214),
+       "yellow": (236, 190, 20), "purple": (132, 64, 176), "orange": (244, 128, 24)}
+BACKGROUND = (242, 240, 235)
+# Each position owns a half-size box (x0, y0, x1, y1) in unit coordinates.
+REGIONS = {"left": (0.0, 0.25, 0.5, 0.75), "right": (0.5, 0.25, 1.0, 0.75), "top": (0.25, 0.0, 0.75, 0.5),
+           "bottom": (0.25, 0.5, 0.75, 1.0), "center": (0.25, 0.25, 0.75, 0.75)}
+COUNTS = {"one": 1, "two": 2}
+SUPERSAMPLE = 4  # draw large, then downscale: clean edges even at 32x32
+
+# Manifest entries that must fail, each with the filter reason it triggers. The 404 URL is never written.
+BROKEN = {"missing": "download_failed", "corrupt": "download_failed", "tiny": "too_small", "wide": "bad_aspect",
+          "empty-caption": "caption_empty", "long-caption": "caption_too_long", "duplicate": "duplicate"}
+
+
+@dataclass(frozen=True)
+class Scene:
+    count: str
+    color: str
+    shape: str
+    position: str
+
+
+def all_scenes() -> list[Scene]:
+    """Every combination of the English vocabulary, in a fixed order."""
+    return [Scene(*combo) for combo in itertools.product(COUNTS, RGB, ENGLISH.shapes, REGIONS)]
+
+
+def caption(scene: Scene, captions: SyntheticCaptions) -> str:
+    words = {"count": captions.counts[scene.count], "color": captions.colors[scene.color],
+             "shape": captions.shapes[scene.shape], "position": captions.positions[scene.position]}
+    if captions == ENGLISH and COUNTS[scene.count] > 1:
+        words["shape"] += "s"  # the spec schema has no plural forms; English needs only this one
+    return captions.template.format(**words)
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill: tuple[int, int, int]) -> None:
+    if shape == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    elif shape == "square":
+        h = r * 0.88  # about the circle's area, so no shape looks bigger
+        draw.rectangle((cx - h, cy - h, cx + h, cy + h), fill=fill)
+    else:
+        R, cy = r * 1.15, cy + r * 0.2  # circumradius; shift down so the bounding box is centred
+        draw.polygon([(cx, cy - R), (cx + R * 0.866, cy + R * 0.5), (cx - R * 0.866, cy + R * 0.5)], fill=fill)
+
+
+def render(scene: Scene, size: int, seed: int) -> Image.Image:
+    """The scene's shape(s) on a plain light background, with a small jitter drawn from `seed`."""
+    rng = random.Random(seed)
+    big = size * SUPERSAMPLE
+    image = Image.new("RGB", (big, big), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    x0, y0, x1, y1 = REGIONS[scene.position]
+    n = COUNTS[scene.count]
+    cell = (x1 - x0) / n  # objects sit side by side, one cell each
+    for i in range(n):
+        cx = x0 + cell * (i + 0.5) + rng.uniform(-0.02, 0.02)
+        cy = (y0 + y1) / 2 + rng.uniform(-0.02, 0.02)
+        r = min(cell, y1 - y0) * rng.uniform(0.36, 0.42)
+        _draw_shape(draw, scene.shape, cx * big, cy * big, r * big, RGB[scene.color])
+    return image.resize((size, size), Image.Resampling.LANCZOS)
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _check_words(captions: SyntheticCaptions, where: str) -> None:
+    for slot in ("counts", "colors", "shapes", "positions"):
+        missing = sorted(set(getattr(ENGLISH, slot)) - set(getattr(captions, slot)))
+        if missing:
+            raise ValueError(f"{where}.{slot} lacks {missing}; add a word for each")
+
+
+def _write_if_changed(path: Path, data: bytes) -> None:
+    if path.is_file() and path.read_bytes() == data:
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)  # atomic: the server never hands out half a file
+
+
+def make_corpus(spec: LanguageSpec, out_dir: Path) -> Path:
+    """Write images/ and manifest.parquet (url relative to out_dir, caption_en, the caption column) into out_dir.
+
+    Deterministic; files whose content is already right are left untouched. Returns the manifest path.
+    """
+    synthetic, target = spec.corpus.synthetic, spec.synthetic_captions
+    if synthetic is None or target is None:
+        raise ValueError(f"spec {spec.language} has no corpus.synthetic/synthetic_captions; set both to use the synthetic corpus")
+    _check_words(target, "synthetic_captions")
+    pixels = spec.corpus.image_size * 2  # larger than the target size, so img2dataset really resizes
+    scenes = all_scenes()
+    rng = random.Random(synthetic.seed)
+    files: dict[str, bytes] = {}
+    rows: list[tuple[str, str, str]] = []
+    seen: set[str] = set()
+
+    def sample(i: int) -> tuple[Scene, bytes]:
+        scene, seed = scenes[i % len(scenes)], rng.getrandbits(32)
+        while True:  # a jitter that repeats an earlier image of the scene would make a duplicate: move on
+            data = _png(render(scene, pixels, seed))
+            digest = hashlib.sha256(data).hexdigest()
+            if digest not in seen:
+                seen.add(digest)
+                return scene, data
+            seed += 1
+
+    def add(name: str, scene: Scene, data: bytes | None, target_caption: str | None = None) -> None:
+        if data is not None:
+            files[f"images/{name}.png"] = data
+        text = caption(scene, target) if target_caption is None else target_caption
+        rows.append((f"images/{name}.png", caption(scene, ENGLISH), text))
+
+    for i in range(synthetic.size):
+        add(f"{i:05d}", *sample(i))
+    # One broken entry per filter reason (BROKEN), each failing in that one way only.
+    scene, good = sample(synthetic.size)
+    add("missing", scene, None)  # never written: a 404
+    add("corrupt", scene, b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)  # a PNG signature, then garbage
+    add("tiny", scene, _png(render(scene, 4, synthetic.seed)))
+    wide = (int(pixels * (spec.filter.max_aspect_ratio + 1)), pixels)
+    add("wide", scene, _png(render(scene, pixels, synthetic.seed).resize(wide)))
+    add("empty-caption", scene, good, " ")
+    text = caption(scene, target)
+    add("long-caption", scene, good, text * (spec.filter.max_caption_chars // len(text) + 1))
+    rows.append(rows[0])  # the same URL and captions as sample 0: a duplicate
+
+    images = out_dir / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        _write_if_changed(out_dir / name, data)
+    urls, english, captions = (list(column) for column in zip(*rows))
+    table = pa.table({"url": urls, "caption_en": english, spec.caption_column: captions})
+    manifest = out_dir / "manifest.parquet"
+    if manifest.is_file() and pq.read_table(manifest).equals(table):
+        return manifest
+    tmp = out_dir / "manifest.parquet.tmp"
+    pq.write_table(table, tmp)
+    os.replace(tmp, manifest)
+    return manifest
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
+        pass  # one line per image would drown img2dataset's progress
+
+
+@contextmanager
+def serve(root: Path) -> Iterator[str]:
+    """Serve `root` over HTTP on 127.0.0.1 (a free port) from a daemon thread; yields the base URL."""
+    handler = functools.partial(_QuietHandler, directory=str(root))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, name="pea-corpus-server", daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()

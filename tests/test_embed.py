@@ -1,0 +1,75 @@
+import hashlib
+import io
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pea.corpus.synthetic import ENGLISH, all_scenes, caption, render
+from pea.embed import embed, open_stores
+from pea.spec import load_spec
+from pea.store import StoreMismatch, TensorStore, text_hash
+from pea.table import load_table
+
+
+def _pairs(tmp_path, spec, scenes):
+    """A raw shard with PNG bytes and a pairs table pointing at it, as acquire + filter write them."""
+    images = []
+    for i, scene in enumerate(scenes):
+        buffer = io.BytesIO()
+        render(scene, spec.corpus.image_size, seed=i).save(buffer, format="PNG")
+        images.append(buffer.getvalue())
+    keys = [f"{i:07d}" for i in range(len(scenes))]
+    raw = tmp_path / f"raw-{spec.language}.parquet"
+    pq.write_table(pa.table({"key": keys, "png": images}), raw)
+    pairs = tmp_path / f"pairs-{spec.language}.parquet"
+    pq.write_table(pa.table({
+        "key": keys, "image_sha256": [hashlib.sha256(b).hexdigest() for b in images],
+        "caption_en": [caption(s, ENGLISH) for s in scenes],
+        "caption": [caption(s, spec.synthetic_captions) for s in scenes],
+        "width": [spec.corpus.image_size] * len(keys), "height": [spec.corpus.image_size] * len(keys),
+        "raw_file": [str(raw)] * len(keys)}), pairs)
+    return pairs
+
+
+def test_embeddings_are_computed_once_and_shared_across_languages(tmp_path, zoo_dir):
+    zh = load_spec("zh", profile="embedded", zoo_dir=zoo_dir)
+    ja = load_spec("ja", profile="embedded", zoo_dir=zoo_dir)
+    scenes = all_scenes()[:24]
+    lake = tmp_path / "lake"
+
+    first = embed(zh, lake, _pairs(tmp_path, zh, scenes))
+    assert first.computed == {"teacher": 25, "student": 25, "latents": 24}  # +1: the empty caption
+    again = embed(zh, lake, _pairs(tmp_path, zh, scenes))
+    assert again.computed == {"teacher": 0, "student": 0, "latents": 0}
+    assert again.reused == first.computed
+
+    other = embed(ja, lake, _pairs(tmp_path, ja, scenes))
+    assert other.teacher_store == first.teacher_store and other.latent_store == first.latent_store
+    assert other.computed == {"teacher": 0, "student": 25, "latents": 0}
+    assert other.student_store != first.student_store
+
+
+def test_stored_tensors_are_what_the_models_produce(tmp_path, zoo_dir):
+    from pea import models
+
+    zh = load_spec("zh", profile="embedded", zoo_dir=zoo_dir)
+    scenes = all_scenes()[:8]
+    result = embed(zh, tmp_path / "lake", _pairs(tmp_path, zh, scenes))
+    english = [caption(s, ENGLISH) for s in scenes]
+    stored = TensorStore.open(result.teacher_store).read([text_hash(c) for c in english])
+    fresh = models.load_teacher_text(zh.teacher).encode(english)
+    assert stored.shape == (8, 77, 32)
+    torch.testing.assert_close(stored, fresh, atol=2e-3, rtol=2e-3)  # stored in float16
+    table = load_table(zh, tmp_path / "pairs-zh.parquet", result, "train")
+    assert table.student.shape[1:] == (zh.student.max_length, 64) and table.latents.shape[1:] == (4, 8, 8)
+
+
+def test_stores_refuse_other_models_or_settings(tmp_path, zoo_dir):
+    zh = load_spec("zh", profile="embedded", zoo_dir=zoo_dir)
+    stores = open_stores(zh, tmp_path)
+    with pytest.raises(StoreMismatch, match="refusing to mix"):
+        TensorStore(stores["student"].root, {**stores["student"].key, "max_length": 77}, "float16")
+    with pytest.raises(FileNotFoundError, match="run the filter stage first"):
+        embed(zh, tmp_path, tmp_path / "missing.parquet")

@@ -1,0 +1,64 @@
+"""The whole `pea` flow on the embedded default, twice, in an isolated lake and MLflow store."""
+
+import mlflow
+import pytest
+import torch
+from prefect.testing.utilities import prefect_test_harness
+
+from flows.pea_flow import pea, print_summary
+from pea.pipeline import load_pipeline
+from pea.spec import load_spec
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("PEA_LAKE", str(root / "lake"))
+    patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/tracking/mlflow.db")
+    try:
+        with prefect_test_harness():
+            yield pea("zh", "embedded"), pea("zh", "embedded")
+    finally:
+        patch.undo()
+
+
+@pytest.mark.e2e
+def test_first_run_keeps_the_good_rows_and_beats_the_untrained_adapter(two_runs, capsys):
+    first, _ = two_runs
+    spec = load_spec("zh", "embedded")
+    good = spec.corpus.synthetic.size
+    assert first["filtered"]["rows_out"] == good
+    assert first["filtered"]["rows_in"] - good == sum(first["filtered"]["dropped"].values()) >= 4
+    assert first["embedded"]["computed"]["latents"] == good
+    assert first["evaluation"]["improvement"] >= 0.5  # the acceptance bar of issue 2
+    assert first["model"]["uri"] == "models:/pea-adapter-zh/1"
+    assert first["model"]["champion"] == "models:/pea-adapter-zh@champion"
+    print_summary(first)
+    out = capsys.readouterr().out
+    assert "models:/pea-adapter-zh/1" in out and "mlflow ui" in out and "prefect server start" in out
+
+
+@pytest.mark.e2e
+def test_second_run_redoes_no_download_or_embedding_and_registers_a_new_version(two_runs):
+    first, second = two_runs
+    assert second["acquired"]["shards_skipped"] == second["acquired"]["shards"] == first["acquired"]["shards"]
+    assert second["embedded"]["computed"] == {"teacher": 0, "student": 0, "latents": 0}
+    assert second["filtered"]["rows_out"] == first["filtered"]["rows_out"]
+    assert second["model"]["uri"] == "models:/pea-adapter-zh/2"
+
+
+@pytest.mark.e2e
+def test_the_champion_loads_with_plain_mlflow_and_drives_a_stock_pipeline(two_runs):
+    first, _ = two_runs
+    mlflow.set_tracking_uri(first["model"]["tracking_uri"])
+    model = mlflow.pyfunc.load_model("models:/pea-adapter-zh@champion")
+    embeds = torch.from_numpy(model.predict(["左边有一个红色的圆形", ""]))
+    spec = load_spec("zh", "embedded")
+    assert embeds.shape == (2, spec.student.max_length, 32)
+    # The base model comes from the version's lineage, as a consumer would find it.
+    teacher_id = mlflow.MlflowClient().get_model_version_by_alias("pea-adapter-zh", "champion").tags["teacher_id"]
+    pipe = load_pipeline(spec.teacher.model_copy(update={"id": teacher_id}))
+    image = pipe(prompt_embeds=embeds[:1], negative_prompt_embeds=embeds[1:], num_inference_steps=2, height=32,
+                 width=32, output_type="np", generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == (1, 32, 32, 3) and float(image.std()) > 0
