@@ -113,9 +113,11 @@ def print_summary(summary: dict) -> None:
 
     ev, f = summary["evaluation"], summary["filtered"]
     table = Table(title=f"PEA · {summary['language']}", show_header=False)
-    table.add_row("acquired", f"{summary['acquired']['downloaded']} of {summary['acquired']['rows']} rows downloaded "
-                              f"({summary['acquired']['shards_skipped']} of {summary['acquired']['shards']} shards "
-                              f"already complete, {summary['acquired']['seconds']} s)")
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    table.add_row("acquired", f"{summary['acquired']['downloaded']} of {summary['acquired']['rows']} manifest rows "
+                              f"downloaded ({summary['acquired']['shards_skipped']} of {summary['acquired']['shards']}"
+                              f" shards were already complete, {summary['acquired']['seconds']} s)")
     table.add_row("filtered", f"{f['rows_out']} of {f['rows_in']} rows kept; dropped {json.dumps(f['dropped'])}")
     table.add_row("embedded", f"computed {json.dumps(summary['embedded']['computed'])}, reused "
                               f"{json.dumps(summary['embedded']['reused'])} ({summary['embedded']['seconds']} s)")
@@ -129,7 +131,7 @@ def print_summary(summary: dict) -> None:
     table.add_row("image grid", summary["grid"])
     table.add_row("MLflow UI", f"mlflow ui --backend-store-uri {summary['model']['tracking_uri']}")
     table.add_row("Prefect UI", "prefect server start   (then open http://127.0.0.1:4200)")
-    Console().print(table)
+    Console(width=max(Console().width, 110)).print(table)
 
 
 def main() -> None:

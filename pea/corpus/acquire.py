@@ -83,6 +83,11 @@ def _download(spec: LanguageSpec, url_list: Path, raw_dir: Path) -> None:
         signal.signal(signal.SIGINT, previous)  # img2dataset's handler calls sys.exit; don't leave it behind
 
 
+def _missing_shards(raw_dir: Path, rows: int, spec: LanguageSpec) -> bool:
+    """True unless every shard is complete: then img2dataset (seconds of process start-up) is not called."""
+    return len(_stats(raw_dir)) < math.ceil(rows / spec.corpus.rows_per_shard)
+
+
 def acquire(spec: LanguageSpec, lake: Path) -> AcquireResult:
     """Download the spec's corpus into `lake/<language>/raw/`, skipping shards that are already complete."""
     if threading.current_thread() is not threading.main_thread():
@@ -99,12 +104,13 @@ def acquire(spec: LanguageSpec, lake: Path) -> AcquireResult:
         corpus_dir = lang_dir / "synthetic"
         manifest = make_corpus(spec, corpus_dir)
         rows = _check_manifest(manifest, columns)
-        with serve(corpus_dir) as base_url:
-            table = pq.read_table(manifest)
-            urls = pa.array([base_url + u for u in table["url"].to_pylist()])
-            url_list = corpus_dir / "manifest-urls.parquet"
-            _write_atomic(table.set_column(table.schema.get_field_index("url"), "url", urls), url_list)
-            _download(spec, url_list, raw_dir)
+        if _missing_shards(raw_dir, rows, spec):
+            with serve(corpus_dir) as base_url:
+                table = pq.read_table(manifest)
+                urls = pa.array([base_url + u for u in table["url"].to_pylist()])
+                url_list = corpus_dir / "manifest-urls.parquet"
+                _write_atomic(table.set_column(table.schema.get_field_index("url"), "url", urls), url_list)
+                _download(spec, url_list, raw_dir)
     else:
         manifests = [p if p.is_absolute() else home() / p for p in map(Path, spec.corpus.manifests)]
         rows = sum(_check_manifest(p, columns) for p in manifests)
@@ -118,11 +124,12 @@ def acquire(spec: LanguageSpec, lake: Path) -> AcquireResult:
                             "FROM read_parquet($files, union_by_name = true)) TO $out (FORMAT parquet)",
                             {"files": [str(p) for p in manifests], "out": str(tmp)})
             os.replace(tmp, url_list)
-        _download(spec, url_list, raw_dir)
+        if _missing_shards(raw_dir, rows, spec):
+            _download(spec, url_list, raw_dir)
 
     stats = _stats(raw_dir)
-    expected = math.ceil(rows / spec.corpus.rows_per_shard)
-    if len(stats) < expected:
+    if _missing_shards(raw_dir, rows, spec):
+        expected = math.ceil(rows / spec.corpus.rows_per_shard)
         raise RuntimeError(f"only {len(stats)} of {expected} shards in {raw_dir} completed (see img2dataset's "
                            "output above); run acquire again to download the rest")
     return AcquireResult(raw_dir=raw_dir, shards_total=len(stats), shards_skipped=skipped,
