@@ -20,7 +20,7 @@ from pea import registry, train as train_stage
 from pea.corpus import acquire as acquire_stage
 from pea.corpus import filter as filter_stage
 from pea.embedded import prepare_zoo
-from pea.spec import LanguageSpec, lake_root, load_spec
+from pea.spec import LanguageSpec, lake_root, load_spec, profiles
 
 
 @task
@@ -81,7 +81,7 @@ def pea(language: str, profile: str | None = None) -> dict:
     """Acquire, filter, embed, distil, evaluate and register the PEA adapter for `language`."""
     spec = load_language(language, profile)
     lake = lake_root()
-    if profile == "embedded":
+    if "embedded" in profiles(profile):
         build_zoo(spec)
     acquired = acquire(spec, lake)
     filtered = filter_pairs(spec, lake)

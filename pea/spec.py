@@ -60,7 +60,9 @@ class TeacherSpec(ModelRef):
 
 
 class StudentSpec(ModelRef):
-    max_length: int = Field(77, ge=4, le=512)
+    max_length: int = Field(77, ge=4, le=512, description="tokens per caption (77 for SD 1.5, 52 for SDXL in the paper)")
+    padding: Literal["max_length"] = Field("max_length", description="pad to max_length: pooled = mean over all positions")
+    truncation: bool = True
 
 
 class SyntheticCaptions(Strict):
@@ -125,7 +127,11 @@ class TrainSpec(Strict):
     min_lr: float = Field(5e-8, ge=0)
     zero_stage: Literal[0, 1, 2, 3] = 1
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
-    feature_kd_weight: float = Field(0.1, ge=0)
+    output_kd_weight: float = Field(1.0, ge=0, description="MSE(ε_student, ε_teacher)")
+    feature_kd_weight: float = Field(0.1, ge=0, description="Σ MSE over UNet block outputs")
+    diffusion_loss: Literal["native", "all"] = Field(
+        "native", description="native: MSE(ε_student, ε) only for native-only captions (the paper's rule); "
+                              "all: for every sample instead of KD (the diffusion-only ablation)")
     caption_dropout: float = Field(0.1, ge=0, le=1)
     noise_offset: float = Field(0.0, ge=0)
     checkpoint_every: int = Field(1000, ge=1)
@@ -203,9 +209,18 @@ def available_languages(languages_dir: Path | None = None) -> list[str]:
     return sorted(p.stem for p in folder.glob("*.yaml"))
 
 
+def profiles(profile: str | None) -> list[str]:
+    """'embedded,sdxl' → ['embedded', 'sdxl']: profiles stack, later ones on top."""
+    names = [p.strip() for p in (profile or "").split(",") if p.strip()]
+    for name in names:
+        if not re.fullmatch(r"[a-z][a-z0-9_-]*", name):
+            raise SpecError(f"profile {name!r} must be a plain name such as 'embedded'")
+    return names
+
+
 def load_spec(language: str, profile: str | None = None, *, data_dir: Path | None = None,
               zoo_dir: Path | None = None) -> LanguageSpec:
-    """Read, merge and validate the spec of `language` (with an optional profile on top).
+    """Read, merge and validate the spec of `language` (with optional profiles on top, comma-separated).
 
     Profiles may use `{language}` and `{zoo}` (the tiny model zoo, under the lake by default).
     """
@@ -218,20 +233,20 @@ def load_spec(language: str, profile: str | None = None, *, data_dir: Path | Non
     raw = _read_yaml(path)
     if raw.get("language") != language:
         raise SpecError(f"{path}: field language is {raw.get('language')!r} but the file is named {language}.yaml")
-    source = str(path)
-    if profile:
-        if not re.fullmatch(r"[a-z][a-z0-9_-]*", profile):
-            raise SpecError(f"profile {profile!r} must be a plain name such as 'embedded'")
-        profile_path = data_dir / "profiles" / f"{profile}.yaml"
+    sources = [str(path)]
+    zoo = str((zoo_dir or lake_root() / "zoo").resolve())
+    for name in profiles(profile):
+        profile_path = data_dir / "profiles" / f"{name}.yaml"
         if not profile_path.is_file():
-            raise SpecError(f"no profile {profile!r} at {profile_path}")
-        zoo = str((zoo_dir or lake_root() / "zoo").resolve())
+            known = ", ".join(sorted(p.stem for p in (data_dir / "profiles").glob("*.yaml"))) or "none"
+            raise SpecError(f"no profile {name!r} at {profile_path}; known profiles: {known}")
         text = profile_path.read_text(encoding="utf-8").replace("{language}", language).replace("{zoo}", zoo)
         overlay = yaml.safe_load(text) or {}
         if not isinstance(overlay, dict):
             raise SpecError(f"{profile_path}: expected a mapping of fields at the top level")
         raw = _deep_merge(raw, overlay)
-        source = f"{path} with profile {profile_path}"
+        sources.append(str(profile_path))
+    source = " with profile ".join(sources)
     try:
         return LanguageSpec.model_validate(raw)
     except ValidationError as err:
