@@ -32,8 +32,8 @@ def _generate(args) -> None:
     import torch
 
     from pea.adapter import PEAAdapter
-    from pea.models import load_student
-    from pea.pipeline import generate, load_pipeline
+    from pea.models import load_pipeline, load_student
+    from pea.pipeline import generate
     from pea.registry import fetch_adapter
     from pea.spec import StudentSpec, TeacherSpec, load_spec, validate_language
 

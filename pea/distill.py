@@ -38,6 +38,27 @@ def _per_sample_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
+class Conditioning:
+    """What the UNet is conditioned on: token context, and for SDXL the pooled vector and time_ids."""
+
+    tokens: torch.Tensor
+    pooled: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None
+
+    def unet_kwargs(self, dtype: torch.dtype) -> dict:
+        kwargs = {"encoder_hidden_states": self.tokens.to(dtype)}
+        if self.pooled is not None:
+            kwargs["added_cond_kwargs"] = {"text_embeds": self.pooled.to(dtype), "time_ids": self.time_ids.to(dtype)}
+        return kwargs
+
+
+def sdxl_time_ids(height: int, width: int, batch: int) -> torch.Tensor:
+    """SDXL's micro-conditioning, height first as diffusers orders it: original size, crop top-left,
+    target size. Images are resized to cover and centre-cropped, so original = target, crop = (0, 0)."""
+    return torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32).expand(batch, 6)
+
+
+@dataclass
 class LossTerms:
     total: torch.Tensor
     diffusion: torch.Tensor
@@ -49,16 +70,21 @@ class LossTerms:
 
 
 def distill_loss(unet: UNet2DConditionModel, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
-                 target_noise: torch.Tensor, teacher_embeds: torch.Tensor, student_embeds: torch.Tensor,
-                 native: torch.Tensor, feature_weight: float = 0.1) -> LossTerms:
-    """One batch of the objective. Gradients reach only `student_embeds` (the adapter's output)."""
+                 target_noise: torch.Tensor, teacher: Conditioning, student: Conditioning, native: torch.Tensor,
+                 output_weight: float = 1.0, feature_weight: float = 0.1, diffusion_everywhere: bool = False
+                 ) -> LossTerms:
+    """One batch of the objective. Gradients reach only the student conditioning (the adapter's output).
+
+    `diffusion_everywhere` applies the diffusion loss to every sample instead of KD (an ablation);
+    otherwise it applies where `native` is 1, as in the paper.
+    """
     with torch.no_grad(), unet_features(unet) as teacher_maps:
-        eps_teacher = unet(noisy_latents, timesteps, encoder_hidden_states=teacher_embeds).sample
+        eps_teacher = unet(noisy_latents, timesteps, **teacher.unet_kwargs(unet.dtype)).sample
     with unet_features(unet) as student_maps:
-        eps_student = unet(noisy_latents, timesteps, encoder_hidden_states=student_embeds.to(unet.dtype)).sample
+        eps_student = unet(noisy_latents, timesteps, **student.unet_kwargs(unet.dtype)).sample
     diffusion = _per_sample_mse(eps_student, target_noise)
     output_kd = _per_sample_mse(eps_student, eps_teacher)
     feature_kd = sum(_per_sample_mse(s, t) for s, t in zip(student_maps, teacher_maps, strict=True))
-    m = native.float()
-    per_sample = m * diffusion + (1 - m) * (output_kd + feature_weight * feature_kd)
+    m = torch.ones_like(diffusion) if diffusion_everywhere else native.float()
+    per_sample = m * diffusion + (1 - m) * (output_weight * output_kd + feature_weight * feature_kd)
     return LossTerms(per_sample.mean(), diffusion.mean(), output_kd.mean(), feature_kd.mean())

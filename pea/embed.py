@@ -64,7 +64,8 @@ def _batches(items: list, size: int) -> Iterable[list]:
         yield items[start:start + size]
 
 
-def _fill(store: TensorStore, inputs: dict[str, object], load: Callable[[], Callable[[list], torch.Tensor]],
+def _fill(store: TensorStore, inputs: dict[str, object],
+          load: Callable[[], Callable[[list], dict[str, torch.Tensor]]],
           batch_size: int, what: str) -> tuple[int, int]:
     """Compute and store the inputs whose hash is missing; returns (computed, reused)."""
     stored = store.hashes()
@@ -110,18 +111,19 @@ def embed(spec: LanguageSpec, lake: Path, pairs_path: Path) -> EmbedResult:
         return models.load_teacher_text(spec.teacher).encode
 
     def student_encoder():
-        return models.load_student(spec.student).encode
+        student = models.load_student(spec.student)
+        return lambda captions: {"states": student.encode(captions)}
 
     def vae_encoder():
         vae = models.load_vae(spec.teacher)
         read = _image_reader([(row[0], row[1], row[4]) for row in pairs])
 
         @torch.no_grad()
-        def encode(keys: list[str]) -> torch.Tensor:
+        def encode(keys: list[str]) -> dict[str, torch.Tensor]:
             pixels = [np.asarray(Image.open(io.BytesIO(b)).convert("RGB"), dtype=np.float32) for b in read(keys)]
             x = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2) / 127.5 - 1.0
             # The distribution's mean, not a sample: deterministic and reusable by every run.
-            return vae.encode(x).latent_dist.mean * vae.config.scaling_factor
+            return {"latents": vae.encode(x).latent_dist.mean * vae.config.scaling_factor}
         return encode
 
     computed, reused = {}, {}

@@ -26,7 +26,8 @@ from PIL import Image, ImageDraw, ImageFont
 from pea import models
 from pea.adapter import PEAAdapter
 from pea.embed import EmbedResult
-from pea.pipeline import generate, load_pipeline
+from pea.distill import Conditioning, sdxl_time_ids
+from pea.pipeline import generate
 from pea.spec import LanguageSpec
 from pea.table import load_table
 
@@ -62,17 +63,21 @@ def _relative_errors(spec: LanguageSpec, table, adapters: dict[str, PEAAdapter])
     scheduler = models.load_noise_scheduler(spec.teacher)
     g = torch.Generator().manual_seed(spec.evaluate.seed)
     noise = torch.randn(table.latents.shape, generator=g)
+    size = spec.corpus.image_size
     errors = {name: 0.0 for name in adapters}
     reference = 0.0
     for t in spec.evaluate.timesteps:
         for rows in torch.arange(len(table)).split(32):
             timesteps = torch.full((len(rows),), t)
+            time_ids = sdxl_time_ids(size, size, len(rows)) if spec.teacher.kind == "sdxl" else None
             noisy = scheduler.add_noise(table.latents[rows], noise[rows], timesteps)
-            eps_teacher = unet(noisy, timesteps, encoder_hidden_states=table.teacher[rows]).sample
+            pooled = None if table.teacher_pooled is None else table.teacher_pooled[rows]
+            teacher = Conditioning(table.teacher[rows], pooled, time_ids)
+            eps_teacher = unet(noisy, timesteps, **teacher.unet_kwargs(unet.dtype)).sample
             reference += eps_teacher.pow(2).sum().item()
             for name, adapter in adapters.items():
-                embeds, _ = adapter(table.student[rows])
-                eps = unet(noisy, timesteps, encoder_hidden_states=embeds).sample
+                student = Conditioning(*adapter(table.student[rows]), time_ids)
+                eps = unet(noisy, timesteps, **student.unet_kwargs(unet.dtype)).sample
                 errors[name] += (eps - eps_teacher).pow(2).sum().item()
     return {name: err / reference for name, err in errors.items()}
 
@@ -107,7 +112,7 @@ def evaluate(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, adapte
     cfg, size = spec.evaluate, spec.corpus.image_size
     n = min(cfg.grid_prompts, len(table))
     seeds = [cfg.seed + i for i in range(n)]
-    pipe = load_pipeline(spec.teacher)
+    pipe = models.load_pipeline(spec.teacher)
     student = models.load_student(spec.student)
     call = {"num_inference_steps": cfg.inference_steps, "guidance_scale": cfg.guidance_scale, "height": size,
             "width": size}

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, DiffusionPipeline, StableDiffusionPipeline,
+                       StableDiffusionXLPipeline, UNet2DConditionModel)
 from transformers import (AutoConfig, AutoModel, AutoTokenizer, BertConfig, BertModel, BertTokenizerFast,
-                          CLIPTextConfig, CLIPTextModel, CLIPTokenizer, PreTrainedModel)
+                          CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, PreTrainedModel)
 
 from pea.spec import ModelRef, StudentSpec, TeacherSpec
 
@@ -27,22 +28,25 @@ def _kwargs(ref: ModelRef) -> dict:
     return {"revision": ref.revision, "use_safetensors": True}
 
 
+PIPELINES = {"sd15": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline}
+
+
 @dataclass
 class TeacherText:
-    """The teacher's English text path, encoding exactly as diffusers' SD 1.5 pipeline does."""
+    """The teacher's English text path: the stock pipeline's own `encode_prompt`, loaded without its
+    UNet and VAE, so stored conditioning is exactly what the pipeline would compute at inference."""
 
-    tokenizer: CLIPTokenizer
-    text_encoder: CLIPTextModel
-
-    @property
-    def max_length(self) -> int:
-        return self.tokenizer.model_max_length
+    pipe: DiffusionPipeline
+    kind: str
 
     @torch.no_grad()
-    def encode(self, captions: list[str]) -> torch.Tensor:
-        ids = self.tokenizer(captions, padding="max_length", max_length=self.max_length, truncation=True,
-                             return_tensors="pt").input_ids
-        return self.text_encoder(ids.to(self.text_encoder.device))[0]
+    def encode(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        """sd15: {"tokens": (B, 77, 768)}; sdxl: {"tokens": (B, 77, 2048), "pooled": (B, 1280)}."""
+        out = self.pipe.encode_prompt(captions, device=self.pipe.device, num_images_per_prompt=1,
+                                      do_classifier_free_guidance=False)
+        if self.kind == "sdxl":
+            return {"tokens": out[0], "pooled": out[2]}
+        return {"tokens": out[0]}
 
 
 @dataclass
@@ -69,12 +73,27 @@ def _frozen(module: torch.nn.Module) -> torch.nn.Module:
     return module.eval()
 
 
+def _pipeline_kwargs(ref: TeacherSpec) -> dict:
+    extra = {"safety_checker": None, "requires_safety_checker": False} if ref.kind == "sd15" else {}
+    return {**_kwargs(ref), **extra}
+
+
 def load_teacher_text(ref: TeacherSpec) -> TeacherText:
-    if ref.kind != "sd15":
-        raise NotImplementedError(f"teacher kind {ref.kind!r}: only 'sd15' is wired in this version")
-    tokenizer = CLIPTokenizer.from_pretrained(ref.id, subfolder="tokenizer", revision=ref.revision)
-    encoder = CLIPTextModel.from_pretrained(ref.id, subfolder="text_encoder", **_kwargs(ref))
-    return TeacherText(tokenizer, _frozen(encoder))
+    pipe = PIPELINES[ref.kind].from_pretrained(ref.id, unet=None, vae=None, **_pipeline_kwargs(ref))
+    for name in ("text_encoder", "text_encoder_2"):
+        if getattr(pipe, name, None) is not None:
+            _frozen(getattr(pipe, name))
+    return TeacherText(pipe, ref.kind)
+
+
+def load_pipeline(ref: TeacherSpec) -> DiffusionPipeline:
+    """The whole stock pipeline of the teacher (SD 1.5 or SDXL), everything frozen."""
+    pipe = PIPELINES[ref.kind].from_pretrained(ref.id, **_pipeline_kwargs(ref))
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            _frozen(module)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def load_vae(ref: TeacherSpec) -> AutoencoderKL:
@@ -176,30 +195,45 @@ def _train_wordpiece_tokenizer(captions: list[str]) -> BertTokenizerFast:
                              sep_token="[SEP]", mask_token="[MASK]")
 
 
-def _build_teacher(out: Path, captions: list[str], image_size: int) -> None:
+def _tiny_text_config(tokenizer: CLIPTokenizer, **extra) -> CLIPTextConfig:
+    return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **extra)
+
+
+def _build_teacher(out: Path, captions: list[str], image_size: int, kind: str) -> None:
+    """A tiny SD 1.5-style (one CLIP encoder, 32-wide conditioning) or SDXL-style teacher (two encoders,
+    32 + 32 = 64-wide conditioning, pooled 32 from encoder 2's projection, size/crop time_ids)."""
     torch.manual_seed(0)
     scratch = Path(tempfile.mkdtemp())
     try:
         tokenizer = _train_clip_tokenizer(captions, scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id))
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32),
                         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
                         layers_per_block=1, norm_num_groups=8, sample_size=image_size)
-    unet = UNet2DConditionModel(
-        sample_size=image_size // 4, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=8,
-        norm_num_groups=16)
+    unet_shape = dict(sample_size=image_size // 4, in_channels=4, out_channels=4, layers_per_block=1,
+                      block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                      up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=8,
+                      norm_num_groups=16)
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    if kind == "sd15":
+        pipe = StableDiffusionPipeline(
+            vae=vae, text_encoder=CLIPTextModel(_tiny_text_config(tokenizer)), tokenizer=tokenizer,
+            unet=UNet2DConditionModel(cross_attention_dim=32, **unet_shape), scheduler=scheduler,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    else:
+        time_dim, pooled_dim = 8, 32
+        unet = UNet2DConditionModel(cross_attention_dim=64, addition_embed_type="text_time",
+                                    addition_time_embed_dim=time_dim,
+                                    projection_class_embeddings_input_dim=6 * time_dim + pooled_dim, **unet_shape)
+        pipe = StableDiffusionXLPipeline(
+            vae=vae, text_encoder=CLIPTextModel(_tiny_text_config(tokenizer)),
+            text_encoder_2=CLIPTextModelWithProjection(_tiny_text_config(tokenizer, projection_dim=pooled_dim)),
+            tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler,
+            force_zeros_for_empty_prompt=False)
     pipe.save_pretrained(out, safe_serialization=True)
 
 
@@ -215,14 +249,17 @@ def _build_student(out: Path, captions: list[str]) -> None:
 
 def build_tiny_zoo(zoo_dir: Path, english_captions: list[str], student_captions: dict[str, list[str]],
                    image_size: int = 32) -> dict[str, Path]:
-    """Build (once) a tiny SD 1.5-style teacher and one tiny student per language into `zoo_dir`.
+    """Build (once) tiny SD 1.5- and SDXL-style teachers and one tiny student per language into `zoo_dir`.
 
     Randomly initialised, deterministic, seconds to build; tokenizers are trained on the captions
     they will see. Returns {name: path}; existing complete builds are reused.
     """
     zoo_dir = Path(zoo_dir)
-    built = {"sd15-teacher": _atomic_build(zoo_dir / "sd15-teacher", f"{image_size}\n" + "\n".join(english_captions),
-                                           lambda out: _build_teacher(out, english_captions, image_size))}
+    built = {}
+    for kind in ("sd15", "sdxl"):
+        built[f"{kind}-teacher"] = _atomic_build(
+            zoo_dir / f"{kind}-teacher", f"{kind}\n{image_size}\n" + "\n".join(english_captions),
+            lambda out, k=kind: _build_teacher(out, english_captions, image_size, k))
     for language, captions in student_captions.items():
         built[f"student-{language}"] = _atomic_build(zoo_dir / f"student-{language}", "\n".join(captions),
                                                      lambda out, c=captions: _build_student(out, c))

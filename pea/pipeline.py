@@ -1,45 +1,49 @@
-"""Inference: target-language prompts → adapter → `prompt_embeds` for a stock diffusers pipeline.
+"""Inference: target-language prompts → adapter → conditioning for a stock diffusers pipeline.
 
 The UNet, VAE and scheduler are the teacher's own, untouched, so anything that plugs into the stock
-pipeline (LoRA, ControlNet, LCM) still plugs in. The negative / empty prompt goes through the adapter
-too, exactly as caption dropout trained it, so classifier-free guidance compares like with like.
+pipeline (LoRA, ControlNet, img2img, LCM) still plugs in: the adapter only supplies `prompt_embeds`
+(and for SDXL `pooled_prompt_embeds`). The negative / empty prompt goes through the adapter too,
+exactly as caption dropout trained it, so classifier-free guidance compares like with like.
 
-    pipe = load_pipeline(spec.teacher)
+    pipe = pea.models.load_pipeline(spec.teacher)
     images = generate(pipe, adapter, student, ["左边有一个红色的圆形"], seeds=[0])
 """
 
 from __future__ import annotations
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 from PIL import Image
 
 from pea.adapter import PEAAdapter
 from pea.models import StudentEncoder
-from pea.spec import TeacherSpec
 
 
-def load_pipeline(teacher: TeacherSpec) -> StableDiffusionPipeline:
-    if teacher.kind != "sd15":
-        raise NotImplementedError(f"teacher kind {teacher.kind!r}: only 'sd15' is wired in this version")
-    pipe = StableDiffusionPipeline.from_pretrained(teacher.id, revision=teacher.revision, use_safetensors=True,
-                                                   safety_checker=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+def check_compatible(adapter: PEAAdapter, student: StudentEncoder) -> None:
+    if student.hidden_size != adapter.config.student_dim:
+        raise ValueError(f"the student encoder yields hidden size {student.hidden_size} but the adapter was trained "
+                         f"for student_dim {adapter.config.student_dim}; load the student it was trained with")
 
 
 @torch.no_grad()
-def encode_prompts(adapter: PEAAdapter, student: StudentEncoder, prompts: list[str]) -> torch.Tensor:
-    """Target-language prompts → the (B, tokens, cross_attention_dim) conditioning the UNet expects."""
-    states = student.encode(prompts).to(adapter.device, adapter.dtype)
-    embeds, _pooled = adapter(states)
-    return embeds
+def prompt_kwargs(adapter: PEAAdapter, student: StudentEncoder, prompts: list[str],
+                  negative_prompt: str | list[str] = "") -> dict[str, torch.Tensor]:
+    """The pipeline keyword arguments that replace `prompt=` / `negative_prompt=`."""
+    check_compatible(adapter, student)
+    negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+    states = student.encode(list(prompts) + negatives).to(adapter.device, adapter.dtype)
+    tokens, pooled = adapter(states)
+    n = len(prompts)
+    kwargs = {"prompt_embeds": tokens[:n], "negative_prompt_embeds": tokens[n:]}
+    if pooled is not None:
+        kwargs |= {"pooled_prompt_embeds": pooled[:n], "negative_pooled_prompt_embeds": pooled[n:]}
+    return kwargs
 
 
-def generate(pipe: StableDiffusionPipeline, adapter: PEAAdapter, student: StudentEncoder, prompts: list[str],
-             seeds: list[int], negative_prompt: str = "", **call_kwargs) -> list[Image.Image]:
+def generate(pipe: DiffusionPipeline, adapter: PEAAdapter, student: StudentEncoder, prompts: list[str],
+             seeds: list[int], negative_prompt: str | list[str] = "", **call_kwargs) -> list[Image.Image]:
     """One image per prompt, each from its own seed, through the unmodified pipeline call."""
-    embeds = encode_prompts(adapter, student, prompts).to(pipe.unet.dtype)
-    negative = encode_prompts(adapter, student, [negative_prompt] * len(prompts)).to(pipe.unet.dtype)
+    dtype = pipe.unet.dtype
+    kwargs = {k: v.to(dtype) for k, v in prompt_kwargs(adapter, student, prompts, negative_prompt).items()}
     generators = [torch.Generator().manual_seed(s) for s in seeds]
-    return pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, generator=generators, **call_kwargs).images
+    return pipe(**kwargs, generator=generators, **call_kwargs).images

@@ -1,8 +1,9 @@
 """The MLflow pyfunc of a registered adapter (logged as "models from code", so nothing is pickled):
-a batch of prompts in the adapter's language → its conditioning tensors (B, tokens, width).
+a batch of prompts in the adapter's language → its conditioning tensors, named as the stock
+pipelines' keyword arguments: `prompt_embeds` (B, tokens, width) and, for SDXL, `pooled_prompt_embeds`.
 
     model = mlflow.pyfunc.load_model("models:/pea-adapter-zh@champion")
-    prompt_embeds = model.predict(["左边有一个红色的圆形"])
+    pipe(**{k: torch.from_numpy(v) for k, v in model.predict(["左边有一个红色的圆形"]).items()})
 """
 
 from __future__ import annotations
@@ -24,13 +25,14 @@ class AdapterModel(PythonModel):
         self.student = load_student(StudentSpec(id=cfg["student_id"], revision=cfg["student_revision"],
                                                 max_length=cfg["student_max_length"]))
 
-    def predict(self, context, model_input, params=None) -> np.ndarray:
-        from pea.pipeline import encode_prompts
+    def predict(self, context, model_input, params=None) -> dict[str, np.ndarray]:
+        from pea.pipeline import prompt_kwargs
 
         if isinstance(model_input, pd.DataFrame):
             model_input = model_input.iloc[:, 0]
         prompts = [str(p) for p in (model_input if not isinstance(model_input, str) else [model_input])]
-        return encode_prompts(self.adapter, self.student, prompts).float().numpy()
+        kwargs = prompt_kwargs(self.adapter, self.student, prompts)
+        return {k: v.float().numpy() for k, v in kwargs.items() if not k.startswith("negative_")}
 
 
 mlflow.models.set_model(AdapterModel())

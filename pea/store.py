@@ -1,4 +1,4 @@
-"""A content-addressed tensor store: Parquet parts of (hash, tensor) rows under one directory.
+"""A content-addressed tensor store: Parquet parts of (hash, named tensors) rows under one directory.
 
 One store holds one kind of tensor made by one model under one setting (its *key*, recorded in
 `store.json`); rows are addressed by the hash of their input (a normalized caption, an image hash),
@@ -79,22 +79,24 @@ class TensorStore:
         rows = duckdb.connect().execute("SELECT hash FROM read_parquet($parts)", {"parts": parts}).fetchall()
         return {row[0] for row in rows}
 
-    def write(self, hashes: list[str], tensors: torch.Tensor) -> Path:
-        tensors = tensors.detach().cpu()
-        if self.dtype == "bfloat16":
-            array = tensors.to(torch.bfloat16).view(torch.int16).numpy()
-        else:
-            array = tensors.to(torch.float16).numpy()
-        table = pa.table({"hash": pa.array(hashes, pa.string()),
-                          "value": pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(array))})
+    def write(self, hashes: list[str], tensors: dict[str, torch.Tensor]) -> Path:
+        """Store one row per hash; each named tensor (first dim = rows) becomes a tensor column."""
+        columns = {"hash": pa.array(hashes, pa.string())}
+        for name, tensor in tensors.items():
+            tensor = tensor.detach().cpu()
+            if self.dtype == "bfloat16":
+                array = tensor.to(torch.bfloat16).view(torch.int16).numpy()
+            else:
+                array = tensor.to(torch.float16).numpy()
+            columns[name] = pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(array))
         name = f"part-{uuid.uuid4().hex}.parquet"
         tmp = self.root / f".{name}.tmp"
-        pq.write_table(table, tmp)
+        pq.write_table(pa.table(columns), tmp)
         os.replace(tmp, self.root / name)
         return self.root / name
 
-    def read(self, hashes: list[str]) -> torch.Tensor:
-        """Tensors for `hashes`, in that order (float32); every hash must be stored."""
+    def read(self, hashes: list[str]) -> dict[str, torch.Tensor]:
+        """Every tensor column for `hashes`, rows in that order (float32); every hash must be stored."""
         parts = self.parts()
         found = ds.dataset(parts).to_table(filter=pc.field("hash").isin(list(set(hashes)))) if parts else None
         position = {h: i for i, h in enumerate(found.column("hash").to_pylist())} if found is not None else {}
@@ -102,7 +104,12 @@ class TensorStore:
         if missing:
             raise KeyError(f"{len(missing)} of {len(set(hashes))} inputs are missing from store {self.root}; "
                            "run the embed stage first")
-        values = found.column("value").combine_chunks().take(pa.array([position[h] for h in hashes]))
-        array = values.to_numpy_ndarray()
-        tensor = torch.from_numpy(np.array(array))  # a writable copy
-        return (tensor.view(torch.bfloat16) if self.dtype == "bfloat16" else tensor).float()
+        rows = pa.array([position[h] for h in hashes])
+        out = {}
+        for name in found.column_names:
+            if name == "hash":
+                continue
+            array = found.column(name).combine_chunks().take(rows).to_numpy_ndarray()
+            tensor = torch.from_numpy(np.array(array))  # a writable copy
+            out[name] = (tensor.view(torch.bfloat16) if self.dtype == "bfloat16" else tensor).float()
+        return out

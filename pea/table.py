@@ -41,12 +41,13 @@ def is_heldout(caption_en: str, caption: str, percent: int) -> bool:
 class TrainingTable:
     captions_en: list[str]
     captions: list[str]
-    teacher: torch.Tensor        # (N, teacher tokens, teacher dim)
-    student: torch.Tensor        # (N, student tokens, student dim)
-    latents: torch.Tensor        # (N, C, h, w)
-    native: torch.Tensor         # (N,) 1 = native caption (diffusion loss), 0 = parallel pair (KD)
-    teacher_empty: torch.Tensor  # the teacher's encoding of "" (caption dropout, guidance)
-    student_empty: torch.Tensor  # the student's encoding of ""
+    teacher: torch.Tensor                # (N, teacher tokens, teacher dim)
+    teacher_pooled: torch.Tensor | None  # (N, pooled dim) for SDXL teachers
+    student: torch.Tensor                # (N, student tokens, student dim)
+    latents: torch.Tensor                # (N, C, h, w)
+    native: torch.Tensor                 # (N,) 1 = native caption (diffusion loss), 0 = parallel pair (KD)
+    teacher_empty: torch.Tensor          # the teacher's token encoding of "" (caption dropout, guidance)
+    student_empty: torch.Tensor          # the student's encoding of ""
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -63,14 +64,14 @@ def load_table(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, spli
     teacher, student, latents = (TensorStore.open(root) for root in
                                  (embedded.teacher_store, embedded.student_store, embedded.latent_store))
     en, tgt, img = ([r[i] for r in rows] for i in range(3))
+    conditioning = teacher.read([text_hash(c) for c in en])
     return TrainingTable(
         captions_en=en, captions=tgt,
-        teacher=teacher.read([text_hash(c) for c in en]),
-        student=student.read([text_hash(c) for c in tgt]),
-        latents=latents.read(img),
+        teacher=conditioning["tokens"], teacher_pooled=conditioning.get("pooled"),
+        student=student.read([text_hash(c) for c in tgt])["states"],
+        latents=latents.read(img)["latents"],
         # The synthetic and manifest corpora are parallel pairs; native-only rows arrive with #4's sources.
         native=torch.zeros(len(rows)),
-        teacher_empty=teacher.read([text_hash("")])[0],
-        student_empty=student.read([text_hash("")])[0],
+        teacher_empty=teacher.read([text_hash("")])["tokens"][0],
+        student_empty=student.read([text_hash("")])["states"][0],
     )
-

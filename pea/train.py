@@ -25,7 +25,7 @@ import torch
 
 from pea import models
 from pea.adapter import PEAAdapter
-from pea.distill import distill_loss
+from pea.distill import Conditioning, distill_loss, sdxl_time_ids
 from pea.embed import EmbedResult, open_stores
 from pea.spec import LanguageSpec, TrainSpec, home, lake_root, load_spec
 from pea.table import TrainingTable, load_table
@@ -125,7 +125,8 @@ def train(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, run_dir: 
 
     torch.manual_seed(cfg.seed)  # the untrained baseline in pea.evaluate starts from this same init
     adapter = PEAAdapter(kind=spec.teacher.kind, student_dim=table.student.shape[-1], hidden_dim=cfg.hidden_dim,
-                         token_dim=table.teacher.shape[-1])
+                         token_dim=table.teacher.shape[-1],
+                         pooled_dim=None if table.teacher_pooled is None else table.teacher_pooled.shape[-1])
     optimizer = torch.optim.AdamW(adapter.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
                                   weight_decay=cfg.weight_decay)
     schedule = get_polynomial_decay_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps,
@@ -146,6 +147,8 @@ def train(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, run_dir: 
                if h["step"] <= start] if history_path.is_file() and start else []
 
     batches = _Batches(len(table), cfg.micro_batch_size, cfg.seed, engine.global_rank, world)
+    size = spec.corpus.image_size
+    time_ids = sdxl_time_ids(size, size, cfg.micro_batch_size) if spec.teacher.kind == "sdxl" else None
     accum = cfg.gradient_accumulation_steps
     from tqdm.auto import tqdm
     bar = tqdm(range(start, cfg.steps), desc="train adapter", unit="step", initial=start, total=cfg.steps,
@@ -162,12 +165,17 @@ def train(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, run_dir: 
                 noise += cfg.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=g)
             timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(idx),), generator=g)
             noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-            drop = torch.rand(len(idx), generator=g) < cfg.caption_dropout
-            teacher = torch.where(drop[:, None, None], table.teacher_empty, table.teacher[idx])
-            student = torch.where(drop[:, None, None], table.student_empty, table.student[idx])
-            student_embeds, _ = engine(student.to(dtype))
-            terms = distill_loss(unet, noisy, timesteps, noise, teacher, student_embeds, table.native[idx],
-                                 cfg.feature_kd_weight)
+            # Caption dropout swaps the token context for that of "" on both sides; the pooled vector is
+            # kept (METHOD.md). The adapter sees the empty caption as one extra row of the same batch.
+            drop = (torch.rand(len(idx), generator=g) < cfg.caption_dropout)[:, None, None]
+            states = torch.cat([table.student[idx], table.student_empty[None]]).to(dtype)
+            tokens, pooled = engine(states)
+            student = Conditioning(torch.where(drop, tokens[-1:], tokens[:-1]),
+                                   None if pooled is None else pooled[:-1], time_ids)
+            teacher = Conditioning(torch.where(drop, table.teacher_empty, table.teacher[idx]),
+                                   None if table.teacher_pooled is None else table.teacher_pooled[idx], time_ids)
+            terms = distill_loss(unet, noisy, timesteps, noise, teacher, student, table.native[idx],
+                                 cfg.output_kd_weight, cfg.feature_kd_weight, cfg.diffusion_loss == "all")
             engine.backward(terms.total)
             engine.step()
             seen += len(idx)

@@ -1,7 +1,7 @@
 import torch
 
 from pea import models
-from pea.distill import distill_loss, unet_features
+from pea.distill import Conditioning, distill_loss, unet_features
 
 
 def _batch(unet, tokens: int = 77):
@@ -27,10 +27,10 @@ def test_loss_is_zero_when_the_student_matches_the_teacher_and_grows_otherwise(z
     unet = models.load_unet(zh_spec.teacher)
     latents, noise, t, teacher = _batch(unet)
     kd = torch.zeros(3)
-    same = distill_loss(unet, latents, t, noise, teacher, teacher.clone().requires_grad_(), kd)
+    same = distill_loss(unet, latents, t, noise, Conditioning(teacher), Conditioning(teacher.clone().requires_grad_()), kd)
     assert same.output_kd.item() == 0 and same.feature_kd.item() == 0 and same.total.item() == 0
     student = (teacher + torch.randn_like(teacher)).requires_grad_()
-    off = distill_loss(unet, latents, t, noise, teacher, student, kd, feature_weight=0.1)
+    off = distill_loss(unet, latents, t, noise, Conditioning(teacher), Conditioning(student), kd, feature_weight=0.1)
     torch.testing.assert_close(off.total, off.output_kd + 0.1 * off.feature_kd)
     off.total.backward()
     assert student.grad is not None and student.grad.abs().sum() > 0
@@ -41,7 +41,36 @@ def test_native_captions_use_the_diffusion_loss_only(zh_spec):
     unet = models.load_unet(zh_spec.teacher)
     latents, noise, t, teacher = _batch(unet)
     student = teacher + torch.randn_like(teacher)
+    teacher, student = Conditioning(teacher), Conditioning(student)
     native = distill_loss(unet, latents, t, noise, teacher, student, torch.ones(3))
     torch.testing.assert_close(native.total, native.diffusion)
     mixed = distill_loss(unet, latents, t, noise, teacher, student, torch.tensor([1.0, 0.0, 0.0]))
     assert native.total != mixed.total
+    everywhere = distill_loss(unet, latents, t, noise, teacher, student, torch.zeros(3), diffusion_everywhere=True)
+    torch.testing.assert_close(everywhere.total, native.total)
+
+
+def test_loss_weights_come_from_the_caller(zh_spec):
+    unet = models.load_unet(zh_spec.teacher)
+    latents, noise, t, teacher = _batch(unet)
+    teacher, student = Conditioning(teacher), Conditioning(teacher + 1)
+    output_only = distill_loss(unet, latents, t, noise, teacher, student, torch.zeros(3), 1.0, 0.0)
+    feature_only = distill_loss(unet, latents, t, noise, teacher, student, torch.zeros(3), 0.0, 1.0)
+    torch.testing.assert_close(output_only.total, output_only.output_kd)
+    torch.testing.assert_close(feature_only.total, feature_only.feature_kd)
+
+
+def test_sdxl_teacher_hooks_every_block_and_the_pooled_vector_reaches_the_unet(zoo_dir):
+    from pea.distill import sdxl_time_ids
+    from pea.spec import load_spec
+
+    spec = load_spec("zh", "embedded,sdxl", zoo_dir=zoo_dir)
+    unet = models.load_unet(spec.teacher)
+    latents, noise, t, _ = _batch(unet)
+    cond = Conditioning(torch.randn(3, 77, 64), torch.randn(3, 32), sdxl_time_ids(32, 32, 3))
+    with unet_features(unet) as maps:
+        unet(latents, t, **cond.unet_kwargs(unet.dtype))
+    assert len(maps) == len(unet.down_blocks) + 1 + len(unet.up_blocks) == 5
+    terms = distill_loss(unet, latents, t, noise, cond, Conditioning(cond.tokens, cond.pooled + 1, cond.time_ids),
+                         torch.zeros(3))
+    assert terms.output_kd > 0  # the pooled vector reaches the UNet through added_cond_kwargs

@@ -6,7 +6,7 @@ import torch
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.pea_flow import pea, print_summary
-from pea.pipeline import load_pipeline
+from pea.models import load_pipeline
 from pea.spec import load_spec
 
 
@@ -53,7 +53,7 @@ def test_the_champion_loads_with_plain_mlflow_and_drives_a_stock_pipeline(two_ru
     first, _ = two_runs
     mlflow.set_tracking_uri(first["model"]["tracking_uri"])
     model = mlflow.pyfunc.load_model("models:/pea-adapter-zh@champion")
-    embeds = torch.from_numpy(model.predict(["左边有一个红色的圆形", ""]))
+    embeds = torch.from_numpy(model.predict(["左边有一个红色的圆形", ""])["prompt_embeds"])
     spec = load_spec("zh", "embedded")
     assert embeds.shape == (2, spec.student.max_length, 32)
     # The base model comes from the version's lineage, as a consumer would find it.
