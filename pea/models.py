@@ -7,6 +7,7 @@ downstream knows whether a model is tiny. Weights load from safetensors only.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, DiffusionPipeline, StableDiffusionPipeline,
                        StableDiffusionXLPipeline, UNet2DConditionModel)
-from transformers import (AutoConfig, AutoModel, AutoTokenizer, BertConfig, BertModel, BertTokenizerFast,
+from transformers import (AutoModel, AutoTokenizer, BertConfig, BertModel, BertTokenizerFast,
                           CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, PreTrainedModel)
 
 from pea.spec import ModelRef, StudentSpec, TeacherSpec
@@ -57,9 +58,10 @@ class StudentEncoder:
     model: PreTrainedModel
     max_length: int
 
-    @property
+    @functools.cached_property
     def hidden_size(self) -> int:
-        return self.model.config.hidden_size
+        """The width of the states it yields, probed: some towers project them (AltCLIP's project_dim)."""
+        return self.encode([""]).shape[-1]
 
     @torch.no_grad()
     def encode(self, captions: list[str]) -> torch.Tensor:
@@ -112,11 +114,10 @@ def load_noise_scheduler(ref: TeacherSpec) -> DDPMScheduler:
 def load_student(ref: StudentSpec) -> StudentEncoder:
     """Any transformers encoder with per-token states: plain encoders, or the text tower of a dual
     encoder (CLIP-style configs with a text_config), or the encoder of an encoder-decoder (T5)."""
-    config = AutoConfig.from_pretrained(ref.id, revision=ref.revision)
     model = AutoModel.from_pretrained(ref.id, **_kwargs(ref))
-    if getattr(config, "text_config", None) is not None:
+    if getattr(model, "text_model", None) is not None:  # CLIP, Chinese-CLIP, AltCLIP, ...: keep the text tower
         model = model.text_model
-    elif config.is_encoder_decoder:
+    elif getattr(model, "decoder", None) is not None:  # T5 / mT5: keep the encoder
         model = model.get_encoder()
     tokenizer = AutoTokenizer.from_pretrained(ref.id, revision=ref.revision)
     return StudentEncoder(tokenizer, _frozen(model), ref.max_length)
