@@ -1,13 +1,20 @@
-"""Filter: DuckDB over the complete raw shards -> `lake/<language>/pairs/pairs.parquet` + `quality.json`.
+"""Filter: DuckDB over the complete raw shards -> `lake/<language>/pairs/pairs.parquet` + the data-quality report.
 
 Only shards whose `*_stats.json` exists are read: img2dataset writes it after closing the shard, so
-a shard left by a killed run is never seen. Every row gets the first reason it fails, in `REASONS`
-order, and every drop is counted in the data-quality report.
+a shard left by a killed run is never seen. Captions are cleaned first (`pea.corpus.clean`), then every
+row gets the first reason it fails, in `REASONS` order (the rows acquire dropped before downloading are
+counted under the first three), and every drop is counted in the data-quality report
+(`pea.corpus.report`: quality.json and histograms, beside the pairs).
 
-pairs.parquet columns: key (img2dataset's key), image_sha256 (of the downloaded bytes), caption_en,
-caption (the target language), width, height (after resizing), raw_file (absolute path of the raw
-shard). The image bytes stay in raw_file, in the column named after img2dataset's encode_format
-(`png` here, see pea.corpus.acquire), in the row with the same key.
+pairs.parquet (row groups of 100k rows, ordered by key), documented in docs/data.md:
+key (img2dataset's key), image_sha256 (of the downloaded bytes), caption_en, caption (the target
+language; both cleaned), width, height (after resizing), raw_file (absolute path of the raw shard:
+the image bytes are in its column named after `corpus.encode_format`, in the row with the same key; for
+WebDataset output in the .tar of the same name), native (the target caption is native-only, not a
+translation of caption_en: the diffusion loss applies to it).
+
+All SQL is parameterized; the one piece of user text, `filter.where`, runs only as DuckDB's own
+rendering of a checked read-only expression (`pea.corpus.where`), after external access is switched off.
 """
 
 from __future__ import annotations
@@ -15,55 +22,85 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
 
+from pea.corpus.clean import clean_captions
+from pea.corpus.manifest import MANIFEST_REASONS
+from pea.corpus.report import write_report
+from pea.corpus.where import read_only_where
 from pea.spec import LanguageSpec
 
-REASONS = ("download_failed", "too_small", "bad_aspect", "caption_empty", "caption_too_long", "duplicate")
+DOWNLOAD_REASONS = ("download_http_error", "download_redirect", "download_timeout", "download_connection",
+                    "download_not_image", "download_too_large", "download_disallowed", "download_other")
+REASONS = (*MANIFEST_REASONS, *DOWNLOAD_REASONS, "too_small", "too_large", "bad_aspect", "low_similarity", "unsafe",
+           "watermark", "caption_empty", "caption_too_short", "caption_too_long", "caption_not_text", "wrong_language",
+           "custom_where", "duplicate_image", "duplicate_caption")
+PAIRS_COLUMNS = ("key", "image_sha256", "caption_en", "caption", "width", "height", "raw_file", "native")
+ROW_GROUP = 100_000
+OPTIONAL = {"similarity": "DOUBLE", "punsafe": "DOUBLE", "pwatermark": "DOUBLE", "native": "BOOLEAN"}
 
-# The first failing check names the reason; duplicates are ranked only among rows that passed the others.
-# raw columns: img2dataset renames the caption_col (caption_en) to `caption`; the target caption keeps its name.
-JUDGE = """
-CREATE TEMP TABLE judged AS
-WITH raw AS (
-    SELECT key, status, sha256 AS image_sha256, caption AS caption_en, {target} AS caption,
-           width, height, original_width, original_height, filename AS raw_file
-    FROM read_parquet($files, filename = true)
-), checked AS (
-    SELECT *, CASE
-        WHEN status IS DISTINCT FROM 'success' THEN 'download_failed'
-        WHEN least(width, height, original_width, original_height) < $min_side THEN 'too_small'
-        WHEN greatest(original_width, original_height)::DOUBLE / least(original_width, original_height) > $max_aspect
-            THEN 'bad_aspect'
-        WHEN length(trim(coalesce(caption_en, ''))) < $min_chars OR length(trim(coalesce(caption, ''))) < $min_chars
-            THEN 'caption_empty'
-        WHEN length(caption_en) > $max_chars OR length(caption) > $max_chars THEN 'caption_too_long'
+# img2dataset's status/error_message -> a reason. pea.corpus.fetch prefixes its errors with their class;
+# the resizer's own messages and plain img2dataset errors (another fetch) are matched by their text.
+DOWNLOAD_CLASS = """CASE
+    WHEN status = 'failed_to_resize' THEN CASE error_message
+        WHEN 'image too small' THEN 'too_small' WHEN 'image area too large' THEN 'too_large'
+        WHEN 'aspect ratio too large' THEN 'bad_aspect' ELSE 'download_not_image' END
+    WHEN error_message LIKE 'http_error:%' OR error_message LIKE 'HTTP Error 4%' OR error_message LIKE 'HTTP Error 5%'
+        THEN 'download_http_error'
+    WHEN error_message LIKE 'redirect:%' OR error_message LIKE 'HTTP Error 3%' THEN 'download_redirect'
+    WHEN error_message LIKE 'timeout:%' OR error_message ILIKE '%timed out%' THEN 'download_timeout'
+    WHEN error_message LIKE 'connection:%' OR error_message LIKE '<urlopen error%' THEN 'download_connection'
+    WHEN error_message LIKE 'not_image:%' THEN 'download_not_image'
+    WHEN error_message LIKE 'too_large:%' THEN 'download_too_large'
+    WHEN error_message LIKE 'disallowed:%' OR error_message LIKE '%X-Robots-Tag%' THEN 'download_disallowed'
+    WHEN error_message LIKE 'bad_url:%' THEN 'bad_url'
+    ELSE 'download_other' END"""
+
+TEXT_RATIO = ("length(regexp_replace({c}, '[^\\p{{L}}\\p{{M}}]', '', 'g'))::DOUBLE "
+              "/ greatest(length(regexp_replace({c}, '\\s', '', 'g')), 1)")
+
+JUDGE = f"""
+CREATE TEMP TABLE judged AS SELECT *, CASE
+    WHEN status IS DISTINCT FROM 'success' THEN {DOWNLOAD_CLASS}
+    WHEN least(width, height, original_width, original_height) < $min_side THEN 'too_small'
+    WHEN original_width::BIGINT * original_height > $max_pixels THEN 'too_large'
+    WHEN greatest(original_width, original_height)::DOUBLE / least(original_width, original_height) > $max_aspect
+        THEN 'bad_aspect'
+    WHEN similarity < $min_similarity THEN 'low_similarity'
+    WHEN punsafe > $max_punsafe THEN 'unsafe'
+    WHEN pwatermark > $max_pwatermark THEN 'watermark'
+    WHEN length(caption) = 0 OR (NOT native AND length(caption_en) = 0) THEN 'caption_empty'
+    WHEN length(caption) < $min_chars OR (NOT native AND length(caption_en) < $min_chars) THEN 'caption_too_short'
+    WHEN length(caption) > $max_chars OR length(caption_en) > $max_chars THEN 'caption_too_long'
+    WHEN {TEXT_RATIO.format(c='caption')} < $min_ratio
+        OR (NOT native AND {TEXT_RATIO.format(c='caption_en')} < $min_ratio) THEN 'caption_not_text'
     END AS reason
-    FROM raw
-)
-SELECT * EXCLUDE (reason), coalesce(reason, CASE WHEN row_number() OVER (
-    PARTITION BY reason, image_sha256, caption_en, caption ORDER BY key) > 1 THEN 'duplicate' END) AS reason
-FROM checked
+FROM prepared
 """
 
-PAIRS = """
-COPY (SELECT key, image_sha256, caption_en, caption, width, height, raw_file
-      FROM judged WHERE reason IS NULL ORDER BY key)
-TO $out (FORMAT parquet, ROW_GROUP_SIZE 100000)
+DEDUPE = """
+UPDATE judged SET reason = $reason WHERE rid IN (
+    SELECT rid FROM (SELECT rid, row_number() OVER (PARTITION BY {by} ORDER BY key) AS n
+                     FROM judged WHERE reason IS NULL) WHERE n > $keep)
 """
 
 
 @dataclass(frozen=True)
 class FilterResult:
     pairs_path: Path
-    rows_in: int
+    rows_in: int  # manifest rows: raw rows + rows dropped before download
     rows_out: int
     dropped: dict[str, int]  # reason -> count, in REASONS order, zeros included
-    report_path: Path
+    report_path: Path  # quality.json
     seconds: float
+    histograms: dict[str, Path] = field(default_factory=dict)  # image_sizes, aspect_ratios, caption_lengths -> PNG
+    report: dict[str, Any] = field(default_factory=dict)  # the content of quality.json
 
 
 def _complete_shards(raw_dir: Path) -> list[Path]:
@@ -71,35 +108,142 @@ def _complete_shards(raw_dir: Path) -> list[Path]:
     return [p for p in sorted(raw_dir.glob("*.parquet")) if p.with_name(p.stem + "_stats.json").is_file()]
 
 
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'  # an identifier cannot be a parameter
+
+
+def _load(con: duckdb.DuckDBPyConnection, spec: LanguageSpec, shards: list[Path]) -> pa.Table:
+    files = [str(p) for p in shards]
+    has = {r[0] for r in con.execute("DESCRIBE SELECT * FROM read_parquet($f, union_by_name = true)",
+                                     {"f": files}).fetchall()}
+    needed = ["key", "status", "error_message", "sha256", "caption", "width", "height", "original_width",
+              "original_height"]
+    missing = [c for c in [*needed, spec.caption_column] if c not in has]
+    if missing:
+        raise ValueError(f"raw shards in {shards[0].parent} lack column(s) {', '.join(missing)} (have "
+                         f"{', '.join(sorted(has))}); they were not written by this acquire stage for "
+                         f"{spec.language}: delete {shards[0].parent} and run acquire again")
+    optional = ", ".join(f"{_quote(c) if c in has else 'NULL'}::{t} AS {c}" for c, t in OPTIONAL.items())
+    return con.sql(f"""
+        SELECT key, status, error_message, sha256 AS image_sha256, caption AS caption_en,
+               {_quote(spec.caption_column)} AS caption, width, height, original_width, original_height,
+               {optional}, filename AS raw_file
+        FROM read_parquet($f, filename = true, union_by_name = true) ORDER BY key""", params={"f": files}).to_arrow_table()
+
+
+def _language_ids(spec: LanguageSpec, captions: list[str]) -> tuple[list[float], list[bool]]:
+    """lingua's confidence for the target language, and whether it is lingua's first choice, per caption."""
+    from lingua import IsoCode639_1, Language, LanguageDetectorBuilder
+
+    lid = spec.filter.language_id
+
+    def language(code: str, where: str) -> Language:
+        try:
+            return Language.from_iso_code_639_1(IsoCode639_1.from_str(code.split("-")[0].lower()))
+        except (ValueError, AttributeError):
+            raise ValueError(f"{where}: lingua-language-detector does not know the language {code!r}; fix the code "
+                             "or set filter.language_id: null to skip the language check") from None
+
+    target = language(spec.language, "language")
+    candidates = {target, *(language(c, "filter.language_id.candidates") for c in lid.candidates)}
+    if len(candidates) < 2:
+        candidates.add(Language.ENGLISH if target != Language.ENGLISH else Language.FRENCH)
+    builder = LanguageDetectorBuilder.from_languages(*candidates)
+    detector = (builder.with_low_accuracy_mode() if lid.low_accuracy else builder).build()
+    confidence = detector.compute_language_confidence_in_parallel(captions, target)
+    first = detector.detect_languages_in_parallel_of(captions)
+    return confidence, [f == target for f in first]
+
+
 def filter_pairs(spec: LanguageSpec, lake: Path) -> FilterResult:
     """Judge every raw row, write the kept pairs and the data-quality report."""
     start = time.perf_counter()
-    raw_dir = (Path(lake) / spec.language / "raw").resolve()
+    lang_dir = Path(lake) / spec.language
+    raw_dir = (lang_dir / "raw").resolve()
     shards = _complete_shards(raw_dir)
     if not shards:
         raise FileNotFoundError(f"no complete raw shard (a .parquet with its _stats.json) in {raw_dir}; "
                                 f"run the acquire stage for {spec.language} first")
-    out_dir = Path(lake) / spec.language / "pairs"
+    out_dir = lang_dir / "pairs"
     out_dir.mkdir(parents=True, exist_ok=True)
-    pairs_path, report_path = out_dir / "pairs.parquet", out_dir / "quality.json"
-    tmp = out_dir / "pairs.parquet.tmp"
-    target = '"' + spec.caption_column.replace('"', '""') + '"'  # an identifier cannot be a parameter
     f = spec.filter
     with duckdb.connect() as con:
-        con.execute(JUDGE.format(target=target), {
-            "files": [str(p) for p in shards], "min_side": f.min_image_side, "max_aspect": f.max_aspect_ratio,
-            "min_chars": f.min_caption_chars, "max_chars": f.max_caption_chars})
-        con.execute(PAIRS, {"out": str(tmp)})
+        raw = _load(con, spec, shards)
+        # Nothing below reads or writes a file through DuckDB: switch that off before any user text runs.
+        con.execute("SET enable_external_access = false")
+        con.execute("SET lock_configuration = true")
+        native = raw["native"].fill_null(False) if raw.num_rows else raw["native"]
+        prepared = raw.set_column(raw.schema.get_field_index("native"), "native", native)
+        prepared = prepared.set_column(prepared.schema.get_field_index("caption_en"), "caption_en",
+                                       clean_captions(raw["caption_en"], f.cleaning, target=False))
+        prepared = prepared.set_column(prepared.schema.get_field_index("caption"), "caption",
+                                       clean_captions(raw["caption"], f.cleaning, target=True, native=native))
+        prepared = prepared.append_column("rid", pa.array(range(prepared.num_rows), pa.int64()))
+        con.register("prepared", prepared)
+        con.execute(JUDGE, {
+            "min_side": f.min_image_side, "max_pixels": f.max_image_pixels, "max_aspect": f.max_aspect_ratio,
+            "min_similarity": f.min_similarity, "max_punsafe": f.max_punsafe, "max_pwatermark": f.max_pwatermark,
+            "min_chars": f.min_caption_chars, "max_chars": f.max_caption_chars, "min_ratio": f.min_text_ratio})
+        con.unregister("prepared")
+
+        if f.language_id is not None:
+            captions = [r[0] for r in con.execute(
+                "SELECT DISTINCT caption FROM judged WHERE reason IS NULL").fetchall()]
+            if captions:
+                confidence, first = _language_ids(spec, captions)
+                verdict = pa.table({"caption": captions, "confidence": confidence, "first": first})
+                con.register("verdict", verdict)
+                con.execute("""UPDATE judged SET reason = 'wrong_language' FROM verdict
+                               WHERE judged.reason IS NULL AND judged.caption = verdict.caption
+                                 AND (NOT verdict.first OR verdict.confidence < $min)""",
+                            {"min": f.language_id.min_confidence})
+                con.unregister("verdict")
+
+        if f.where is not None:
+            columns = [r[0] for r in con.execute("DESCRIBE judged").fetchall() if r[0] != "reason"]
+            con.execute("CREATE TEMP VIEW judged_rows AS SELECT * EXCLUDE (reason) FROM judged")
+            keep = read_only_where(con, f.where, "judged_rows", columns)
+            con.execute(f"CREATE TEMP TABLE custom_keep AS {keep}")
+            con.execute("UPDATE judged SET reason = 'custom_where' WHERE reason IS NULL "
+                        "AND rid NOT IN (SELECT rid FROM custom_keep)")
+
+        con.execute(DEDUPE.format(by="image_sha256"), {"reason": "duplicate_image", "keep": 1})
+        if f.max_images_per_caption_pair is not None:
+            con.execute(DEDUPE.format(by="caption_en, caption"),
+                        {"reason": "duplicate_caption", "keep": f.max_images_per_caption_pair})
+
+        pairs = con.sql(f"SELECT {', '.join(PAIRS_COLUMNS)} FROM judged WHERE reason IS NULL ORDER BY key"
+                            ).to_arrow_table()
         counts = dict(con.execute("SELECT coalesce(reason, 'kept'), count(*) FROM judged GROUP BY ALL").fetchall())
+        images = con.sql("SELECT original_width, original_height, reason IS NULL AS kept FROM judged "
+                             "WHERE status = 'success'").to_arrow_table()
+        errors = con.execute("SELECT reason, error_message, count(*) AS n FROM judged WHERE error_message IS NOT NULL "
+                             "GROUP BY ALL ORDER BY n DESC, error_message LIMIT 20").fetchall()
+
+    pairs_path = out_dir / "pairs.parquet"
+    tmp = out_dir / "pairs.parquet.tmp"
+    pq.write_table(pairs, tmp, row_group_size=ROW_GROUP)
     os.replace(tmp, pairs_path)
 
-    dropped = {reason: counts.get(reason, 0) for reason in REASONS}
+    before = _before_download(lang_dir)
+    dropped = {reason: counts.get(reason, 0) + before.get(reason, 0) for reason in REASONS}
     rows_out = counts.get("kept", 0)
     rows_in = rows_out + sum(dropped.values())
-    report = {"language": spec.language, "shards": len(shards), "rows_in": rows_in, "rows_out": rows_out,
-              "dropped": dropped}
-    tmp_report = out_dir / "quality.json.tmp"
-    tmp_report.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp_report, report_path)
+    report = {"language": spec.language, "shards": len(shards), "rows_in": rows_in, "rows_downloaded_or_tried":
+              raw.num_rows, "rows_out": rows_out, "dropped": dropped,
+              "download_errors": [{"reason": r, "message": m, "rows": n} for r, m, n in errors],
+              "filter": f.model_dump(mode="json"), "pairs": str(pairs_path.resolve()),
+              "seconds": round(time.perf_counter() - start, 3)}
+    histograms = write_report(report, images, pairs.select(["caption_en", "caption"]), out_dir, spec.language)
+    report["histograms"] = {name: path.name for name, path in histograms.items()}
     return FilterResult(pairs_path=pairs_path, rows_in=rows_in, rows_out=rows_out, dropped=dropped,
-                        report_path=report_path, seconds=time.perf_counter() - start)
+                        report_path=out_dir / "quality.json", seconds=time.perf_counter() - start,
+                        histograms=histograms, report=report)
+
+
+def _before_download(lang_dir: Path) -> dict[str, int]:
+    """The pre-download drops acquire counted beside the url list (none when the list was not made by acquire)."""
+    summary = lang_dir / "manifest-urls.json"
+    if not summary.is_file():
+        return {}
+    return {k: int(v) for k, v in json.loads(summary.read_text()).get("dropped", {}).items()}

@@ -45,8 +45,9 @@ COUNTS = {"one": 1, "two": 2}
 SUPERSAMPLE = 4  # draw large, then downscale: clean edges even at 32x32
 
 # Manifest entries that must fail, each with the filter reason it triggers. The 404 URL is never written.
-BROKEN = {"missing": "download_failed", "corrupt": "download_failed", "tiny": "too_small", "wide": "bad_aspect",
-          "empty-caption": "caption_empty", "long-caption": "caption_too_long", "duplicate": "duplicate"}
+BROKEN = {"missing": "download_http_error", "corrupt": "download_not_image", "tiny": "too_small", "wide": "bad_aspect",
+          "empty-caption": "caption_empty", "long-caption": "caption_too_long", "not-text": "caption_not_text",
+          "wrong-language": "wrong_language", "duplicate": "duplicate_image", "ftp": "bad_url"}
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,8 @@ def _write_if_changed(path: Path, data: bytes) -> None:
 def make_corpus(spec: LanguageSpec, out_dir: Path) -> Path:
     """Write images/ and manifest.parquet (url relative to out_dir, caption_en, the caption column) into out_dir.
 
+    The entries of `BROKEN` follow the good samples; `wrong-language` only when the spec checks the language.
+
     Deterministic; files whose content is already right are left untouched. Returns the manifest path.
     """
     synthetic, target = spec.corpus.synthetic, spec.synthetic_captions
@@ -163,7 +166,11 @@ def make_corpus(spec: LanguageSpec, out_dir: Path) -> Path:
     add("empty-caption", scene, good, " ")
     text = caption(scene, target)
     add("long-caption", scene, good, text * (spec.filter.max_caption_chars // len(text) + 1))
+    add("not-text", scene, good, "#" * max(spec.filter.min_caption_chars, 8))
+    if spec.filter.language_id is not None:
+        add("wrong-language", scene, good, caption(scene, ENGLISH))  # English where the target language belongs
     rows.append(rows[0])  # the same URL and captions as sample 0: a duplicate
+    rows.append(("ftp://127.0.0.1/images/00000.png", *rows[0][1:]))  # never fetched: http(s) only
 
     images = out_dir / "images"
     images.mkdir(parents=True, exist_ok=True)

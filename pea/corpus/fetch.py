@@ -1,0 +1,178 @@
+"""img2dataset with a hardened fetch: one deadline per download, a body-size cap, http(s) only, typed errors.
+
+img2dataset's own fetch bounds each socket read by `timeout` but not the download: a server that
+trickles its body a byte at a time holds the whole run forever. It also follows redirects to `ftp://`
+and opens `file://` URLs. `download(spec, url_list, raw_dir, extra_columns)` runs `img2dataset.download`
+with a `Downloader` subclass whose shards fetch with `fetch_image` instead: the body is read with
+`read1` against a deadline of `corpus.timeout_s` for the whole download, bodies over
+`corpus.max_download_bytes` and non-image content types are refused unread, redirects may only lead to
+http/https, and every error message starts with its class (`http_error:`, `timeout:`, `connection:`,
+`redirect:`, `not_image:`, `too_large:`, `bad_url:`) so the filter counts drops per class.
+
+The subclass is pickled by reference to this module, so the hardened fetch runs in img2dataset's
+spawned workers, and on pyspark/ray workers too (where pea must be installed).
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import os
+import signal
+import socket
+import ssl
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from pea.spec import URL_SCHEMES, LanguageSpec
+
+# img2dataset imports wandb and albumentations, which reach for the network unless told not to.
+OFFLINE_ENV = {"WANDB_MODE": "disabled", "NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1", "DO_NOT_TRACK": "1"}
+USER_AGENT = "Mozilla/5.0 (compatible; pea-img2dataset; +https://github.com/rom1504/img2dataset)"
+NOT_IMAGE_TYPES = ("text/", "audio/", "video/", "font/", "multipart/", "application/json", "application/xml",
+                   "application/javascript", "application/pdf", "application/zip", "application/xhtml")
+
+
+class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001 - urllib's signature
+        if urlsplit(newurl).scheme.lower() not in URL_SCHEMES:
+            raise urllib.error.HTTPError(newurl, code, f"redirect to a non-http(s) URL {newurl[:80]!r}", headers, fp)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+_OPENER = urllib.request.build_opener(_HttpOnlyRedirects)
+
+
+class FetchError(Exception):
+    """A download that failed in a known way; str() starts with its class."""
+
+
+def _socket_of(response: Any) -> socket.socket | None:
+    raw = getattr(getattr(response, "fp", None), "raw", None)
+    return getattr(raw, "_sock", None)
+
+
+def _classify(err: BaseException) -> str:
+    if isinstance(err, FetchError):
+        return str(err)
+    if isinstance(err, urllib.error.HTTPError):
+        kind = "redirect" if 300 <= err.code < 400 or "redirect" in str(err.reason).lower() else "http_error"
+        return f"{kind}: HTTP {err.code} {err.reason}"[:300]
+    reason = err.reason if isinstance(err, urllib.error.URLError) else err
+    if isinstance(reason, (TimeoutError, socket.timeout)) or "timed out" in str(reason):
+        return f"timeout: {reason}"[:300]
+    if isinstance(reason, (ConnectionError, socket.gaierror, ssl.SSLError, OSError)):
+        return f"connection: {type(reason).__name__}: {reason}"[:300]
+    return f"other: {type(err).__name__}: {err}"[:300]
+
+
+def fetch_image(row: tuple[int, str], timeout: float, user_agent_token: str | None = None,
+                disallowed_header_directives: Any = None, *, max_bytes: int) -> tuple[int, io.BytesIO | None, str | None]:
+    """img2dataset's `download_image` contract: (key, bytes stream or None, error message or None)."""
+    from img2dataset.downloader import is_disallowed
+
+    key, url = row
+    deadline = time.monotonic() + timeout
+    try:
+        if not isinstance(url, str) or urlsplit(url).scheme.lower() not in URL_SCHEMES:
+            raise FetchError(f"bad_url: only {'/'.join(URL_SCHEMES)} URLs are fetched, not {str(url)[:80]!r}")
+        request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
+        with _OPENER.open(request, timeout=timeout) as response:
+            if disallowed_header_directives and is_disallowed(response.headers, user_agent_token,
+                                                              disallowed_header_directives):
+                raise FetchError("disallowed: X-Robots-Tag forbids using this image")
+            content_type = (response.headers.get("Content-Type") or "").lower()
+            if content_type.startswith(NOT_IMAGE_TYPES):
+                raise FetchError(f"not_image: content type {content_type[:60]!r}")
+            declared = response.headers.get("Content-Length")
+            if declared and declared.isdigit() and int(declared) > max_bytes:
+                raise FetchError(f"too_large: {declared} bytes declared, more than max_download_bytes {max_bytes}")
+            stream, sock = io.BytesIO(), _socket_of(response)
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise FetchError(f"timeout: the download took longer than {timeout} s")
+                if sock is not None:
+                    sock.settimeout(remaining)  # no single read may outlive the deadline
+                chunk = response.read1(64 * 1024)
+                if not chunk:
+                    break
+                stream.write(chunk)
+                if stream.tell() > max_bytes:
+                    raise FetchError(f"too_large: the body exceeds max_download_bytes {max_bytes}")
+        stream.seek(0)
+        return key, stream, None
+    except Exception as err:  # noqa: BLE001 - every failure becomes a counted error message, as in img2dataset
+        return key, None, _classify(err)
+
+
+def _downloader_class() -> type:
+    from img2dataset.downloader import Downloader
+
+    class PeaDownloader(Downloader):
+        """img2dataset's Downloader, fetching with `fetch_image` in whichever process runs the shard."""
+
+        def __init__(self, *args: Any, max_bytes: int, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.max_bytes = max_bytes
+
+        def __call__(self, row: Any) -> Any:
+            import img2dataset.downloader as module
+
+            original = module.download_image
+            module.download_image = functools.partial(fetch_image, max_bytes=self.max_bytes)
+            try:
+                return super().__call__(row)
+            finally:
+                module.download_image = original
+
+    PeaDownloader.__module__ = __name__
+    PeaDownloader.__qualname__ = "PeaDownloader"
+    return PeaDownloader
+
+
+def __getattr__(name: str) -> Any:
+    # Built on first use: importing img2dataset is slow and needs OFFLINE_ENV set first. Pickle finds the
+    # class here by name in img2dataset's worker processes.
+    if name == "PeaDownloader":
+        cls = _downloader_class()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(name)
+
+
+def download(spec: LanguageSpec, url_list: Path, raw_dir: Path, extra_columns: list[str]) -> None:
+    """img2dataset over `url_list` into `raw_dir`: incremental, sha256, the spec's guards and distributor."""
+    for name, value in OFFLINE_ENV.items():
+        os.environ.setdefault(name, value)  # inherited by img2dataset's spawned workers
+    import img2dataset
+
+    i2d_main = sys.modules["img2dataset.main"]  # the package's `main` attribute is the CLI function, not the module
+
+    corpus = spec.corpus
+    quality = corpus.encode_quality
+    if quality is None:
+        quality = 9 if corpus.encode_format == "png" else 95  # for PNG the "quality" is the zlib level, 0-9
+    downloader_cls = __getattr__("PeaDownloader")
+    previous_signal, previous_downloader = signal.getsignal(signal.SIGINT), i2d_main.Downloader
+    i2d_main.Downloader = functools.partial(downloader_cls, max_bytes=corpus.max_download_bytes)
+    try:
+        img2dataset.download(
+            url_list=str(url_list), output_folder=str(raw_dir), input_format="parquet",
+            output_format=corpus.output_format, url_col="url", caption_col="caption_en",
+            save_additional_columns=list(extra_columns), incremental_mode="incremental", compute_hash="sha256",
+            image_size=corpus.image_size, resize_mode=corpus.resize_mode,
+            encode_format=corpus.encode_format, encode_quality=quality,
+            min_image_size=corpus.min_image_size, max_image_area=corpus.max_image_area,
+            processes_count=corpus.processes, thread_count=corpus.threads,
+            timeout=corpus.timeout_s, retries=corpus.retries, number_sample_per_shard=corpus.rows_per_shard,
+            distributor=corpus.distributor, enable_wandb=False, extract_exif=False,
+        )
+    finally:
+        i2d_main.Downloader = previous_downloader
+        signal.signal(signal.SIGINT, previous_signal)  # img2dataset's handler calls sys.exit; don't leave it behind
