@@ -87,15 +87,92 @@ class SyntheticCorpus(Strict):
     seed: int = 0
 
 
+URL_SCHEMES = ("http", "https")  # the only schemes acquire fetches; anything else is dropped and counted
+
+
+class ColumnMapping(Strict):
+    """Which manifest column plays which role. Optional roles left unset are used when the manifest has a
+    column of the role's own name (e.g. `similarity`), and are NULL otherwise; a role that is set must exist."""
+
+    url: str = "url"
+    caption_en: str | None = Field("caption_en", description="the English caption; None: the manifest has none "
+                                                             "(every row is then a native-only target caption)")
+    caption: str | None = Field(None, description="the target-language caption; None: caption_<language>")
+    width: str | None = Field(None, description="image width as the manifest states it (before download)")
+    height: str | None = None
+    similarity: str | None = Field(None, description="image-text similarity (CLIP score), higher is better")
+    punsafe: str | None = Field(None, description="probability that the image is unsafe")
+    pwatermark: str | None = Field(None, description="probability that the image has a watermark")
+    language: str | None = Field(None, description="language code of the row, used with ManifestSpec.languages")
+    native: str | None = Field(None, description="boolean column: the target caption is native-only (not a "
+                                                 "translation paired with caption_en)")
+
+
+MANIFEST_FORMATS = ("parquet", "csv", "tsv", "jsonl")
+
+
+class ManifestSpec(Strict):
+    """One manifest: a local path (relative to the project home) or any fsspec URL (s3://, gs://, https://...)."""
+
+    path: str
+    format: Literal["auto", "parquet", "csv", "tsv", "jsonl"] = Field(
+        "auto", description="auto: from the name (.parquet, .csv, .tsv, .jsonl/.json, each optionally .gz)")
+    columns: ColumnMapping = ColumnMapping()
+    native: bool = Field(False, description="every target caption here is native-only (e.g. LAION's multilingual "
+                                            "TEXT, wukong): the diffusion loss applies to it, per the hybrid rule")
+    languages: list[str] | None = Field(None, description="keep only rows whose language column is one of these "
+                                                          "(before downloading); needs columns.language")
+
+    @field_validator("path")
+    @classmethod
+    def _not_blank(cls, path: str) -> str:
+        if not path.strip():
+            raise ValueError("manifest path is empty")
+        return path
+
+    @model_validator(mode="after")
+    def _languages_need_a_column(self) -> ManifestSpec:
+        if self.languages is not None and self.columns.language is None:
+            raise ValueError("languages needs columns.language (the manifest column that holds the row's language)")
+        return self
+
+
 class CorpusSpec(Strict):
-    manifests: list[str] = Field(default_factory=list, description="Parquet manifests: url, caption_en, caption_<lang>")
+    manifests: list[ManifestSpec] = Field(default_factory=list, description="one or more manifests, read in order; "
+                                          "a plain string is a path with the default column mapping")
     synthetic: SyntheticCorpus | None = Field(None, description="generate and serve a synthetic corpus instead")
-    image_size: int = Field(512, ge=8)
+    image_size: int = Field(512, ge=8, description="img2dataset's output resolution")
+    resize_mode: Literal["center_crop", "border", "keep_ratio", "keep_ratio_largest", "no"] = "center_crop"
+    encode_format: Literal["png", "jpg", "webp"] = Field("png", description="also the raw shards' image column name")
+    encode_quality: int | None = Field(None, ge=0, le=100, description="jpg/webp 0-100, png 0-9 (zlib level); "
+                                                                       "None: 95 for jpg/webp, 9 for png")
+    output_format: Literal["parquet", "webdataset"] = Field(
+        "parquet", description="parquet: images inside the raw shards (what embed reads); webdataset: .tar shards "
+                               "beside a metadata .parquet, for cluster data loaders")
+    distributor: Literal["multiprocessing", "pyspark", "ray"] = Field(
+        "multiprocessing", description="img2dataset's distributor: pyspark/ray spread shards over a cluster")
     processes: int = Field(1, ge=1)
     threads: int = Field(8, ge=1)
-    timeout_s: int = Field(10, ge=1)
+    timeout_s: int = Field(10, ge=1, description="per download, the whole body included (not just each read)")
     retries: int = Field(0, ge=0)
+    max_download_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="larger bodies are dropped unread")
+    min_image_size: int = Field(0, ge=0, description="img2dataset guard: smaller decoded sides are not stored")
+    max_image_area: int = Field(100_000_000, ge=64, description="img2dataset guard against decompression bombs")
     rows_per_shard: int = Field(10_000, ge=10)
+
+    @field_validator("manifests", mode="before")
+    @classmethod
+    def _paths_are_manifests(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [{"path": m} if isinstance(m, str) else m for m in value]
+        return value
+
+    @field_validator("encode_quality")
+    @classmethod
+    def _quality_in_range(cls, quality: int | None, info: Any) -> int | None:
+        if quality is not None and info.data.get("encode_format") == "png" and quality > 9:
+            raise ValueError("for png, encode_quality is the zlib level 0-9")
+        return quality
 
     @model_validator(mode="after")
     def _has_a_source(self) -> CorpusSpec:
@@ -104,11 +181,66 @@ class CorpusSpec(Strict):
         return self
 
 
+class CleaningSpec(Strict):
+    """How captions are cleaned before any length or language check (the cleaned text is what pairs.parquet holds)."""
+
+    fix_text: bool = Field(True, description="ftfy: repair mojibake, HTML entities, control characters")
+    unicode_form: Literal["NFC", "NFKC"] | None = Field("NFC", description="Unicode normalization of the result")
+    opencc: str | None = Field(None, description="OpenCC conversion of target captions, e.g. t2s (to simplified)")
+    keep_only: str | None = Field(None, description="a regex character class body: target captions that contain "
+                                                    "`keep_only_if` lose every other character (e.g. zh: CJK, digits, "
+                                                    "punctuation)")
+    keep_only_if: str | None = Field(None, description="regex that a caption must contain for keep_only to apply")
+    keep_only_for: Literal["native", "all"] = Field("native", description="which target captions keep_only cleans")
+
+    @field_validator("keep_only", "keep_only_if")
+    @classmethod
+    def _regex_compiles(cls, value: str | None, info: Any) -> str | None:
+        if value is not None:
+            import pyarrow as pa  # the filter runs these with Arrow's RE2, so RE2 must accept them
+            import pyarrow.compute as pc
+
+            pattern = f"[^{value}]" if info.field_name == "keep_only" else value
+            try:
+                pc.replace_substring_regex(pa.array([""]), pattern=pattern, replacement="")
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+                raise ValueError(f"{value!r} is not a valid RE2 pattern: {err}") from None
+        return value
+
+
+class LanguageIdSpec(Strict):
+    """The target caption must be in the target language, as lingua-language-detector judges it."""
+
+    candidates: list[str] = Field(default_factory=lambda: ["en"], description="ISO 639-1 codes lingua chooses "
+                                  "among besides the target language (the likely confusions)")
+    min_confidence: float = Field(0.5, ge=0, le=1, description="lingua's confidence for the target language")
+    low_accuracy: bool = Field(False, description="lingua's faster low-accuracy mode (less reliable on short text)")
+
+
 class FilterSpec(Strict):
     min_image_side: int = Field(64, ge=1)
+    max_image_pixels: int | None = Field(None, ge=1, description="original width x height above this: too_large")
     max_aspect_ratio: float = Field(2.0, ge=1.0)
-    min_caption_chars: int = Field(1, ge=1)
+    min_caption_chars: int = Field(1, ge=1, description="after cleaning; 0 characters is caption_empty")
     max_caption_chars: int = Field(300, ge=1)
+    min_text_ratio: float = Field(0.5, ge=0, le=1, description="letters / non-space characters below this: "
+                                                               "caption_not_text")
+    min_similarity: float | None = Field(None, description="where the manifest has similarity")
+    max_punsafe: float | None = Field(None, ge=0, le=1, description="where the manifest has punsafe")
+    max_pwatermark: float | None = Field(None, ge=0, le=1, description="where the manifest has pwatermark")
+    max_images_per_caption_pair: int | None = Field(
+        4, ge=1, description="a caption pair on more distinct images than this is a template/spam duplicate; "
+                             "1 keeps one image per pair; None: no limit")
+    cleaning: CleaningSpec = CleaningSpec()
+    language_id: LanguageIdSpec | None = Field(LanguageIdSpec(), description="None: no language check")
+    where: str | None = Field(None, max_length=2000, description="a custom DuckDB boolean expression over the "
+                              "judged columns (docs/data.md); rows for which it is not true are dropped")
+
+    @model_validator(mode="after")
+    def _lengths_ordered(self) -> FilterSpec:
+        if self.min_caption_chars > self.max_caption_chars:
+            raise ValueError("min_caption_chars is larger than max_caption_chars")
+        return self
 
 
 class EmbedSpec(Strict):
