@@ -71,8 +71,25 @@ def _classify(err: BaseException) -> str:
     return f"other: {type(err).__name__}: {err}"[:300]
 
 
+def _check_canvas(stream: io.BytesIO, max_area: float) -> None:
+    """Refuse a decompression bomb from its header (a small file declaring a huge canvas), before any decoding."""
+    from PIL import Image
+
+    stream.seek(0)
+    try:
+        with Image.open(stream) as image:  # reads the header only
+            width, height = image.size
+    except Image.DecompressionBombError as err:
+        raise FetchError(f"too_large: {err}") from None
+    except Exception:  # noqa: BLE001 - not an image PIL knows: img2dataset's decoder will say so
+        return
+    if width * height > max_area:
+        raise FetchError(f"too_large: the image declares {width}x{height} pixels, more than max_image_area {max_area:.0f}")
+
+
 def fetch_image(row: tuple[int, str], timeout: float, user_agent_token: str | None = None,
-                disallowed_header_directives: Any = None, *, max_bytes: int) -> tuple[int, io.BytesIO | None, str | None]:
+                disallowed_header_directives: Any = None, *, max_bytes: int,
+                max_area: float = float("inf")) -> tuple[int, io.BytesIO | None, str | None]:
     """img2dataset's `download_image` contract: (key, bytes stream or None, error message or None)."""
     from img2dataset.downloader import is_disallowed
 
@@ -105,6 +122,7 @@ def fetch_image(row: tuple[int, str], timeout: float, user_agent_token: str | No
                 stream.write(chunk)
                 if stream.tell() > max_bytes:
                     raise FetchError(f"too_large: the body exceeds max_download_bytes {max_bytes}")
+        _check_canvas(stream, max_area)
         stream.seek(0)
         return key, stream, None
     except Exception as err:  # noqa: BLE001 - every failure becomes a counted error message, as in img2dataset
@@ -117,15 +135,15 @@ def _downloader_class() -> type:
     class PeaDownloader(Downloader):
         """img2dataset's Downloader, fetching with `fetch_image` in whichever process runs the shard."""
 
-        def __init__(self, *args: Any, max_bytes: int, **kwargs: Any) -> None:
+        def __init__(self, *args: Any, max_bytes: int, max_area: float, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
-            self.max_bytes = max_bytes
+            self.max_bytes, self.max_area = max_bytes, max_area
 
         def __call__(self, row: Any) -> Any:
             import img2dataset.downloader as module
 
             original = module.download_image
-            module.download_image = functools.partial(fetch_image, max_bytes=self.max_bytes)
+            module.download_image = functools.partial(fetch_image, max_bytes=self.max_bytes, max_area=self.max_area)
             try:
                 return super().__call__(row)
             finally:
@@ -160,7 +178,8 @@ def download(spec: LanguageSpec, url_list: Path, raw_dir: Path, extra_columns: l
         quality = 9 if corpus.encode_format == "png" else 95  # for PNG the "quality" is the zlib level, 0-9
     downloader_cls = __getattr__("PeaDownloader")
     previous_signal, previous_downloader = signal.getsignal(signal.SIGINT), i2d_main.Downloader
-    i2d_main.Downloader = functools.partial(downloader_cls, max_bytes=corpus.max_download_bytes)
+    i2d_main.Downloader = functools.partial(downloader_cls, max_bytes=corpus.max_download_bytes,
+                                            max_area=corpus.max_image_area)
     try:
         img2dataset.download(
             url_list=str(url_list), output_folder=str(raw_dir), input_format="parquet",
