@@ -17,11 +17,12 @@ from PIL import Image  # noqa: E402
 from pea.corpus.acquire import acquire  # noqa: E402
 from pea.corpus.filter import REASONS, filter_pairs  # noqa: E402
 from pea.corpus.synthetic import BROKEN, ENGLISH, Scene, all_scenes, caption, make_corpus, render, serve  # noqa: E402
-from pea.spec import LanguageSpec, SyntheticCorpus, load_spec  # noqa: E402
+from pea.spec import LanguageSpec, ManifestSpec, SyntheticCorpus, available_languages, load_spec  # noqa: E402
 
 SIZE = 40  # good samples
-ROWS = SIZE + len(BROKEN)
-SHARD_ROWS = 20  # 47 rows -> 3 shards
+ROWS = SIZE + len(BROKEN)  # manifest rows
+FETCHED = ROWS - 1  # the ftp:// entry is dropped before download
+SHARD_ROWS = 20  # 49 rows -> 3 shards
 
 
 @pytest.fixture(scope="module")
@@ -82,12 +83,12 @@ def test_acquire_downloads_over_http_then_skips_complete_shards(spec: LanguageSp
     before = {p: p.stat().st_mtime_ns for p in raw.iterdir()}
     again = acquire(spec, lake)
     assert (again.shards_total, again.shards_skipped) == (3, 3)
-    assert again.rows == ROWS
-    assert again.successes == ROWS - 2  # the 404 and the corrupt file; the rest download and decode
+    assert again.rows == FETCHED and again.manifest_rows == ROWS and again.dropped_before_download["bad_url"] == 1
+    assert again.successes == FETCHED - 2  # the 404 and the corrupt file; the rest download and decode
     assert {p: p.stat().st_mtime_ns for p in raw.iterdir()} == before  # nothing was downloaded again
     table = pq.read_table(raw / "00000.parquet")
-    assert {"key", "status", "sha256", "caption", "caption_zh", "original_width", "png"} <= set(table.column_names)
-    urls = pq.read_table(lake / "zh" / "synthetic" / "manifest-urls.parquet")["url"].to_pylist()
+    assert {"key", "status", "sha256", "caption", "caption_zh", "native", "original_width", "png"} <= set(table.column_names)
+    urls = pq.read_table(lake / "zh" / "manifest-urls.parquet")["url"].to_pylist()
     assert urls[0].startswith("http://127.0.0.1:") and urls[0].endswith("/images/00000.png")
 
 
@@ -97,13 +98,23 @@ def test_filter_counts_every_drop_and_ignores_partial_shards(spec: LanguageSpec,
     result = filter_pairs(spec, lake)
     assert result.rows_in == ROWS
     assert list(result.dropped) == list(REASONS)
-    assert result.dropped == {"download_failed": 2, "too_small": 1, "bad_aspect": 1, "caption_empty": 1,
-                              "caption_too_long": 1, "duplicate": 1}
+    expected = {reason: 0 for reason in REASONS}
+    for reason in BROKEN.values():
+        expected[reason] += 1
+    assert result.dropped == expected  # each broken entry under its own reason, nothing else dropped
     assert result.rows_out == SIZE
-    assert json.loads(result.report_path.read_text())["dropped"] == result.dropped
+    report = json.loads(result.report_path.read_text())
+    assert report["dropped"] == result.dropped and report["rows_out"] == SIZE
+    assert set(result.histograms) == {"image_sizes", "aspect_ratios", "caption_lengths"}
+    for path in result.histograms.values():
+        with Image.open(path) as image:
+            assert image.format == "PNG" and image.size[0] > 200
+        assert path.parent == result.pairs_path.parent and report["histograms"]
 
     pairs = pq.read_table(result.pairs_path)
-    assert pairs.schema.names == ["key", "image_sha256", "caption_en", "caption", "width", "height", "raw_file"]
+    assert pairs.schema.names == ["key", "image_sha256", "caption_en", "caption", "width", "height", "raw_file", "native"]
+    assert pq.ParquetFile(result.pairs_path).metadata.num_row_groups == 1
+    assert not any(pairs["native"].to_pylist())  # the synthetic corpus is parallel pairs
     assert pairs.schema.field("width").type == pa.int32()
     rows = pairs.to_pylist()
     assert len({r["key"] for r in rows}) == SIZE and all(r["caption"] and r["caption_en"] for r in rows)
@@ -125,7 +136,7 @@ def test_filter_refuses_without_complete_shards(spec: LanguageSpec, tmp_path: Pa
 def test_manifest_missing_a_column_is_refused(spec: LanguageSpec, tmp_path: Path) -> None:
     manifest = tmp_path / "zh.parquet"
     pq.write_table(pa.table({"url": ["http://127.0.0.1:9/x.png"], "caption_en": ["x"]}), manifest)
-    corpus = spec.corpus.model_copy(update={"manifests": [str(manifest)], "synthetic": None})
+    corpus = spec.corpus.model_copy(update={"manifests": [ManifestSpec(path=str(manifest))], "synthetic": None})
     with pytest.raises(ValueError, match=r"zh\.parquet lacks column\(s\) caption_zh"):
         acquire(spec.model_copy(update={"corpus": corpus}), tmp_path / "lake")
 
@@ -133,12 +144,28 @@ def test_manifest_missing_a_column_is_refused(spec: LanguageSpec, tmp_path: Path
 def test_acquire_from_several_manifests(spec: LanguageSpec, tmp_path: Path) -> None:
     table = pq.read_table(make_corpus(spec, tmp_path / "site"))
     with serve(tmp_path / "site") as base_url:
-        table = table.set_column(0, "url", pa.array([base_url + u for u in table["url"].to_pylist()]))
+        table = table.set_column(0, "url", pa.array([u if "://" in u else base_url + u for u in table["url"].to_pylist()]))
         parts = [tmp_path / "part-1.parquet", tmp_path / "part-2.parquet"]
         pq.write_table(table.slice(0, 25).append_column("extra", pa.array(["x"] * 25)), parts[0])
         pq.write_table(table.slice(25), parts[1])
-        corpus = spec.corpus.model_copy(update={"manifests": [str(p) for p in parts], "synthetic": None})
+        corpus = spec.corpus.model_copy(update={"manifests": [ManifestSpec(path=str(p)) for p in parts],
+                                                "synthetic": None})
         result = acquire(spec.model_copy(update={"corpus": corpus}), tmp_path / "lake")
-    assert (result.shards_total, result.rows, result.successes) == (3, ROWS, ROWS - 2)
+    assert (result.shards_total, result.rows, result.successes) == (3, FETCHED, FETCHED - 2)
     combined = pq.read_table(tmp_path / "lake" / "zh" / "manifest-urls.parquet")
-    assert combined["url"].to_pylist() == table["url"].to_pylist()  # the manifests' order, kept
+    fetched = [u for u in table["url"].to_pylist() if u.startswith("http")]
+    assert combined["url"].to_pylist() == fetched  # the manifests' order, kept
+
+
+def test_every_shipped_language_loads_in_both_forms_and_has_a_tiny_student(zoo_dir: Path) -> None:
+    languages = available_languages()
+    assert {"zh", "ja", "ko", "ru", "it", "vi"} <= set(languages)
+    for language in languages:
+        real, tiny = load_spec(language), load_spec(language, "embedded", zoo_dir=zoo_dir)
+        assert real.student.id != tiny.student.id and "/" in real.student.id  # a Hub id for production
+        assert real.filter.language_id is not None and real.synthetic_captions is not None
+        assert tiny.corpus.synthetic is not None
+        assert (zoo_dir / f"student-{language}" / "config.json").is_file()
+        scenes = all_scenes()
+        captions = {caption(s, real.synthetic_captions) for s in scenes}
+        assert len(captions) == len(scenes)  # every scene says something different
