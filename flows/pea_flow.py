@@ -2,30 +2,109 @@
 
     python -m flows.pea_flow --language zh --profile embedded     # in-process, no Prefect server
     prefect deployment run pea/train-language -p language=zh       # a deployment from prefect.yaml
+
+Caching (docs/operations.md): acquire, filter and embed are cached across runs, keyed by the part of
+the spec they read and a fingerprint of their inputs; train, evaluate and register are cached only
+within one flow run (a retried run skips what it finished), so every new run trains and registers a
+new version. Cached results are small frozen dataclasses of paths and numbers, pickled under
+`$PEA_RESULTS` (default `<lake>/prefect-results`); the data itself stays in the lake.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import json
-import time
+import os
+import sqlite3
 from pathlib import Path
+from typing import Annotated, Any, Callable
 
+from mlflow.exceptions import MlflowException
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.client.orchestration import get_client
+from prefect.concurrency.sync import concurrency
+from prefect.context import FlowRunContext, TaskRunContext
+from pydantic import Field
 
 from pea import embed as embed_stage
 from pea import evaluate as evaluate_stage
-from pea import registry, train as train_stage
+from pea import ops, registry, train as train_stage
 from pea.corpus import acquire as acquire_stage
 from pea.corpus import filter as filter_stage
 from pea.embedded import prepare_zoo
-from pea.spec import LanguageSpec, lake_root, load_spec, profiles
+from pea.spec import LANGUAGE_CODE, LanguageSpec, lake_root, load_spec, profiles
+from pea.table import data_fingerprint
+
+CACHE_VERSION = 1  # bump when a stage's output format changes, so old cached results are not reused
 
 
-@task
-def load_language(language: str, profile: str | None) -> LanguageSpec:
-    return load_spec(language, profile)
+def results_root(lake: Path) -> Path:
+    """Where Prefect persists task results (small pickled dataclasses): $PEA_RESULTS or <lake>/prefect-results."""
+    return Path(os.environ.get("PEA_RESULTS") or Path(lake) / "prefect-results").resolve()
+
+
+def _digest(stage: str, **parts: Any) -> str:
+    text = json.dumps({"stage": stage, "cache_version": CACHE_VERSION, **parts}, sort_keys=True, default=str)
+    return f"pea-{stage}-" + hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _dump(model) -> Any:
+    return model.model_dump(mode="json") if model is not None else None
+
+
+# --- cache keys: (task run context, task parameters) -> key ---------------------------------------------------
+
+def _acquire_key(_: TaskRunContext, p: dict[str, Any]) -> str:
+    spec: LanguageSpec = p["spec"]
+    return _digest("acquire", lake=p["lake"], language=spec.language, corpus=_dump(spec.corpus),
+                   captions=_dump(spec.synthetic_captions), manifests=ops.manifests_fingerprint(spec))
+
+
+def _filter_key(_: TaskRunContext, p: dict[str, Any]) -> str:
+    spec: LanguageSpec = p["spec"]
+    raw = Path(p["lake"]) / spec.language / "raw"
+    return _digest("filter", lake=p["lake"], language=spec.language, filter=_dump(spec.filter),
+                   raw=ops.files_fingerprint(raw, ["*_stats.json", "*.parquet"]))
+
+
+def _embed_key(_: TaskRunContext, p: dict[str, Any]) -> str:
+    spec: LanguageSpec = p["spec"]
+    return _digest("embed", lake=p["lake"], stores=embed_stage.store_keys(spec), embed=_dump(spec.embed),
+                   data=data_fingerprint(p["pairs"]))
+
+
+def _per_flow_run_key(stage: str) -> Callable[[TaskRunContext, dict[str, Any]], str]:
+    def key(ctx: TaskRunContext, p: dict[str, Any]) -> str:
+        return _digest(stage, flow_run=ctx.task_run.flow_run_id, spec=_dump(p["spec"]))
+    return key
+
+
+# Failures a retry can fix: the network, a download that stopped short (acquire's RuntimeError names the missing
+# shards), a busy registry ("database is locked"). Not retried: a bad spec or manifest (ValueError,
+# FileNotFoundError), a programming error (AttributeError, TypeError, ...).
+TRANSIENT = (ConnectionError, TimeoutError, OSError, RuntimeError, MlflowException, sqlite3.OperationalError)
+PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, NotImplementedError)
+
+
+def _transient(task_, task_run, state) -> bool:
+    return isinstance(state.data, TRANSIENT) and not isinstance(state.data, PERMANENT)
+
+
+# --- tasks: one per stage -------------------------------------------------------------------------------------
+
+@task(retries=0)
+def load_language(language: str, profile: str | None, overrides: dict[str, dict[str, Any]]) -> LanguageSpec:
+    """Load and validate the spec, then apply the run's overrides (validated again, never retried)."""
+    spec = load_spec(language, profile)
+    update = {section: getattr(spec, section).model_copy(update=values)
+              for section, values in overrides.items() if values}
+    if update:
+        # model_copy does not validate; a round trip through the model does, naming the field on error.
+        spec = LanguageSpec.model_validate(spec.model_copy(update=update).model_dump())
+    return spec
 
 
 @task
@@ -33,65 +112,135 @@ def build_zoo(spec: LanguageSpec) -> dict[str, Path]:
     return prepare_zoo(image_size=spec.corpus.image_size)
 
 
-@task(retries=2, retry_delay_seconds=10)
+@task(retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=_transient, cache_key_fn=_acquire_key,
+      persist_result=True)
 def acquire(spec: LanguageSpec, lake: Path) -> acquire_stage.AcquireResult:
     return acquire_stage.acquire(spec, lake)
 
 
-@task
+@task(cache_key_fn=_filter_key, persist_result=True)
 def filter_pairs(spec: LanguageSpec, lake: Path) -> filter_stage.FilterResult:
-    result = filter_stage.filter_pairs(spec, lake)
-    create_table_artifact(key=f"data-quality-{spec.language}", description="rows dropped per reason",
-                          table=[{"reason": k, "rows": v} for k, v in
-                                 {"rows in": result.rows_in, **result.dropped, "rows out": result.rows_out}.items()])
-    return result
+    return filter_stage.filter_pairs(spec, lake)
 
 
-@task
+@task(cache_key_fn=_embed_key, persist_result=True)
 def embed(spec: LanguageSpec, lake: Path, pairs: Path) -> embed_stage.EmbedResult:
     return embed_stage.embed(spec, lake, pairs)
 
 
-@task
+@task(cache_key_fn=_per_flow_run_key("train"), persist_result=True)
 def train(spec: LanguageSpec, pairs: Path, embedded: embed_stage.EmbedResult, run_dir: Path) -> train_stage.TrainResult:
     return train_stage.train(spec, pairs, embedded, run_dir)
 
 
-@task
+@task(cache_key_fn=_per_flow_run_key("evaluate"), persist_result=True)
 def evaluate(spec: LanguageSpec, pairs: Path, embedded: embed_stage.EmbedResult,
              trained: train_stage.TrainResult) -> evaluate_stage.Evaluation:
-    result = evaluate_stage.evaluate(spec, pairs, embedded, trained.adapter_dir, trained.run_dir / "evaluation")
-    create_table_artifact(key=f"evaluation-{spec.language}", description="held-out agreement with the teacher",
-                          table=[{"metric": k, "value": round(v, 6)} for k, v in result.metrics().items()])
-    return result
+    return evaluate_stage.evaluate(spec, pairs, embedded, trained.adapter_dir, trained.run_dir / "evaluation")
 
 
-@task(retries=2, retry_delay_seconds=5)
+@task(retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_transient,
+      cache_key_fn=_per_flow_run_key("register"), persist_result=True)
 def register(spec: LanguageSpec, trained: train_stage.TrainResult, evaluation: evaluate_stage.Evaluation,
              filtered: filter_stage.FilterResult) -> registry.Registration:
     result = registry.register(spec, trained, evaluation, [filtered.report_path], filtered.pairs_path)
-    create_markdown_artifact(key=f"model-{spec.language}", description="registered adapter",
-                             markdown=f"`{result.model_uri}` (champion: {result.champion}), run `{result.run_id}` "
-                                      f"at {result.tracking_uri}")
+    ops.tag_sources(result, spec)
     return result
 
 
-@flow(name="pea", log_prints=True)
-def pea(language: str, profile: str | None = None) -> dict:
-    """Acquire, filter, embed, distil, evaluate and register the PEA adapter for `language`."""
-    spec = load_language(language, profile)
+# --- wiring ---------------------------------------------------------------------------------------------------
+
+def _missing_outputs(result: Any) -> list[str]:
+    """Paths a (cached) stage result points at that are gone from the lake."""
+    missing = [str(v) for f in dataclasses.fields(result) if isinstance(v := getattr(result, f.name), Path)
+               and not v.exists()]
+    if isinstance(result, acquire_stage.AcquireResult) and not missing:
+        complete = len(list(result.raw_dir.glob("*_stats.json")))
+        if complete < result.shards_total:
+            missing.append(f"{result.shards_total - complete} of {result.shards_total} shards in {result.raw_dir}")
+    return missing
+
+
+def _run(stage, *args, refresh: bool, cached: list[str]):
+    """Call a task on this thread; a cached result whose files are gone is recomputed."""
+    state = (stage.with_options(refresh_cache=True) if refresh else stage)(*args, return_state=True)
+    result = state.result()  # raises the stage's error: the flow run fails with its message
+    if state.name == "Cached":
+        if missing := _missing_outputs(result):
+            print(f"{stage.name}: the cached result refers to missing {', '.join(missing)}; running the stage again")
+            result = stage.with_options(refresh_cache=True)(*args, return_state=True).result()
+        else:
+            cached.append(stage.name)
+    return result
+
+
+def _run_dir(lake: Path, language: str) -> Path:
+    """lake/<lang>/runs/<created>-<flow run id>: fixed for one flow run, so a retried run resumes its checkpoints."""
+    ctx = FlowRunContext.get()
+    run = ctx.flow_run
+    return lake / language / "runs" / f"{run.created:%Y%m%d-%H%M%S}-{str(run.id)[:8]}"
+
+
+def language_limit(language: str) -> str:
+    return f"pea-train-{language}"
+
+
+@flow(name="pea", log_prints=True, retries=0)
+def pea(language: Annotated[str, Field(pattern=LANGUAGE_CODE.pattern, description="a spec in data/languages/")],
+        profile: str | None = None,
+        steps: Annotated[int, Field(ge=1, description="training steps (spec train.steps)")] | None = None,
+        micro_batch_size: Annotated[int, Field(ge=1, description="spec train.micro_batch_size")] | None = None,
+        refresh_cache: bool = False) -> dict:
+    """Acquire, filter, embed, distil, evaluate and register the PEA adapter for `language`.
+
+    `language` must have a spec in data/languages/. `profile` stacks data/profiles/ on top (e.g. 'embedded').
+    `steps` and `micro_batch_size` override the spec's train section for this run. `refresh_cache` recomputes
+    every stage instead of reusing cached results. Runs of the same language wait for each other.
+    """
+    overrides = {"train": {k: v for k, v in {"steps": steps, "micro_batch_size": micro_batch_size}.items()
+                           if v is not None}}
+    spec = load_language(language, profile, overrides)
     lake = lake_root()
-    if "embedded" in profiles(profile):
-        build_zoo(spec)
-    acquired = acquire(spec, lake)
-    filtered = filter_pairs(spec, lake)
-    embedded = embed(spec, lake, filtered.pairs_path)
-    run_dir = lake / spec.language / "runs" / time.strftime("%Y%m%d-%H%M%S")
-    trained = train(spec, filtered.pairs_path, embedded, run_dir)
-    evaluation = evaluate(spec, filtered.pairs_path, embedded, trained)
-    registered = register(spec, trained, evaluation, filtered)
+    storage = results_root(lake)
+    stages = {t.name: t.with_options(result_storage=storage) for t in (acquire, filter_pairs, embed, train,
+                                                                        evaluate, register)}
+    with get_client(sync_client=True) as client:
+        client.upsert_global_concurrency_limit_by_name(language_limit(spec.language), 1)
+    print(f"waiting for any other run of {spec.language} to finish (concurrency limit "
+          f"{language_limit(spec.language)!r})")
+    with concurrency(language_limit(spec.language), occupy=1, strict=True):
+        if "embedded" in profiles(profile):
+            build_zoo(spec)
+        cached: list[str] = []
+        run = dict(refresh=refresh_cache, cached=cached)
+        acquired = _run(stages["acquire"], spec, lake, **run)
+        filtered = _run(stages["filter_pairs"], spec, lake, **run)
+        create_table_artifact(
+            key=f"data-quality-{spec.language}", description=f"{spec.language}: rows dropped per reason",
+            table=[{"reason": k, "rows": v} for k, v in
+                   {"rows in": filtered.rows_in, **filtered.dropped, "rows out": filtered.rows_out}.items()])
+        embedded = _run(stages["embed"], spec, lake, filtered.pairs_path, **run)
+        trained = _run(stages["train"], spec, filtered.pairs_path, embedded, _run_dir(lake, spec.language), **run)
+        evaluation = _run(stages["evaluate"], spec, filtered.pairs_path, embedded, trained, **run)
+        create_table_artifact(key=f"evaluation-{spec.language}",
+                              description=f"{spec.language}: held-out agreement with the teacher",
+                              table=[{"metric": k, "value": round(v, 6)} for k, v in evaluation.metrics().items()])
+        registered = _run(stages["register"], spec, trained, evaluation, filtered, **run)
+    links = ops.mlflow_links(registered)
+    create_markdown_artifact(
+        key=f"model-{spec.language}", description=f"{spec.language}: registered adapter",
+        markdown=f"**{registered.model_uri}** ({'champion' if registered.champion else 'challenger, not promoted'})\n\n"
+                 f"- [model version]({links['model_version']})\n- [MLflow run]({links['run']}) `{registered.run_id}`\n"
+                 f"- tracking: `{registered.tracking_uri}` ({links['ui']})\n- reused from cache: {cached or 'nothing'}")
+    if "acquire" in cached:  # nothing was downloaded in this run
+        acquired = dataclasses.replace(acquired, shards_skipped=acquired.shards_total, seconds=0.0)
+    if "embed" in cached:  # nothing was computed in this run: every row came from the stores
+        embedded = dataclasses.replace(
+            embedded, computed={k: 0 for k in embedded.computed}, seconds=0.0,
+            reused={k: embedded.computed.get(k, 0) + embedded.reused.get(k, 0) for k in embedded.computed})
     return {
         "language": spec.language,
+        "cached": cached,
         "acquired": {"rows": acquired.rows, "downloaded": acquired.successes,
                      "shards_skipped": acquired.shards_skipped, "shards": acquired.shards_total,
                      "seconds": round(acquired.seconds, 1)},
@@ -103,7 +252,7 @@ def pea(language: str, profile: str | None = None) -> dict:
                        **{k: round(v, 5) for k, v in evaluation.metrics().items()}},
         "grid": str(evaluation.grid),
         "model": {"uri": registered.model_uri, "champion": registered.champion_uri if registered.champion else None,
-                  "tracking_uri": registered.tracking_uri},
+                  "tracking_uri": registered.tracking_uri, "run": links["run"]},
     }
 
 
@@ -121,6 +270,8 @@ def print_summary(summary: dict) -> None:
     table.add_row("filtered", f"{f['rows_out']} of {f['rows_in']} rows kept; dropped {json.dumps(f['dropped'])}")
     table.add_row("embedded", f"computed {json.dumps(summary['embedded']['computed'])}, reused "
                               f"{json.dumps(summary['embedded']['reused'])} ({summary['embedded']['seconds']} s)")
+    if summary.get("cached"):
+        table.add_row("from cache", ", ".join(summary["cached"]) + " (finished in an earlier run; not redone)")
     table.add_row("trained", f"{summary['trained']['steps']} steps, final loss {summary['trained']['final_loss']}, "
                              f"{summary['trained']['samples_per_s']} samples/s")
     table.add_row("evaluation", f"{ev['heldout_pairs']} held-out pairs: UNet-output relative error "
@@ -138,8 +289,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Run the pea flow in-process (no Prefect server needed).")
     parser.add_argument("--language", required=True)
     parser.add_argument("--profile", help="e.g. 'embedded': tiny offline models and the synthetic corpus")
+    parser.add_argument("--steps", type=int, help="override the spec's train.steps")
+    parser.add_argument("--micro-batch-size", type=int, help="override the spec's train.micro_batch_size")
+    parser.add_argument("--refresh-cache", action="store_true", help="recompute every stage")
     args = parser.parse_args()
-    print_summary(pea(args.language, args.profile))
+    print_summary(pea(args.language, args.profile, steps=args.steps, micro_batch_size=args.micro_batch_size,
+                      refresh_cache=args.refresh_cache))
 
 
 if __name__ == "__main__":
