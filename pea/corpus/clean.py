@@ -4,12 +4,13 @@ Order: ftfy repairs mojibake, HTML entities and control characters (only on the 
 it, found with one RE2 scan); control and format characters become spaces; the spec's Unicode form;
 for target captions the `keep_only` rule (e.g. zh native captions keep CJK, digits and punctuation)
 and an OpenCC conversion (e.g. traditional -> simplified); finally runs of whitespace become one
-space and the ends are trimmed. Every step but ftfy and OpenCC runs in Arrow's C++ kernels.
+space and the ends are trimmed. Every step but ftfy, the Unicode form and OpenCC runs in Arrow's C++ kernels.
 """
 
 from __future__ import annotations
 
 import functools
+import unicodedata
 
 import ftfy
 import pyarrow as pa
@@ -63,7 +64,13 @@ def clean_captions(texts: pa.Array | pa.ChunkedArray, cleaning: CleaningSpec, *,
                        lambda t: ftfy.fix_text(t, FTFY_CONFIG))
     texts = pc.replace_substring_regex(texts, CONTROL, " ")
     if cleaning.unicode_form is not None:
-        texts = pc.utf8_normalize(texts, cleaning.unicode_form)
+        # Python's unicodedata, not pc.utf8_normalize: with pyarrow 25 here its NFC does not compose (e + U+0301
+        # stays two code points). is_normalized is a fast C check, so only unnormalized strings are rebuilt.
+        form = cleaning.unicode_form
+        values = texts.to_pylist()
+        if not all(unicodedata.is_normalized(form, t) for t in values):
+            texts = pa.array([t if unicodedata.is_normalized(form, t) else unicodedata.normalize(form, t)
+                              for t in values], pa.string())
     if target and cleaning.keep_only is not None:
         applies = pc.match_substring_regex(texts, cleaning.keep_only_if or ".")
         if cleaning.keep_only_for == "native":
@@ -73,5 +80,5 @@ def clean_captions(texts: pa.Array | pa.ChunkedArray, cleaning: CleaningSpec, *,
     if target and cleaning.opencc is not None:
         converter = _opencc(cleaning.opencc)
         texts = _apply(texts, pc.match_substring_regex(texts, HAN), converter.convert)
-    texts = pc.utf8_trim_whitespace(pc.replace_substring_regex(texts, r"\s+", " "))
+    texts = pc.utf8_trim_whitespace(pc.replace_substring_regex(texts, r"[\s\p{Z}]+", " "))  # U+3000 too
     return texts

@@ -63,7 +63,7 @@ DOWNLOAD_CLASS = """CASE
     ELSE 'download_other' END"""
 
 TEXT_RATIO = ("length(regexp_replace({c}, '[^\\p{{L}}\\p{{M}}]', '', 'g'))::DOUBLE "
-              "/ greatest(length(regexp_replace({c}, '\\s', '', 'g')), 1)")
+              "/ greatest(length(regexp_replace({c}, '[\\s\\p{{Z}}]', '', 'g')), 1)")
 
 JUDGE = f"""
 CREATE TEMP TABLE judged AS SELECT *, CASE
