@@ -1,36 +1,12 @@
-import hashlib
-import io
-
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pea.corpus.synthetic import ENGLISH, all_scenes, caption, render
+from conftest import synthetic_pairs
+from pea.corpus.synthetic import ENGLISH, all_scenes, caption
 from pea.embed import embed, open_stores
 from pea.spec import load_spec
 from pea.store import StoreMismatch, TensorStore, text_hash
 from pea.table import load_table
-
-
-def _pairs(tmp_path, spec, scenes):
-    """A raw shard with PNG bytes and a pairs table pointing at it, as acquire + filter write them."""
-    images = []
-    for i, scene in enumerate(scenes):
-        buffer = io.BytesIO()
-        render(scene, spec.corpus.image_size, seed=i).save(buffer, format="PNG")
-        images.append(buffer.getvalue())
-    keys = [f"{i:07d}" for i in range(len(scenes))]
-    raw = tmp_path / f"raw-{spec.language}.parquet"
-    pq.write_table(pa.table({"key": keys, "png": images}), raw)
-    pairs = tmp_path / f"pairs-{spec.language}.parquet"
-    pq.write_table(pa.table({
-        "key": keys, "image_sha256": [hashlib.sha256(b).hexdigest() for b in images],
-        "caption_en": [caption(s, ENGLISH) for s in scenes],
-        "caption": [caption(s, spec.synthetic_captions) for s in scenes],
-        "width": [spec.corpus.image_size] * len(keys), "height": [spec.corpus.image_size] * len(keys),
-        "raw_file": [str(raw)] * len(keys)}), pairs)
-    return pairs
 
 
 def test_embeddings_are_computed_once_and_shared_across_languages(tmp_path, zoo_dir):
@@ -39,13 +15,13 @@ def test_embeddings_are_computed_once_and_shared_across_languages(tmp_path, zoo_
     scenes = all_scenes()[:24]
     lake = tmp_path / "lake"
 
-    first = embed(zh, lake, _pairs(tmp_path, zh, scenes))
+    first = embed(zh, lake, synthetic_pairs(tmp_path, zh, scenes))
     assert first.computed == {"teacher": 25, "student": 25, "latents": 24}  # +1: the empty caption
-    again = embed(zh, lake, _pairs(tmp_path, zh, scenes))
+    again = embed(zh, lake, synthetic_pairs(tmp_path, zh, scenes))
     assert again.computed == {"teacher": 0, "student": 0, "latents": 0}
     assert again.reused == first.computed
 
-    other = embed(ja, lake, _pairs(tmp_path, ja, scenes))
+    other = embed(ja, lake, synthetic_pairs(tmp_path, ja, scenes))
     assert other.teacher_store == first.teacher_store and other.latent_store == first.latent_store
     assert other.computed == {"teacher": 0, "student": 25, "latents": 0}
     assert other.student_store != first.student_store
@@ -56,7 +32,7 @@ def test_stored_tensors_are_what_the_models_produce(tmp_path, zoo_dir):
 
     zh = load_spec("zh", profile="embedded", zoo_dir=zoo_dir)
     scenes = all_scenes()[:8]
-    result = embed(zh, tmp_path / "lake", _pairs(tmp_path, zh, scenes))
+    result = embed(zh, tmp_path / "lake", synthetic_pairs(tmp_path, zh, scenes))
     english = [caption(s, ENGLISH) for s in scenes]
     stored = TensorStore.open(result.teacher_store).read([text_hash(c) for c in english])["tokens"]
     fresh = models.load_teacher_text(zh.teacher).encode(english)["tokens"]
