@@ -30,9 +30,6 @@ from pea import models
 from pea.spec import LanguageSpec
 from pea.store import TensorStore, key_digest, text_hash
 
-IMAGE_COLUMN = "png"  # img2dataset names the image-bytes column after its encode format
-
-
 @dataclass(frozen=True)
 class EmbedResult:
     teacher_store: Path
@@ -81,13 +78,14 @@ def _fill(store: TensorStore, inputs: dict[str, object],
     return len(missing), len(inputs) - len(missing)
 
 
-def _image_reader(pairs: list[tuple[str, str, str]]) -> Callable[[list[str]], list[bytes]]:
-    """Read image bytes by key from the raw shards that hold them."""
+def _image_reader(pairs: list[tuple[str, str, str]], column: str) -> Callable[[list[str]], list[bytes]]:
+    """Read image bytes by key from the raw shards that hold them (img2dataset names the bytes column
+    after its encode format)."""
     def read(keys: list[str]) -> list[bytes]:
         wanted = set(keys)
         files = sorted({raw for key, _, raw in pairs if key in wanted})
         rows = duckdb.connect().execute(
-            f"SELECT key, {IMAGE_COLUMN} FROM read_parquet($files) WHERE key IN (SELECT unnest($keys))",
+            f'SELECT key, "{column}" FROM read_parquet($files) WHERE key IN (SELECT unnest($keys))',
             {"files": files, "keys": keys}).fetchall()
         found = dict(rows)
         return [found[k] for k in keys]
@@ -98,6 +96,9 @@ def embed(spec: LanguageSpec, lake: Path, pairs_path: Path) -> EmbedResult:
     started = time.perf_counter()
     if not Path(pairs_path).is_file():
         raise FileNotFoundError(f"pairs table {pairs_path} does not exist; run the filter stage first")
+    if spec.corpus.output_format != "parquet":
+        raise ValueError(f"embed reads images from Parquet shards, but corpus.output_format is "
+                         f"{spec.corpus.output_format!r}; set corpus.output_format: parquet in the spec")
     pairs = duckdb.connect().execute(
         "SELECT key, image_sha256, caption_en, caption, raw_file FROM read_parquet($p)", {"p": str(pairs_path)}
     ).fetchall()
@@ -116,7 +117,7 @@ def embed(spec: LanguageSpec, lake: Path, pairs_path: Path) -> EmbedResult:
 
     def vae_encoder():
         vae = models.load_vae(spec.teacher)
-        read = _image_reader([(row[0], row[1], row[4]) for row in pairs])
+        read = _image_reader([(row[0], row[1], row[4]) for row in pairs], spec.corpus.encode_format)
 
         @torch.no_grad()
         def encode(keys: list[str]) -> dict[str, torch.Tensor]:

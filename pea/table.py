@@ -55,7 +55,7 @@ class TrainingTable:
 
 def load_table(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, split: Split) -> TrainingTable:
     rows = duckdb.connect().execute(
-        "SELECT caption_en, caption, image_sha256 FROM read_parquet($p) ORDER BY key", {"p": str(pairs_path)}
+        "SELECT caption_en, caption, image_sha256, native FROM read_parquet($p) ORDER BY key", {"p": str(pairs_path)}
     ).fetchall()
     rows = [r for r in rows if is_heldout(r[0], r[1], spec.evaluate.heldout_percent) == (split == "heldout")]
     if not rows:
@@ -63,15 +63,14 @@ def load_table(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, spli
                          "evaluate.heldout_percent in the spec")
     teacher, student, latents = (TensorStore.open(root) for root in
                                  (embedded.teacher_store, embedded.student_store, embedded.latent_store))
-    en, tgt, img = ([r[i] for r in rows] for i in range(3))
+    en, tgt, img, native = ([r[i] for r in rows] for i in range(4))
     conditioning = teacher.read([text_hash(c) for c in en])
     return TrainingTable(
         captions_en=en, captions=tgt,
         teacher=conditioning["tokens"], teacher_pooled=conditioning.get("pooled"),
         student=student.read([text_hash(c) for c in tgt])["states"],
         latents=latents.read(img)["latents"],
-        # The synthetic and manifest corpora are parallel pairs; native-only rows arrive with #4's sources.
-        native=torch.zeros(len(rows)),
+        native=torch.tensor(native, dtype=torch.float32),
         teacher_empty=teacher.read([text_hash("")])["tokens"][0],
         student_empty=student.read([text_hash("")])["states"][0],
     )

@@ -52,7 +52,7 @@ def synthetic_pairs(folder: Path, spec, scenes, seed: int = 0) -> Path:
         "caption_en": [caption(s, ENGLISH) for s in scenes],
         "caption": [caption(s, spec.synthetic_captions) for s in scenes],
         "width": [spec.corpus.image_size] * len(keys), "height": [spec.corpus.image_size] * len(keys),
-        "raw_file": [str(raw)] * len(keys)}), pairs)
+        "raw_file": [str(raw)] * len(keys), "native": [False] * len(keys)}), pairs)
     return pairs
 
 
