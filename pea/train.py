@@ -81,11 +81,32 @@ class _Batches:
         self.n, self.micro, self.seed, self.rank, self.world = n, micro, seed, rank, world
         self.per_epoch = n // (micro * world)
 
+    def positions(self) -> range:
+        """Where this rank's rows sit in the global batch: one process with the same global batch sees
+        the same rows at the same positions, so per-position random draws match across layouts."""
+        return range(self.rank * self.micro, (self.rank + 1) * self.micro)
+
     def indices(self, i: int) -> torch.Tensor:
         epoch, slot = divmod(i, self.per_epoch)
         perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
         start = (slot * self.world + self.rank) * self.micro
         return perm[start:start + self.micro]
+
+
+def _draws(cfg: TrainSpec, micro_step: int, positions: range, latent_shape: torch.Size, timesteps: int
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Noise, timestep and caption-dropout draw of each sample, from a generator seeded by (seed,
+    micro-step, position in the global batch): the same whatever the process layout or a resume."""
+    noise, steps, drop = [], [], []
+    for position in positions:
+        g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + micro_step) * 65_537 + position)
+        n = torch.randn(latent_shape, generator=g)
+        if cfg.noise_offset:  # one draw per channel, broadcast over pixels (the SDXL reference's offset)
+            n = n + cfg.noise_offset * torch.randn(latent_shape[0], 1, 1, generator=g)
+        noise.append(n)
+        steps.append(torch.randint(0, timesteps, (1,), generator=g))
+        drop.append(torch.rand(1, generator=g) < cfg.caption_dropout)
+    return torch.stack(noise), torch.cat(steps), torch.cat(drop)[:, None, None]
 
 
 def _loss_curve(history: list[dict], path: Path) -> Path:
@@ -107,6 +128,26 @@ def _loss_curve(history: list[dict], path: Path) -> Path:
     return path
 
 
+def _export(engine, zero_stage: int, run_dir: Path, adapter_dir: Path) -> None:
+    """Write the final adapter as config + fp32 safetensors (temp dir, then rename). Under ZeRO-3 each
+    rank holds a shard of every parameter, so they are gathered first (all ranks take part)."""
+    import deepspeed
+
+    params = list(engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(params, enabled=zero_stage == 3):
+        if engine.global_rank == 0:
+            state = {k: v.detach().float().clone() for k, v in engine.module.state_dict().items()}
+    if engine.global_rank != 0:
+        return
+    adapter = PEAAdapter.from_config(engine.module.config)
+    adapter.load_state_dict(state)
+    staging = run_dir / ".adapter.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    adapter.save_pretrained(staging, safe_serialization=True)
+    shutil.rmtree(adapter_dir, ignore_errors=True)
+    os.replace(staging, adapter_dir)
+
+
 def train(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, run_dir: Path) -> TrainResult:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(home() / ".cache" / "torch_extensions"))
     _single_process_env()
@@ -115,7 +156,9 @@ def train(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, run_dir: 
 
     cfg = spec.train
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    # DeepSpeed unpickles its own checkpoints (torch.load with weights_only=False): it only ever reads
+    # them from this run directory, which this code creates, owner-only, and never from user input.
+    run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     table: TrainingTable = load_table(spec, pairs_path, embedded, "train")
     unet = models.load_unet(spec.teacher)
     noise_scheduler = models.load_noise_scheduler(spec.teacher)
@@ -158,16 +201,12 @@ def train(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, run_dir: 
         for micro in range(accum):
             i = step * accum + micro
             idx = batches.indices(i)
-            g = torch.Generator().manual_seed(cfg.seed * 7_919 + i * world + engine.global_rank)
             latents = table.latents[idx]
-            noise = torch.randn(latents.shape, generator=g)
-            if cfg.noise_offset:
-                noise += cfg.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=g)
-            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(idx),), generator=g)
+            noise, timesteps, drop = _draws(cfg, i, batches.positions(), latents.shape[1:],
+                                            noise_scheduler.config.num_train_timesteps)
             noisy = noise_scheduler.add_noise(latents, noise, timesteps)
             # Caption dropout swaps the token context for that of "" on both sides; the pooled vector is
             # kept (METHOD.md). The adapter sees the empty caption as one extra row of the same batch.
-            drop = (torch.rand(len(idx), generator=g) < cfg.caption_dropout)[:, None, None]
             states = torch.cat([table.student[idx], table.student_empty[None]]).to(dtype)
             tokens, pooled = engine(states)
             student = Conditioning(torch.where(drop, tokens[-1:], tokens[:-1]),
@@ -192,13 +231,8 @@ def train(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, run_dir: 
                 os.replace(tmp, history_path)
 
     adapter_dir = run_dir / "adapter"
+    _export(engine, cfg.zero_stage, run_dir, adapter_dir)
     if engine.global_rank == 0:
-        staging = run_dir / ".adapter.tmp"
-        shutil.rmtree(staging, ignore_errors=True)
-        exported = engine.module if dtype == torch.float32 else engine.module.float()
-        exported.save_pretrained(staging, safe_serialization=True)
-        shutil.rmtree(adapter_dir, ignore_errors=True)
-        os.replace(staging, adapter_dir)
         with open(run_dir / "ds_config.json", "w") as f:
             json.dump(config, f, indent=2)
     recent = history[-20:]
@@ -213,14 +247,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--language", required=True)
     parser.add_argument("--profile")
     parser.add_argument("--run-dir", required=True, type=Path)
+    parser.add_argument("--steps", type=int, help="override train.steps")
+    parser.add_argument("--micro-batch-size", type=int, help="override train.micro_batch_size (per process)")
+    parser.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], help="override train.zero_stage")
+    parser.add_argument("--checkpoint-every", type=int, help="override train.checkpoint_every")
     parser.add_argument("--local_rank", type=int, default=0, help="set by the deepspeed launcher")
     args = parser.parse_args(argv)
     spec = load_spec(args.language, args.profile)
+    overrides = {name: value for name, value in {
+        "steps": args.steps, "micro_batch_size": args.micro_batch_size, "zero_stage": args.zero_stage,
+        "checkpoint_every": args.checkpoint_every}.items() if value is not None}
+    if overrides:  # through validation, so a bad override is refused like a bad spec
+        spec = LanguageSpec.model_validate({**spec.model_dump(), "train": {**spec.train.model_dump(), **overrides}})
     lake = lake_root()
     stores = open_stores(spec, lake)
     embedded = EmbedResult(stores["teacher"].root, stores["student"].root, stores["latents"].root)
     result = train(spec, lake / spec.language / "pairs" / "pairs.parquet", embedded, args.run_dir)
-    print(f"adapter written to {result.adapter_dir} (final loss {result.final_loss:.4f})")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"adapter written to {result.adapter_dir} (final loss {result.final_loss:.4f})")
 
 
 if __name__ == "__main__":
