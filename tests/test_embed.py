@@ -9,7 +9,7 @@ from pea.store import StoreMismatch, TensorStore, text_hash
 from pea.table import load_table
 
 
-def test_embeddings_are_computed_once_and_shared_across_languages(tmp_path, zoo_dir):
+def test_embeddings_are_computed_once_and_shared_across_languages(tmp_path, zoo_dir, monkeypatch):
     zh = load_spec("zh", profile="embedded", zoo_dir=zoo_dir)
     ja = load_spec("ja", profile="embedded", zoo_dir=zoo_dir)
     scenes = all_scenes()[:24]
@@ -21,6 +21,11 @@ def test_embeddings_are_computed_once_and_shared_across_languages(tmp_path, zoo_
     assert again.computed == {"teacher": 0, "student": 0, "latents": 0}
     assert again.reused == first.computed
 
+    # The second language must not even load the teacher's encoders or the VAE: zero calls.
+    def must_not_run(*_):
+        raise AssertionError("a stored embedding was computed again")
+    monkeypatch.setattr("pea.models.load_teacher_text", must_not_run)
+    monkeypatch.setattr("pea.models.load_vae", must_not_run)
     other = embed(ja, lake, synthetic_pairs(tmp_path, ja, scenes))
     assert other.teacher_store == first.teacher_store and other.latent_store == first.latent_store
     assert other.computed == {"teacher": 0, "student": 25, "latents": 0}
