@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pea.corpus.synthetic import ENGLISH, all_scenes, caption
-from pea.models import build_tiny_zoo
+from pea.models import build_tiny_clip, build_tiny_zoo
 from pea.spec import available_languages, lake_root, load_spec
 
 
@@ -22,4 +22,8 @@ def prepare_zoo(zoo_dir: Path | None = None, image_size: int = 32) -> dict[str, 
         if captions is not None:
             students[language] = [caption(s, captions) for s in scenes]
     english = [caption(s, ENGLISH) for s in scenes]
-    return build_tiny_zoo(zoo_dir or lake_root() / "zoo", english, students, image_size=image_size)
+    zoo = zoo_dir or lake_root() / "zoo"
+    built = build_tiny_zoo(zoo, english, students, image_size=image_size)
+    # CLIPScore's tiny multilingual CLIP reads every language's captions and the English references.
+    built["clip"] = build_tiny_clip(zoo, english + [c for captions in students.values() for c in captions], image_size)
+    return built

@@ -1,22 +1,34 @@
-"""Evaluate an adapter on held-out parallel prompts against the English teacher.
+"""Evaluate an adapter against the English teacher and against baselines, all in one table.
 
     evaluate(spec, pairs_path, embedded, adapter_dir, out_dir) -> Evaluation
 
-- UNet-output agreement: for every held-out pair and every timestep of the spec, the same latents,
-  noise and timestep go through the frozen UNet under the teacher's English conditioning and under
-  each adapter's; relative error = Σ‖ε_adapter − ε_teacher‖² / Σ‖ε_teacher‖². The baseline is the
-  untrained adapter: the exact initialisation training started from (same seed, same config).
-- Image space: the stock pipeline draws each grid prompt at fixed seeds for the teacher (English),
-  the trained adapter and the untrained one (target language); we report the pixel MSE to the
-  teacher's image and write the grid `teacher | PEA | untrained` as a PNG (captions in grid.json,
-  since the default fonts have no CJK glyphs).
+Systems (rows of the table; docs/evaluation.md explains each figure):
+- `teacher_en`  translate-then-English: the English reference through the teacher (the ceiling)
+- `trained`     the PEA adapter under evaluation
+- `untrained`   the exact initialisation training started from (same seed, same config)
+- `linear_map`  the student encoder through a least-squares linear map to the teacher's conditioning,
+                fit in closed form on the training split
+
+Figures (columns):
+- `rel_error`   held-out parallel pairs, UNet-output space: the same latents, noise and timesteps go
+                through the frozen UNet under the teacher's English conditioning and under each system's;
+                Σ‖ε_system − ε_teacher‖² / Σ‖ε_teacher‖² (0 for the teacher by definition)
+- `image_mse`   held-out pairs, image space: the stock pipeline at fixed seeds; pixel MSE to the teacher's image
+- `clip_<set>`  CLIPScore (torchmetrics) of each system's images for the prompt set's target-language prompts,
+                with the multilingual CLIP the spec names (`evaluate.clip_model`)
+
+Grids (PNG): English teacher | PEA trained | untrained | linear map, at the same seeds, each row captioned in
+the target language and in English.
 """
 
 from __future__ import annotations
 
+import csv
+import functools
 import json
 import os
-from dataclasses import dataclass
+import types
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,20 +37,30 @@ from PIL import Image, ImageDraw, ImageFont
 
 from pea import models
 from pea.adapter import PEAAdapter
-from pea.embed import EmbedResult
 from pea.distill import Conditioning, sdxl_time_ids
+from pea.embed import EmbedResult
 from pea.pipeline import generate
-from pea.spec import LanguageSpec
-from pea.table import load_table
+from pea.spec import LanguageSpec, ModelRef, StudentSpec, home
+from pea.table import TrainingTable, load_table
+
+SYSTEMS = ("teacher_en", "trained", "untrained", "linear_map")
 
 
 @dataclass(frozen=True)
 class Evaluation:
     heldout_pairs: int
-    relative_error: dict[str, float]   # {"trained": ..., "untrained": ...}
-    image_mse: dict[str, float]
-    grid: Path
-    report: Path
+    relative_error: dict[str, float]   # {"trained", "untrained", "linear_map"} (the teacher is the reference)
+    image_mse: dict[str, float]        # same keys
+    grid: Path                         # held-out pairs: teacher | trained | untrained | linear map
+    report: Path                       # evaluation.json: every figure, the captions, the settings
+    clip_score: dict[str, dict[str, float]] = field(default_factory=dict)  # {prompt set: {system: score}}
+    grids: dict[str, Path] = field(default_factory=dict)                   # {prompt set: grid PNG}
+    table: Path | None = None          # evaluation.csv: one row per system
+    # What the figures were computed on, so the registry can re-evaluate a champion on the same set.
+    pairs_path: Path | None = None
+    embedded: EmbedResult | None = None
+    adapter_dir: Path | None = None
+    clip_model: str | None = None
 
     @property
     def improvement(self) -> float:
@@ -46,19 +68,80 @@ class Evaluation:
         return 1.0 - self.relative_error["trained"] / self.relative_error["untrained"]
 
     def metrics(self) -> dict[str, float]:
-        return {"rel_error_trained": self.relative_error["trained"],
-                "rel_error_untrained": self.relative_error["untrained"],
-                "improvement": self.improvement,
-                "image_mse_trained": self.image_mse["trained"], "image_mse_untrained": self.image_mse["untrained"]}
+        out = {f"rel_error_{k}": v for k, v in self.relative_error.items()}
+        out["improvement"] = self.improvement
+        out |= {f"image_mse_{k}": v for k, v in self.image_mse.items()}
+        for name, scores in self.clip_score.items():
+            out |= {f"clip_{name}_{k}": v for k, v in scores.items()}
+        return out
 
+    def rows(self) -> list[dict[str, object]]:
+        """The table: one row per system, NaN where a figure does not apply."""
+        rows = []
+        for system in SYSTEMS:
+            row: dict[str, object] = {"system": system,
+                                      "rel_error": 0.0 if system == "teacher_en" else self.relative_error.get(system),
+                                      "image_mse": 0.0 if system == "teacher_en" else self.image_mse.get(system)}
+            row |= {f"clip_{name}": scores.get(system) for name, scores in self.clip_score.items()}
+            rows.append(row)
+        return rows
+
+
+# --- baselines ---------------------------------------------------------------------------------------------------
 
 def untrained_like(adapter: PEAAdapter, seed: int) -> PEAAdapter:
     torch.manual_seed(seed)
     return PEAAdapter(**{k: v for k, v in adapter.config.items() if not k.startswith("_")}).eval()
 
 
+class LinearMap(torch.nn.Module):
+    """The student's per-token states through one affine map into the teacher's token space (and, for SDXL,
+    the token mean through a second into its pooled vector). Fit by least squares on the training split:
+    token counts differ between the two encoders, so the fit pairs each caption's mean student state with
+    its mean teacher token (the map is affine, so the mean of its outputs is the map of the mean)."""
+
+    def __init__(self, tokens: torch.Tensor, pooled: torch.Tensor | None, student_dim: int):
+        super().__init__()
+        self.register_buffer("w_tokens", tokens)
+        self.register_buffer("w_pooled", pooled if pooled is not None else torch.empty(0))
+        self.has_pooled = pooled is not None
+        self.config = types.SimpleNamespace(student_dim=student_dim)  # what pea.pipeline checks
+
+    @classmethod
+    def fit(cls, table: TrainingTable, max_rows: int, seed: int) -> LinearMap:
+        rows = torch.randperm(len(table), generator=torch.Generator().manual_seed(seed))[:max_rows]
+        x = table.student[rows].float().mean(dim=1)
+        x = torch.cat([x, torch.ones(len(x), 1)], dim=1)
+        tokens = torch.linalg.lstsq(x, table.teacher[rows].float().mean(dim=1), driver="gelsd").solution
+        pooled = None
+        if table.teacher_pooled is not None:
+            pooled = torch.linalg.lstsq(x, table.teacher_pooled[rows].float(), driver="gelsd").solution
+        return cls(tokens, pooled, table.student.shape[-1]).eval()
+
+    @property
+    def device(self) -> torch.device:
+        return self.w_tokens.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.w_tokens.dtype
+
+    def forward(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        states = states.to(self.dtype)
+        tokens = states @ self.w_tokens[:-1] + self.w_tokens[-1]
+        pooled = states.mean(dim=1) @ self.w_pooled[:-1] + self.w_pooled[-1] if self.has_pooled else None
+        return tokens, pooled
+
+
+# --- UNet-output agreement ----------------------------------------------------------------------------------------
+
 @torch.no_grad()
-def _relative_errors(spec: LanguageSpec, table, adapters: dict[str, PEAAdapter]) -> dict[str, float]:
+def relative_errors(spec: LanguageSpec, table: TrainingTable, adapters: dict[str, torch.nn.Module],
+                    states: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+    """Σ‖ε_adapter − ε_teacher‖² / Σ‖ε_teacher‖² over the table, every timestep of the spec, one fixed noise draw
+    (`evaluate.seed`): any two calls on the same table see the same latents, noise and timesteps. `states` gives an
+    adapter student states other than the table's (an adapter trained on another student encoder)."""
+    states = states or {}
     unet = models.load_unet(spec.teacher)
     scheduler = models.load_noise_scheduler(spec.teacher)
     g = torch.Generator().manual_seed(spec.evaluate.seed)
@@ -70,69 +153,247 @@ def _relative_errors(spec: LanguageSpec, table, adapters: dict[str, PEAAdapter])
         for rows in torch.arange(len(table)).split(32):
             timesteps = torch.full((len(rows),), t)
             time_ids = sdxl_time_ids(size, size, len(rows)) if spec.teacher.kind == "sdxl" else None
-            noisy = scheduler.add_noise(table.latents[rows], noise[rows], timesteps)
+            noisy = scheduler.add_noise(table.latents[rows].float(), noise[rows], timesteps)
             pooled = None if table.teacher_pooled is None else table.teacher_pooled[rows]
             teacher = Conditioning(table.teacher[rows], pooled, time_ids)
             eps_teacher = unet(noisy, timesteps, **teacher.unet_kwargs(unet.dtype)).sample
             reference += eps_teacher.pow(2).sum().item()
             for name, adapter in adapters.items():
-                student = Conditioning(*adapter(table.student[rows]), time_ids)
+                student = Conditioning(*adapter(states.get(name, table.student)[rows].float()), time_ids)
                 eps = unet(noisy, timesteps, **student.unet_kwargs(unet.dtype)).sample
                 errors[name] += (eps - eps_teacher).pow(2).sum().item()
     return {name: err / reference for name, err in errors.items()}
 
 
-def _grid(rows: list[list[Image.Image]], labels: list[str], header: list[str], path: Path, cell: int = 128) -> Path:
-    font = ImageFont.load_default(size=11)
-    top, label_h = 18, 16
+# --- prompt sets and CLIPScore ------------------------------------------------------------------------------------
+
+def load_prompts(language: str, name: str, limit: int | None = None) -> list[tuple[str, str]]:
+    """`data/prompts/<language>/<name>.txt`: `target<TAB>english` per line; blank lines and # comments skipped."""
+    path = home() / "data" / "prompts" / language / f"{name}.txt"
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt set {path} does not exist; write it (one `target<TAB>english` line per "
+                                f"prompt, docs/evaluation.md) or remove {name!r} from evaluate.prompt_sets")
+    prompts = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        parts = line.split("\t")
+        if len(parts) != 2 or not parts[0].strip() or not parts[1].strip():
+            raise ValueError(f"{path}:{number}: expected `target<TAB>english` (two non-empty fields separated by "
+                             f"one tab), got {line!r}")
+        prompts.append((parts[0].strip(), parts[1].strip()))
+    if not prompts:
+        raise ValueError(f"prompt set {path} has no prompts")
+    return prompts[:limit]
+
+
+class _Features(torch.nn.Module):
+    """A CLIP-style model as torchmetrics' CLIPScore calls it: `get_*_features` return the projected embedding
+    tensor (transformers 5 returns a model output whose pooler_output holds it)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        self.config = model.config
+
+    @staticmethod
+    def _tensor(out) -> torch.Tensor:
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self._tensor(self.model.get_image_features(pixel_values=pixel_values))
+
+    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self._tensor(self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
+
+
+@functools.lru_cache(maxsize=2)
+def _clip(model_id: str, revision: str | None):
+    from transformers import AutoModel, AutoProcessor
+
+    try:
+        model = AutoModel.from_pretrained(model_id, revision=revision, use_safetensors=True)
+        processor = AutoProcessor.from_pretrained(model_id, revision=revision)
+    except OSError as err:
+        raise OSError(f"cannot load the CLIP model {model_id!r} (evaluate.clip_model) for CLIPScore: {err}; download "
+                      "it into the Hugging Face cache, or name a local directory in the spec") from err
+    if not hasattr(model, "get_image_features") or not hasattr(model, "get_text_features"):
+        raise ValueError(f"evaluate.clip_model {model_id!r} is a {type(model).__name__}, not a CLIP-style dual "
+                         "encoder with get_image_features/get_text_features; name a (multilingual) CLIP model")
+    return _Features(model.eval()), processor
+
+
+@torch.no_grad()
+def clip_scores(ref: ModelRef, images: list[Image.Image], texts: list[str]) -> float:
+    """Mean CLIPScore (torchmetrics: 100 · max(cos(image, text), 0)) of images against their captions."""
+    from torchmetrics.multimodal.clip_score import CLIPScore
+
+    model, processor = _clip(ref.id, ref.revision)
+    metric = CLIPScore(model_name_or_path=lambda: (model, processor))
+    pixels = [torch.from_numpy(np.asarray(image.convert("RGB"))).permute(2, 0, 1) for image in images]
+    metric.update(pixels, list(texts))
+    return float(metric.compute())
+
+
+# --- grids --------------------------------------------------------------------------------------------------------
+
+def _font_files() -> list[Path]:
+    import matplotlib
+    from matplotlib import font_manager
+
+    found = [Path(p) for p in font_manager.findSystemFonts()]
+    found += sorted((Path(matplotlib.get_data_path()) / "fonts" / "ttf").glob("DejaVuSans*.ttf"))
+    # Prefer fonts with wide coverage (CJK) first, then DejaVu Sans (Latin, Cyrillic, Vietnamese).
+    return sorted(found, key=lambda p: (not any(k in p.name.lower() for k in ("cjk", "han", "wqy", "droid")),
+                                         "dejavusans" not in p.name.lower().replace("-", ""), p.name))
+
+
+@functools.lru_cache(maxsize=None)
+def _cmap(path: Path) -> frozenset[int]:
+    from fontTools.ttLib import TTCollection, TTFont
+
+    try:
+        font = TTCollection(str(path)).fonts[0] if path.suffix.lower() == ".ttc" else TTFont(str(path), lazy=True)
+        return frozenset(font.getBestCmap() or {})
+    except Exception:  # an unreadable font file is simply not a candidate
+        return frozenset()
+
+
+def font_for(text: str, size: int = 11) -> tuple[ImageFont.ImageFont, bool]:
+    """A font that has a glyph for every character of `text` (and whether one was found)."""
+    needed = {ord(c) for c in text if not c.isspace()}
+    for path in _font_files():
+        if needed <= _cmap(path):
+            return ImageFont.truetype(str(path), size), True
+    return ImageFont.load_default(size=size), False
+
+
+def write_grid(rows: list[list[Image.Image]], captions: list[tuple[str, str]], header: list[str], path: Path,
+               cell: int = 128) -> tuple[Path, list[str]]:
+    """A PNG grid, one row per prompt captioned `target / english`; returns the captions that no installed
+    font could draw (install a CJK font such as fonts-noto-cjk to see them)."""
+    title_font, _ = font_for("".join(header))
+    top, label_h = 18, 30
     grid = Image.new("RGB", (cell * len(header), top + len(rows) * (cell + label_h)), "white")
     draw = ImageDraw.Draw(grid)
     for col, title in enumerate(header):
-        draw.text((col * cell + 4, 3), title, fill="black", font=font)
-    for r, (images, label) in enumerate(zip(rows, labels)):
+        draw.text((col * cell + 4, 3), title, fill="black", font=title_font)
+    missing = []
+    for r, (images, (target, english)) in enumerate(zip(rows, captions)):
         y = top + r * (cell + label_h)
-        draw.text((4, y + 2), label, fill="black", font=font)
+        font, ok = font_for(target)
+        if not ok:
+            missing.append(target)
+        draw.text((4, y + 1), target, fill="black", font=font)
+        draw.text((4, y + 15), english, fill="dimgray", font=font_for(english)[0])
         for col, image in enumerate(images):
             grid.paste(image.resize((cell, cell), Image.Resampling.NEAREST), (col * cell, y + label_h))
-    tmp = path.with_suffix(".tmp.png")
+    tmp = path.with_name(f".{path.name}.tmp.png")
     grid.save(tmp)
     os.replace(tmp, path)
-    return path
+    return path, missing
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# --- the harness --------------------------------------------------------------------------------------------------
+
+def _mse(a: list[Image.Image], b: list[Image.Image]) -> float:
+    return float(np.mean([np.mean((np.asarray(x, np.float32) - np.asarray(y, np.float32)) ** 2 / 255**2)
+                          for x, y in zip(a, b)]))
+
+
+def _draw(spec: LanguageSpec, pipe, student, adapters: dict[str, torch.nn.Module], prompts: list[tuple[str, str]],
+          seeds: list[int]) -> dict[str, list[Image.Image]]:
+    cfg, size = spec.evaluate, spec.corpus.image_size
+    call = {"num_inference_steps": cfg.inference_steps, "guidance_scale": cfg.guidance_scale, "height": size,
+            "width": size}
+    english = [e for _, e in prompts]
+    target = [t for t, _ in prompts]
+    with torch.no_grad():
+        images = {"teacher_en": pipe(prompt=english, negative_prompt=[""] * len(english),
+                                     generator=[torch.Generator().manual_seed(s) for s in seeds], **call).images}
+        for name, adapter in adapters.items():
+            images[name] = generate(pipe, adapter, student, target, seeds, **call)
+    return images
+
+
+HEADER = {"teacher_en": "English teacher", "trained": "PEA", "untrained": "untrained", "linear_map": "linear map"}
 
 
 def evaluate(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, adapter_dir: Path,
              out_dir: Path) -> Evaluation:
+    """Every system of the table on the held-out pairs and the prompt sets; writes evaluation.json, evaluation.csv
+    and the grids into `out_dir`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    table = load_table(spec, pairs_path, embedded, "heldout")
+    cfg = spec.evaluate
+    heldout = load_table(spec, pairs_path, embedded, "heldout")
     trained = PEAAdapter.from_pretrained(adapter_dir).eval()
-    adapters = {"trained": trained, "untrained": untrained_like(trained, spec.train.seed)}
-    relative = _relative_errors(spec, table, adapters)
+    linear = LinearMap.fit(load_table(spec, pairs_path, embedded, "train"), cfg.linear_map_rows, cfg.seed)
+    adapters = {"trained": trained, "untrained": untrained_like(trained, spec.train.seed), "linear_map": linear}
+    relative = relative_errors(spec, heldout, adapters)
 
-    cfg, size = spec.evaluate, spec.corpus.image_size
-    n = min(cfg.grid_prompts, len(table))
-    seeds = [cfg.seed + i for i in range(n)]
     pipe = models.load_pipeline(spec.teacher)
     student = models.load_student(spec.student)
-    call = {"num_inference_steps": cfg.inference_steps, "guidance_scale": cfg.guidance_scale, "height": size,
-            "width": size}
-    teacher_images = pipe(prompt=table.captions_en[:n], negative_prompt=[""] * n,
-                          generator=[torch.Generator().manual_seed(s) for s in seeds], **call).images
-    columns = {"English teacher": teacher_images}
-    for name, adapter in adapters.items():
-        columns[f"PEA {name}"] = generate(pipe, adapter, student, table.captions[:n], seeds, **call)
+    n = min(cfg.grid_prompts, len(heldout))
+    seeds = [cfg.seed + i for i in range(n)]
+    pairs = list(zip(heldout.captions[:n], heldout.captions_en[:n]))
+    images = _draw(spec, pipe, student, adapters, pairs, seeds)
+    image_mse = {name: _mse(images[name], images["teacher_en"]) for name in adapters}
+    grid, missing = write_grid([[images[s][i] for s in SYSTEMS] for i in range(n)], pairs,
+                               [HEADER[s] for s in SYSTEMS], out_dir / "grid.png")
 
-    def mse(a: list[Image.Image], b: list[Image.Image]) -> float:
-        return float(np.mean([np.mean((np.asarray(x, np.float32) - np.asarray(y, np.float32)) ** 2 / 255**2)
-                              for x, y in zip(a, b)]))
-    image_mse = {name: mse(columns[f"PEA {name}"], teacher_images) for name in adapters}
-    grid = _grid([[col[i] for col in columns.values()] for i in range(n)], table.captions_en[:n], list(columns),
-                 out_dir / "grid.png")
-    evaluation = Evaluation(len(table), relative, image_mse, grid, out_dir / "evaluation.json")
-    report = {"language": spec.language, "heldout_pairs": len(table), **evaluation.metrics(),
-              "grid": str(grid), "grid_captions": [{"en": e, spec.language: c}
-                                                   for e, c in zip(table.captions_en[:n], table.captions[:n])]}
-    tmp = evaluation.report.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, ensure_ascii=False, indent=2))
-    os.replace(tmp, evaluation.report)
+    clip_ref = ModelRef(id=cfg.clip_model, revision=cfg.clip_revision)
+    clip, grids, prompt_sets = {}, {}, {}
+    for name in cfg.prompt_sets:
+        prompts = load_prompts(spec.language, name, cfg.prompts_per_set)
+        seeds = [cfg.seed + i for i in range(len(prompts))]
+        drawn = _draw(spec, pipe, student, adapters, prompts, seeds)
+        targets = [t for t, _ in prompts]
+        clip[name] = {system: clip_scores(clip_ref, drawn[system], targets) for system in SYSTEMS}
+        k = min(cfg.grid_prompts, len(prompts))
+        grids[name], more = write_grid([[drawn[s][i] for s in SYSTEMS] for i in range(k)], prompts[:k],
+                                       [HEADER[s] for s in SYSTEMS], out_dir / f"grid-{name}.png")
+        missing += more
+        prompt_sets[name] = prompts
+
+    evaluation = Evaluation(len(heldout), relative, image_mse, grid, out_dir / "evaluation.json", clip, grids,
+                            out_dir / "evaluation.csv", Path(pairs_path), embedded, Path(adapter_dir), cfg.clip_model)
+    rows = evaluation.rows()
+    with open(tmp := out_dir / ".evaluation.csv.tmp", "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, evaluation.table)
+    report = {"language": spec.language, "heldout_pairs": len(heldout), **evaluation.metrics(), "table": rows,
+              "settings": cfg.model_dump(mode="json"), "teacher": spec.teacher.id, "student": spec.student.id,
+              "grid": str(grid), "grids": {k: str(v) for k, v in grids.items()},
+              "grid_captions": [{"en": e, spec.language: t} for t, e in pairs],
+              "prompt_sets": {k: [{"en": e, spec.language: t} for t, e in v] for k, v in prompt_sets.items()},
+              "captions_without_font": sorted(set(missing))}
+    _write_atomic(evaluation.report, json.dumps(report, ensure_ascii=False, indent=2))
     return evaluation
+
+
+def format_table(evaluation: Evaluation) -> str:
+    """The table as aligned text (what `pea eval` prints)."""
+    rows = evaluation.rows()
+    columns = list(rows[0])
+    cells = [[str(r["system"])] + [("—" if r[c] is None else f"{r[c]:.4f}") for c in columns[1:]] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
+def student_ref(tags: dict[str, str], spec: LanguageSpec) -> StudentSpec:
+    """The student encoder a registered version was trained with (from its lineage tags)."""
+    none = lambda v: None if v in (None, "None") else v  # noqa: E731 — tags store None as text
+    return StudentSpec(id=tags.get("student_id", spec.student.id),
+                       revision=none(tags.get("student_revision", spec.student.revision)),
+                       max_length=spec.student.max_length)

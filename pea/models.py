@@ -265,3 +265,31 @@ def build_tiny_zoo(zoo_dir: Path, english_captions: list[str], student_captions:
         built[f"student-{language}"] = _atomic_build(zoo_dir / f"student-{language}", "\n".join(captions),
                                                      lambda out, c=captions: _build_student(out, c))
     return built
+
+
+def _build_clip(out: Path, captions: list[str], image_size: int) -> None:
+    # The PIL image processor: the default one needs torchvision, which this project does not install.
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor, CLIPVisionConfig
+
+    torch.manual_seed(2)
+    scratch = Path(tempfile.mkdtemp())
+    try:
+        tokenizer = _train_clip_tokenizer(captions, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    vision = CLIPVisionConfig(image_size=image_size, patch_size=max(image_size // 4, 1), hidden_size=32,
+                              intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    model = CLIPModel(CLIPConfig(text_config=_tiny_text_config(tokenizer).to_dict(), vision_config=vision.to_dict(),
+                                 projection_dim=16))
+    model.save_pretrained(out, safe_serialization=True)
+    size = {"shortest_edge": image_size}
+    CLIPProcessor(image_processor=CLIPImageProcessorPil(size=size, crop_size={"height": image_size, "width": image_size}),
+                  tokenizer=tokenizer).save_pretrained(out)
+
+
+def build_tiny_clip(zoo_dir: Path, captions: list[str], image_size: int = 32) -> Path:
+    """A tiny multilingual CLIP (image + text towers, randomly initialised) for CLIPScore in the embedded
+    default: `<zoo_dir>/clip`, loadable with CLIPModel / CLIPProcessor like a Hub CLIP. Its scores only
+    prove the metric's plumbing; they mean nothing until the towers are trained."""
+    return _atomic_build(Path(zoo_dir) / "clip", f"clip\n{image_size}\n" + "\n".join(captions),
+                         lambda out: _build_clip(out, captions, image_size))

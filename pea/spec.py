@@ -277,6 +277,29 @@ class EvaluateSpec(Strict):
     inference_steps: int = Field(25, ge=1)
     guidance_scale: float = 7.5
     seed: int = 0
+    clip_model: str = Field("BAAI/AltCLIP-m18", description="CLIP for CLIPScore (Hub id or local dir) that reads "
+                            "the target language: a multilingual CLIP (AltCLIP-m18 covers every shipped language; "
+                            "a Chinese-CLIP for zh); the embedded profile names the tiny offline one")
+    clip_revision: str | None = Field("main", description="git revision of clip_model; None for local dirs")
+    prompt_sets: list[str] = Field(default_factory=lambda: ["general", "culture"], description="files "
+                                   "data/prompts/<language>/<name>.txt of `target<TAB>english` lines")
+    prompts_per_set: int | None = Field(None, ge=1, description="use the first N prompts of each set; None: all")
+    linear_map_rows: int = Field(20_000, ge=2, description="training pairs the least-squares baseline is fit on")
+    promotion_metric: Literal["rel_error", "clip_score"] = Field(
+        "rel_error", description="what decides promotion: held-out UNet-output relative error to the teacher "
+                                 "(lower is better) or mean CLIPScore over the prompt sets (higher is better)")
+    promotion_tolerance: float = Field(0.0, ge=0, le=1, description="relative regression allowed against the "
+                                       "champion: 0.02 lets a challenger be at most 2% worse and still be promoted")
+    promotion_requires_beating_untrained: bool = Field(True, description="a challenger must also beat the untrained "
+                                                       "adapter on the promotion metric")
+
+    @field_validator("prompt_sets")
+    @classmethod
+    def _plain_set_names(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if not re.fullmatch(r"[a-z][a-z0-9_-]*", name):
+                raise ValueError(f"prompt set {name!r} must be a plain file stem such as 'general'")
+        return names
 
 
 class LanguageSpec(Strict):
