@@ -27,45 +27,16 @@ def zh_spec(zoo_dir) -> LanguageSpec:
     return load_spec("zh", profile="embedded", zoo_dir=zoo_dir)
 
 
-def synthetic_pairs(folder: Path, spec, scenes, seed: int = 0) -> Path:
-    """A raw shard of PNG bytes and a pairs table pointing at it, in the layout acquire + filter write
-    (tests of later stages start here, independent of img2dataset)."""
-    import hashlib
-    import io
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from pea.corpus.synthetic import ENGLISH, caption, render
-
-    images = []
-    for i, scene in enumerate(scenes):
-        buffer = io.BytesIO()
-        render(scene, spec.corpus.image_size, seed=seed + i).save(buffer, format="PNG")
-        images.append(buffer.getvalue())
-    keys = [f"{i:07d}" for i in range(len(scenes))]
-    raw = folder / f"raw-{spec.language}.parquet"
-    pq.write_table(pa.table({"key": keys, "png": images}), raw)
-    pairs = folder / f"pairs-{spec.language}.parquet"
-    pq.write_table(pa.table({
-        "key": keys, "image_sha256": [hashlib.sha256(b).hexdigest() for b in images],
-        "caption_en": [caption(s, ENGLISH) for s in scenes],
-        "caption": [caption(s, spec.synthetic_captions) for s in scenes],
-        "width": [spec.corpus.image_size] * len(keys), "height": [spec.corpus.image_size] * len(keys),
-        "raw_file": [str(raw)] * len(keys), "native": [False] * len(keys)}), pairs)
-    return pairs
-
-
 class Trained:
     """A tiny adapter trained on the unmodified UNet through the real embed and train stages."""
 
     def __init__(self, spec, lake: Path):
         from pea import embed, train
-        from pea.corpus.synthetic import all_scenes
+        from pea.corpus.synthetic import all_scenes, write_pairs
 
         lake.mkdir(parents=True, exist_ok=True)
         self.spec = spec
-        self.pairs = synthetic_pairs(lake, spec, all_scenes() * 2)
+        self.pairs = write_pairs(lake, spec, all_scenes() * 2)
         self.embedded = embed.embed(spec, lake, self.pairs)
         self.result = train.train(spec, self.pairs, self.embedded, lake / spec.language / "runs" / "test")
         self.adapter_dir = self.result.adapter_dir

@@ -1,8 +1,7 @@
 import pytest
 import torch
 
-from conftest import synthetic_pairs
-from pea.corpus.synthetic import ENGLISH, all_scenes, caption
+from pea.corpus.synthetic import ENGLISH, all_scenes, caption, write_pairs
 from pea.embed import embed, open_stores
 from pea.spec import load_spec
 from pea.store import StoreMismatch, TensorStore, text_hash
@@ -15,9 +14,9 @@ def test_embeddings_are_computed_once_and_shared_across_languages(tmp_path, zoo_
     scenes = all_scenes()[:24]
     lake = tmp_path / "lake"
 
-    first = embed(zh, lake, synthetic_pairs(tmp_path, zh, scenes))
+    first = embed(zh, lake, write_pairs(tmp_path, zh, scenes))
     assert first.computed == {"teacher": 25, "student": 25, "latents": 24}  # +1: the empty caption
-    again = embed(zh, lake, synthetic_pairs(tmp_path, zh, scenes))
+    again = embed(zh, lake, write_pairs(tmp_path, zh, scenes))
     assert again.computed == {"teacher": 0, "student": 0, "latents": 0}
     assert again.reused == first.computed
 
@@ -26,7 +25,7 @@ def test_embeddings_are_computed_once_and_shared_across_languages(tmp_path, zoo_
         raise AssertionError("a stored embedding was computed again")
     monkeypatch.setattr("pea.models.load_teacher_text", must_not_run)
     monkeypatch.setattr("pea.models.load_vae", must_not_run)
-    other = embed(ja, lake, synthetic_pairs(tmp_path, ja, scenes))
+    other = embed(ja, lake, write_pairs(tmp_path, ja, scenes))
     assert other.teacher_store == first.teacher_store and other.latent_store == first.latent_store
     assert other.computed == {"teacher": 0, "student": 25, "latents": 0}
     assert other.student_store != first.student_store
@@ -37,7 +36,7 @@ def test_stored_tensors_are_what_the_models_produce(tmp_path, zoo_dir):
 
     zh = load_spec("zh", profile="embedded", zoo_dir=zoo_dir)
     scenes = all_scenes()[:8]
-    result = embed(zh, tmp_path / "lake", synthetic_pairs(tmp_path, zh, scenes))
+    result = embed(zh, tmp_path / "lake", write_pairs(tmp_path, zh, scenes))
     english = [caption(s, ENGLISH) for s in scenes]
     stored = TensorStore.open(result.teacher_store).read([text_hash(c) for c in english])["tokens"]
     fresh = models.load_teacher_text(zh.teacher).encode(english)["tokens"]

@@ -12,8 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import synthetic_pairs
-from pea.corpus.synthetic import all_scenes
+from pea.corpus.synthetic import all_scenes, write_pairs
 from pea.embed import embed
 from pea.embedded import prepare_zoo
 from pea.spec import load_spec
@@ -29,7 +28,7 @@ def lake(tmp_path_factory, zoo_dir) -> Path:
     spec = load_spec("zh", "embedded", zoo_dir=lake / "zoo")
     pairs_dir = lake / "zh" / "pairs"
     pairs_dir.mkdir(parents=True)
-    pairs = synthetic_pairs(pairs_dir, spec, all_scenes()[:96]).rename(pairs_dir / "pairs.parquet")
+    pairs = write_pairs(pairs_dir, spec, all_scenes()[:96]).rename(pairs_dir / "pairs.parquet")
     embed(spec, lake, pairs)
     return lake
 

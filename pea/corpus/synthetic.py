@@ -206,3 +206,21 @@ def serve(root: Path) -> Iterator[str]:
         server.shutdown()
         server.server_close()
         thread.join()
+
+
+def write_pairs(folder: Path, spec: LanguageSpec, scenes: list[Scene], seed: int = 0) -> Path:
+    """A raw shard of PNG bytes and a pairs table pointing at it, in the layout acquire + filter leave,
+    for tests and benchmarks of the later stages that need no download. Returns the pairs path."""
+    images = [_png(render(scene, spec.corpus.image_size, seed=seed + i)) for i, scene in enumerate(scenes)]
+    keys = [f"{i:07d}" for i in range(len(scenes))]
+    folder.mkdir(parents=True, exist_ok=True)
+    raw = folder / f"raw-{spec.language}.parquet"
+    pq.write_table(pa.table({"key": keys, spec.corpus.encode_format: images}), raw)
+    size = [spec.corpus.image_size] * len(keys)
+    pairs = folder / f"pairs-{spec.language}.parquet"
+    pq.write_table(pa.table({
+        "key": keys, "image_sha256": [hashlib.sha256(b).hexdigest() for b in images],
+        "caption_en": [caption(s, ENGLISH) for s in scenes],
+        "caption": [caption(s, spec.synthetic_captions) for s in scenes],
+        "width": size, "height": size, "raw_file": [str(raw)] * len(keys), "native": [False] * len(keys)}), pairs)
+    return pairs
