@@ -57,6 +57,8 @@ class StudentEncoder:
     tokenizer: object
     model: PreTrainedModel
     max_length: int
+    padding: str = "max_length"
+    truncation: bool = True
 
     @functools.cached_property
     def hidden_size(self) -> int:
@@ -65,8 +67,11 @@ class StudentEncoder:
 
     @torch.no_grad()
     def encode(self, captions: list[str]) -> torch.Tensor:
-        batch = self.tokenizer(captions, padding="max_length", max_length=self.max_length, truncation=True,
+        batch = self.tokenizer(captions, padding=self.padding, max_length=self.max_length, truncation=self.truncation,
                                return_tensors="pt").to(self.model.device)
+        if batch["input_ids"].shape[1] > self.max_length:  # only possible with truncation off
+            raise ValueError(f"a caption is longer than student.max_length={self.max_length} tokens and "
+                             "student.truncation is off; raise max_length or turn truncation on in the spec")
         return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
 
 
@@ -120,7 +125,7 @@ def load_student(ref: StudentSpec) -> StudentEncoder:
     elif getattr(model, "decoder", None) is not None:  # T5 / mT5: keep the encoder
         model = model.get_encoder()
     tokenizer = AutoTokenizer.from_pretrained(ref.id, revision=ref.revision)
-    return StudentEncoder(tokenizer, _frozen(model), ref.max_length)
+    return StudentEncoder(tokenizer, _frozen(model), ref.max_length, ref.padding, ref.truncation)
 
 
 def _tree_digest(root: Path) -> str:

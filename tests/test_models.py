@@ -86,3 +86,10 @@ def test_the_zoo_is_built_once_and_keyed_by_its_content(zoo_dir):
     assert model_key(load_spec("zh", "embedded", zoo_dir=zoo_dir).teacher)["content"] == stamp
     assert model_key(load_spec("zh").teacher) == {"id": "stable-diffusion-v1-5/stable-diffusion-v1-5",
                                                   "revision": "main"}
+
+
+def test_truncation_off_refuses_a_caption_longer_than_max_length(zoo_dir):
+    student = load_student(StudentSpec(id=str(zoo_dir / "student-zh"), max_length=6, truncation=False))
+    assert student.encode(["左边"]).shape == (1, 6, 64)
+    with pytest.raises(ValueError, match="longer than student.max_length=6"):
+        student.encode(["左边有一个红色的圆形"])
