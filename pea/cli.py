@@ -2,6 +2,7 @@
 
     pea validate zh [--profile embedded]
     pea zoo
+    pea eval --language zh [--model-uri models:/pea-adapter-zh@champion] [--profile embedded]
     pea generate --language zh --prompt "左边有一个红色的圆形" [--model-uri models:/pea-adapter-zh@champion] --out a.png
 
 The whole pipeline runs as the Prefect flow: `python -m flows.pea_flow --language zh`.
@@ -56,6 +57,43 @@ def _generate(args) -> None:
     print(f"{args.out} ← {uri} (base model {teacher.id})")
 
 
+def _eval(args) -> None:
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from pea.embed import embed
+    from pea.evaluate import evaluate, format_table
+    from pea.registry import fetch_adapter, resolve, tracking_uri
+    from pea.spec import lake_root, load_spec
+
+    spec = load_spec(args.language, args.profile)
+    lake = lake_root()
+    pairs = args.pairs or lake / spec.language / "pairs" / "pairs.parquet"
+    if not Path(pairs).is_file():
+        raise SystemExit(f"no pairs table at {pairs}: run the flow for {spec.language} first "
+                         f"(python -m flows.pea_flow --language {spec.language}) or pass --pairs")
+    uri = args.model_uri or f"models:/pea-adapter-{spec.language}@champion"
+    try:
+        version = resolve(uri, MlflowClient(tracking_uri()))
+    except MlflowException as err:
+        raise SystemExit(f"{uri} is not in the registry at {tracking_uri()}: {err.message}") from None
+    tags = version.tags
+    for role, ref in (("teacher", spec.teacher), ("student", spec.student)):
+        if tags.get(f"{role}_id") not in (None, ref.id):
+            raise SystemExit(f"{uri} was trained with {role} {tags[f'{role}_id']} but the spec for {spec.language} "
+                             f"(profile {args.profile}) names {ref.id}; pass the --profile it was trained with")
+    embedded = embed(spec, lake, Path(pairs))  # computes only rows the stores lack
+    out = args.out or lake / spec.language / "eval" / f"{version.name}-v{version.version}"
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter_dir, _ = fetch_adapter(uri, Path(tmp))
+        evaluation = evaluate(spec, Path(pairs), embedded, adapter_dir, Path(out))
+    print(f"{uri} (version {version.version}) on {evaluation.heldout_pairs} held-out pairs and prompt sets "
+          f"{', '.join(spec.evaluate.prompt_sets)}; CLIP {spec.evaluate.clip_model}")
+    print(format_table(evaluation))
+    for path in [evaluation.grid, *evaluation.grids.values(), evaluation.table, evaluation.report]:
+        print(path)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="pea", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(required=True)
@@ -65,6 +103,13 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(run=_validate)
     p = sub.add_parser("zoo", help="build the tiny offline models of the embedded default")
     p.set_defaults(run=_zoo)
+    p = sub.add_parser("eval", help="evaluate a registered adapter: print the table, write the grids")
+    p.add_argument("--language", required=True)
+    p.add_argument("--model-uri", help="default: models:/pea-adapter-<language>@champion")
+    p.add_argument("--profile", help="the profile the adapter was trained with, e.g. embedded")
+    p.add_argument("--pairs", type=Path, help="default: <lake>/<language>/pairs/pairs.parquet")
+    p.add_argument("--out", type=Path, help="default: <lake>/<language>/eval/<model>-v<version>")
+    p.set_defaults(run=_eval)
     p = sub.add_parser("generate", help="draw an image from a target-language prompt with a registered adapter")
     p.add_argument("--language", required=True)
     p.add_argument("--prompt", required=True)

@@ -1,11 +1,16 @@
-"""MLflow: log a training run, register its adapter as `pea-adapter-<lang>`, move the aliases.
+"""MLflow: log a training run, register its adapter as `pea-adapter-<lang>`, decide promotion.
 
-    register(spec, trained, evaluation, artifacts, lineage) -> Registration
+    register(spec, trained, evaluation, artifacts, pairs_path) -> Registration
 
-The embedded default keeps MLflow under `tracking/` (SQLite + local artifacts); set
-MLFLOW_TRACKING_URI to use a team server instead (see tracking/README.md). The new version always
-becomes `challenger`; `champion` moves to it only when its evaluation beats the untrained adapter.
-Aliases are set only once the version is READY.
+The embedded default keeps MLflow under `tracking/` (SQLite + local artifacts); set MLFLOW_TRACKING_URI to use
+a server instead (tracking/README.md). One experiment per language (`pea-<lang>`).
+
+Promotion: the new version always becomes `challenger`. `champion` moves to it only when the spec's rule
+(`evaluate.promotion_metric`, `evaluate.promotion_tolerance`) holds against the CURRENT champion, both
+re-evaluated now on the same held-out pairs (same latents, noise, timesteps; or the same prompt sets and
+seeds for CLIPScore). The decision and both figures are recorded as version tags (`promotion.*`). Aliases are
+set only once the version is READY. Runs of the same language must not register at the same time (the flow's
+per-language concurrency limit ensures it); different languages never touch each other's model or experiment.
 """
 
 from __future__ import annotations
@@ -14,13 +19,18 @@ import importlib.metadata
 import json
 import os
 import subprocess
+import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
+import numpy as np
 from mlflow import MlflowClient
 from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, DataType, Schema, TensorSpec
 
 from pea.evaluate import Evaluation
 from pea.spec import LanguageSpec, home
@@ -28,6 +38,8 @@ from pea.table import data_fingerprint
 from pea.train import TrainResult
 
 SERVING_MODEL = Path(__file__).with_name("serving.py")
+PIP_REQUIREMENTS = ["torch==2.13.0", "diffusers>=0.42.1,<0.43", "transformers>=5.24,<5.25", "safetensors>=0.8,<0.9",
+                    "mlflow>=3.17.2,<3.18", "pydantic>=2.10,<3", "pyyaml>=6"]
 
 
 def tracking_uri() -> str:
@@ -46,6 +58,7 @@ class Registration:
     name: str
     version: str
     champion: bool
+    promotion: dict[str, str] = field(default_factory=dict)  # the promotion.* tags of the version
 
     @property
     def model_uri(self) -> str:
@@ -56,16 +69,21 @@ class Registration:
         return f"models:/{self.name}@champion"
 
 
-def _experiment(language: str) -> str:
+def _experiment_id(client: MlflowClient, language: str, uri: str) -> tuple[str, str]:
     name = f"pea-{language}"
-    if mlflow.get_experiment_by_name(name) is None:
-        # A SQLite store keeps its artifacts beside the DB file, not in ./mlruns of the working directory.
-        uri = tracking_uri()
-        location = None
-        if uri.startswith("sqlite:///"):
-            location = (Path(uri.removeprefix("sqlite:///")).parent / "artifacts" / name).as_uri()
-        mlflow.create_experiment(name, artifact_location=location)
-    return name
+    if (found := client.get_experiment_by_name(name)) is not None:
+        return name, found.experiment_id
+    # A SQLite store keeps its artifacts beside the DB file, not in ./mlruns of the working directory; a server
+    # decides for itself (its --artifacts-destination).
+    location = None
+    if uri.startswith("sqlite:///"):
+        location = (Path(uri.removeprefix("sqlite:///")).parent / "artifacts" / name).as_uri()
+    try:
+        return name, client.create_experiment(name, artifact_location=location)
+    except MlflowException:  # another process created it in between
+        if (found := client.get_experiment_by_name(name)) is None:
+            raise
+        return name, found.experiment_id
 
 
 def _flatten(data: dict, prefix: str = "") -> dict[str, str]:
@@ -86,75 +104,218 @@ def _wait_ready(client: MlflowClient, name: str, version: str, timeout_s: float 
         time.sleep(0.5)
 
 
+def code_version() -> str:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=home(), capture_output=True, text=True,
+                                check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "pea"], cwd=home(), capture_output=True,
+                               text=True, check=True, timeout=10).stdout.strip()
+        return commit + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "pea " + importlib.metadata.version("pea")
+
+
 def lineage(spec: LanguageSpec, pairs_path: Path) -> dict[str, str]:
     """What a model version was made from: models, data and code."""
-    try:
-        code = subprocess.run(["git", "rev-parse", "HEAD"], cwd=home(), capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        code = "pea " + importlib.metadata.version("pea")
     return {"language": spec.language, "teacher_id": spec.teacher.id, "teacher_revision": str(spec.teacher.revision),
             "student_id": spec.student.id, "student_revision": str(spec.student.revision),
-            "data_fingerprint": data_fingerprint(pairs_path), "code_version": code}
+            "data_fingerprint": data_fingerprint(pairs_path), "code_version": code_version()}
+
+
+def signature(spec: LanguageSpec, trained: TrainResult) -> ModelSignature:
+    """Prompts (a list of strings: one unnamed string column) → prompt_embeds (B, max_length, token_dim) [+ pooled_prompt_embeds]."""
+    config = json.loads((trained.adapter_dir / "config.json").read_text())
+    outputs = [TensorSpec(np.dtype(np.float32), (-1, spec.student.max_length, config["token_dim"]), "prompt_embeds")]
+    if config.get("pooled_dim") and config.get("kind") == "sdxl":
+        outputs.append(TensorSpec(np.dtype(np.float32), (-1, config["pooled_dim"]), "pooled_prompt_embeds"))
+    return ModelSignature(inputs=Schema([ColSpec(DataType.string)]), outputs=Schema(outputs))
+
+
+# --- promotion -----------------------------------------------------------------------------------------------------
+
+def _current_champion(client: MlflowClient, name: str):
+    try:
+        return client.get_model_version_by_alias(name, "champion")
+    except MlflowException:
+        return None
+
+
+def score(spec: LanguageSpec, evaluation: Evaluation, adapter_dirs: dict[str, Path],
+          students: dict[str, object] | None = None) -> dict[str, float]:
+    """The promotion metric of each adapter, all computed now under identical conditions: the held-out pairs of
+    `evaluation` with the spec's fixed noise and timesteps (rel_error), or its prompt sets at fixed seeds (clip).
+    `students` maps an adapter to the StudentSpec it was trained with when that is not the spec's."""
+    from pea import evaluate as ev
+    from pea import models
+    from pea.table import load_table
+
+    if evaluation.pairs_path is None or evaluation.embedded is None:
+        raise ValueError("this Evaluation does not say which pairs and stores it was computed on; evaluate again "
+                         "with pea.evaluate.evaluate (it records pairs_path and embedded)")
+    students = students or {}
+    adapters = {k: ev.PEAAdapter.from_pretrained(p).eval() for k, p in adapter_dirs.items()}
+    adapters["untrained"] = ev.untrained_like(next(iter(adapters.values())), spec.train.seed)
+    if spec.evaluate.promotion_metric == "rel_error":
+        table = load_table(spec, evaluation.pairs_path, evaluation.embedded, "heldout")
+        states = {k: models.load_student(s).encode(table.captions) for k, s in students.items() if s != spec.student}
+        return ev.relative_errors(spec, table, adapters, states)
+    cfg = spec.evaluate
+    pipe = models.load_pipeline(spec.teacher)
+    clip = ev.ModelRef(id=cfg.clip_model, revision=cfg.clip_revision)
+    totals = {k: [] for k in adapters}
+    for name in cfg.prompt_sets:
+        prompts = ev.load_prompts(spec.language, name, cfg.prompts_per_set)
+        seeds = [cfg.seed + i for i in range(len(prompts))]
+        for key, adapter in adapters.items():
+            student = models.load_student(students.get(key, spec.student))
+            images = ev._draw(spec, pipe, student, {key: adapter}, prompts, seeds)[key]
+            totals[key].append(ev.clip_scores(clip, images, [t for t, _ in prompts]))
+    return {k: float(np.mean(v)) for k, v in totals.items()}
+
+
+def decide(spec: LanguageSpec, scores: dict[str, float], has_champion: bool) -> tuple[bool, str]:
+    """The promotion rule on scores {"challenger", "untrained"[, "champion"]}: (promote, why)."""
+    cfg = spec.evaluate
+    lower = cfg.promotion_metric == "rel_error"
+    tol = cfg.promotion_tolerance
+    new = scores["challenger"]
+    if cfg.promotion_requires_beating_untrained and not (new < scores["untrained"] if lower
+                                                         else new > scores["untrained"]):
+        return False, f"{cfg.promotion_metric} {new:.6g} does not beat the untrained adapter's {scores['untrained']:.6g}"
+    if not has_champion:
+        return True, "no champion yet" + (" and it beats the untrained adapter"
+                                           if cfg.promotion_requires_beating_untrained else "")
+    old = scores["champion"]
+    bound = old * (1 + tol) if lower else old * (1 - tol)
+    if (new <= bound) if lower else (new >= bound):
+        return True, (f"{cfg.promotion_metric} {new:.6g} vs champion {old:.6g}: within the allowed "
+                      f"{'ceiling' if lower else 'floor'} {bound:.6g} (tolerance {tol:g})")
+    return False, (f"{cfg.promotion_metric} {new:.6g} vs champion {old:.6g}: a regression beyond the allowed "
+                   f"{'ceiling' if lower else 'floor'} {bound:.6g} (tolerance {tol:g})")
+
+
+def promote(spec: LanguageSpec, evaluation: Evaluation, name: str, version: str, adapter_dir: Path,
+            client: MlflowClient) -> tuple[bool, dict[str, str]]:
+    """Compare version `version` with the current champion, record the decision as tags, move the alias if won."""
+    from pea.evaluate import student_ref
+
+    champion = _current_champion(client, name)
+    tags = {"promotion.metric": spec.evaluate.promotion_metric,
+            "promotion.tolerance": f"{spec.evaluate.promotion_tolerance:g}",
+            "promotion.rule": ("lower is better" if spec.evaluate.promotion_metric == "rel_error" else
+                               "higher is better") + "; must not regress beyond the tolerance against the champion"
+                              + ("; must beat the untrained adapter"
+                                 if spec.evaluate.promotion_requires_beating_untrained else "")}
+    with tempfile.TemporaryDirectory() as tmp:
+        dirs = {"challenger": adapter_dir}
+        students = {}
+        if champion is not None and str(champion.version) != version:
+            if (champion.tags.get("teacher_id"), champion.tags.get("teacher_revision")) != \
+                    (spec.teacher.id, str(spec.teacher.revision)):
+                tags |= {"promotion.decision": "refused", "promotion.champion_version": str(champion.version),
+                         "promotion.reason": f"the champion was made for teacher {champion.tags.get('teacher_id')}; "
+                                             "a different base model cannot be compared: set the alias by hand"}
+                for key, value in tags.items():
+                    client.set_model_version_tag(name, version, key, value)
+                return False, tags
+            dirs["champion"] = Path(mlflow.artifacts.download_artifacts(
+                f"models:/{name}/{champion.version}", dst_path=tmp)) / "artifacts" / "adapter"
+            students["champion"] = student_ref(champion.tags, spec)
+        scores = score(spec, evaluation, dirs, students)
+    won, why = decide(spec, scores, "champion" in dirs)
+    tags |= {"promotion.decision": "promoted" if won else "refused", "promotion.reason": why,
+             "promotion.challenger": f"{scores['challenger']:.6g}", "promotion.untrained": f"{scores['untrained']:.6g}",
+             "promotion.heldout_pairs": str(evaluation.heldout_pairs)}
+    if "champion" in dirs:
+        tags |= {"promotion.champion": f"{scores['champion']:.6g}", "promotion.champion_version": str(champion.version)}
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    if won:
+        client.set_registered_model_alias(name, "champion", version)
+    return won, tags
+
+
+# --- register ------------------------------------------------------------------------------------------------------
+
+def _input_example(spec: LanguageSpec) -> list[str]:
+    from pea.evaluate import load_prompts
+
+    try:
+        return [load_prompts(spec.language, spec.evaluate.prompt_sets[0], 1)[0][0]]
+    except (FileNotFoundError, ValueError, IndexError):
+        return [""]
 
 
 def register(spec: LanguageSpec, trained: TrainResult, evaluation: Evaluation, artifacts: list[Path],
              pairs_path: Path) -> Registration:
-    """Log the run (params, per-step metrics, evaluation, images), register and alias the adapter."""
+    """Log the run (spec, ds_config, loss curves, evaluation tables and grids, data-quality report), register the
+    adapter as a pyfunc model with lineage tags, make it `challenger`, and decide whether it becomes `champion`."""
     lineage_tags = lineage(spec, pairs_path)
-    mlflow.set_tracking_uri(uri := tracking_uri())
-    experiment = _experiment(spec.language)
-    mlflow.set_experiment(experiment)
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    experiment, experiment_id = _experiment_id(client, spec.language, uri)
     name = model_name(spec.language)
-    client = MlflowClient()
-    with mlflow.start_run(run_name=trained.run_dir.name) as run:
-        mlflow.set_tags({"pea." + k: v for k, v in lineage_tags.items()})
-        mlflow.log_params(_flatten(spec.model_dump(mode="json", exclude={"synthetic_captions"})))
+    metrics_now = evaluation.metrics()
+    # An explicit experiment id (not mlflow.set_experiment, which is process-global) so that two languages
+    # registering from two threads of one process cannot log into each other's experiment.
+    with mlflow.start_run(experiment_id=experiment_id, run_name=trained.run_dir.name) as run:
+        run_id = run.info.run_id
+        for key, value in lineage_tags.items():
+            client.set_tag(run_id, "pea." + key, value)
+        params = _flatten(spec.model_dump(mode="json", exclude={"synthetic_captions"}))
+        items = list(params.items())
+        for start in range(0, len(items), 100):  # MLflow's per-batch cap for params
+            mlflow.log_params(dict(items[start:start + 100]))
         mlflow.log_dict(spec.model_dump(mode="json"), "spec.json")
         mlflow.log_dict(trained.ds_config, "ds_config.json")
         history = [json.loads(line) for line in trained.history_path.read_text().splitlines()]
         now = int(time.time() * 1000)
         metrics = [Metric(f"train/{k}", float(v), now, h["step"]) for h in history for k, v in h.items() if k != "step"]
-        for start in range(0, len(metrics), 1000):  # MLflow's per-batch cap
-            client.log_batch(run.info.run_id, metrics=metrics[start:start + 1000])
-        mlflow.log_metrics({f"eval/{k}": v for k, v in evaluation.metrics().items()})
-        for path in [trained.loss_curve, evaluation.grid, evaluation.report, *artifacts]:
-            mlflow.log_artifact(str(path))
+        metrics += [Metric(f"eval/{k}", float(v), now, 0) for k, v in metrics_now.items()]
+        for start in range(0, len(metrics), 1000):  # MLflow's per-batch cap for metrics
+            client.log_batch(run_id, metrics=metrics[start:start + 1000])
+        mlflow.log_table({k: [r[k] for r in evaluation.rows()] for k in evaluation.rows()[0]},
+                         "evaluation/table.json")
+        for path in [trained.loss_curve, trained.history_path]:
+            mlflow.log_artifact(str(path), "training")
+        for path in [evaluation.grid, evaluation.report, evaluation.table, *evaluation.grids.values()]:
+            if path is not None:
+                mlflow.log_artifact(str(path), "evaluation")
+        for path in artifacts:
+            mlflow.log_artifact(str(path), "data")
         info = mlflow.pyfunc.log_model(
             name="adapter", python_model=str(SERVING_MODEL), artifacts={"adapter": str(trained.adapter_dir)},
             model_config={"student_id": spec.student.id, "student_revision": spec.student.revision,
                           "student_max_length": spec.student.max_length, "language": spec.language},
+            signature=signature(spec, trained), input_example=_input_example(spec),
             # Stated, not inferred: inference would import the model in a subprocess just to list these.
-            pip_requirements=["torch==2.13.0", "diffusers>=0.42.1,<0.43", "transformers>=5.24,<5.25",
-                              "safetensors>=0.8,<0.9", "mlflow>=3.17.2,<3.18"],
-            registered_model_name=name)
+            pip_requirements=PIP_REQUIREMENTS, registered_model_name=name)
     version = str(info.registered_model_version)
     _wait_ready(client, name, version)
-    for key, value in {**lineage_tags, "run_id": run.info.run_id, **{f"eval.{k}": f"{v:.6g}" for k, v in
-                                                                 evaluation.metrics().items()}}.items():
+    for key, value in {**lineage_tags, "run_id": run_id,
+                       **{f"eval.{k}": f"{v:.6g}" for k, v in metrics_now.items()}}.items():
         client.set_model_version_tag(name, version, key, value)
     client.set_registered_model_alias(name, "challenger", version)
-    champion = evaluation.relative_error["trained"] < evaluation.relative_error["untrained"]
-    client.set_model_version_tag(name, version, "promotion",
-                                 "champion: beats the untrained adapter" if champion else
-                                 "not promoted: no better than the untrained adapter")
-    if champion:
-        client.set_registered_model_alias(name, "champion", version)
-    return Registration(uri, experiment, run.info.run_id, name, version, champion)
+    champion, promotion = promote(spec, evaluation, name, version, trained.adapter_dir, client)
+    return Registration(uri, experiment, run_id, name, version, champion, promotion)
+
+
+def resolve(model_uri: str, client: MlflowClient):
+    """`models:/name@alias` or `models:/name/version` → the ModelVersion."""
+    ref = model_uri.removeprefix("models:/")
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        return client.get_model_version_by_alias(name, alias)
+    if "/" in ref:
+        name, number = ref.split("/", 1)
+        return client.get_model_version(name, number)
+    raise ValueError(f"model URI {model_uri!r} must look like models:/<name>@<alias> or models:/<name>/<version>")
 
 
 def fetch_adapter(model_uri: str, dst: Path) -> tuple[Path, dict[str, str]]:
     """Download a registered adapter (`models:/name@alias` or `models:/name/version`) and its lineage tags."""
     mlflow.set_tracking_uri(tracking_uri())
-    client = MlflowClient()
-    ref = model_uri.removeprefix("models:/")
-    if "@" in ref:
-        name, alias = ref.split("@", 1)
-        version = client.get_model_version_by_alias(name, alias)
-    elif "/" in ref:
-        name, number = ref.split("/", 1)
-        version = client.get_model_version(name, number)
-    else:
-        raise ValueError(f"model URI {model_uri!r} must look like models:/<name>@<alias> or models:/<name>/<version>")
-    local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version.version}", dst_path=str(dst)))
+    version = resolve(model_uri, MlflowClient())
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{version.name}/{version.version}", dst_path=str(dst)))
     return local / "artifacts" / "adapter", dict(version.tags)
