@@ -98,13 +98,7 @@ def _transient(task_, task_run, state) -> bool:
 @task(retries=0)
 def load_language(language: str, profile: str | None, overrides: dict[str, dict[str, Any]]) -> LanguageSpec:
     """Load and validate the spec, then apply the run's overrides (validated again, never retried)."""
-    spec = load_spec(language, profile)
-    update = {section: getattr(spec, section).model_copy(update=values)
-              for section, values in overrides.items() if values}
-    if update:
-        # model_copy does not validate; a round trip through the model does, naming the field on error.
-        spec = LanguageSpec.model_validate(spec.model_copy(update=update).model_dump())
-    return spec
+    return ops.with_overrides(load_spec(language, profile), **overrides)
 
 
 @task

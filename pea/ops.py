@@ -5,6 +5,7 @@
     tag_sources(registration, spec)      # records source_fingerprint on a registered model version
     files_fingerprint(folder, patterns)  # names and sizes of files: a cheap key for "these inputs changed"
     mlflow_links(registration) -> dict   # UI links to the run and the model version
+    with_overrides(spec, train={...})    # a run's overrides of spec sections, validated like the spec
 
 A language is *due* when it has a spec but no model version yet, when its spec or manifests changed
 since its latest version was trained (source fingerprint), or when the filtered pairs in the lake are
@@ -18,9 +19,11 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+from pydantic import ValidationError
 
 from pea.registry import Registration, model_name, tracking_uri
 from pea.spec import LanguageSpec, SpecError, available_languages, home, lake_root, load_spec
@@ -63,6 +66,23 @@ def source_fingerprint(spec: LanguageSpec) -> str:
     """What a training run starts from: the whole spec (profiles and overrides applied) and the manifests."""
     text = json.dumps(spec.model_dump(mode="json"), sort_keys=True) + manifests_fingerprint(spec)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def with_overrides(spec: LanguageSpec, **sections: dict[str, Any]) -> LanguageSpec:
+    """The spec with some fields of its sections replaced (e.g. train={"steps": 50}), validated again."""
+    update = {name: getattr(spec, name).model_copy(update=values) for name, values in sections.items() if values}
+    if not update:
+        return spec
+    try:
+        # model_copy does not validate; a round trip through the model does.
+        spec = LanguageSpec.model_validate(spec.model_copy(update=update).model_dump())
+    except ValidationError as err:
+        raise SpecError(f"overrides {sections} do not fit the {spec.language} spec: {err}") from None
+    if spec.train.steps <= spec.train.warmup_steps:
+        raise SpecError(f"train.steps={spec.train.steps} must be greater than train.warmup_steps="
+                        f"{spec.train.warmup_steps} (the learning-rate decay needs steps after the warmup); "
+                        "ask for more steps")
+    return spec
 
 
 def files_fingerprint(folder: Path, patterns: list[str]) -> str:
