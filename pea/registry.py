@@ -20,6 +20,7 @@ import json
 import os
 import subprocess
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,10 @@ from pea.table import data_fingerprint
 from pea.train import TrainResult
 
 SERVING_MODEL = Path(__file__).with_name("serving.py")
+# diffusers' and transformers' from_pretrained build modules under a process-global meta-device context, so a
+# module constructed in another thread meanwhile lands on `meta`. Two registrations in one process (threads)
+# therefore take turns for the parts that build models: the input example's prediction and the promotion scores.
+_MODELS = threading.RLock()
 PIP_REQUIREMENTS = ["torch==2.13.0", "diffusers>=0.42.1,<0.43", "transformers>=5.24,<5.25", "safetensors>=0.8,<0.9",
                     "mlflow>=3.17.2,<3.18", "pydantic>=2.10,<3", "pyyaml>=6"]
 
@@ -221,7 +226,8 @@ def promote(spec: LanguageSpec, evaluation: Evaluation, name: str, version: str,
             dirs["champion"] = Path(mlflow.artifacts.download_artifacts(
                 f"models:/{name}/{champion.version}", dst_path=tmp)) / "artifacts" / "adapter"
             students["champion"] = student_ref(champion.tags, spec)
-        scores = score(spec, evaluation, dirs, students)
+        with _MODELS:
+            scores = score(spec, evaluation, dirs, students)
     won, why = decide(spec, scores, "champion" in dirs)
     tags |= {"promotion.decision": "promoted" if won else "refused", "promotion.reason": why,
              "promotion.challenger": f"{scores['challenger']:.6g}", "promotion.untrained": f"{scores['untrained']:.6g}",
@@ -284,13 +290,14 @@ def register(spec: LanguageSpec, trained: TrainResult, evaluation: Evaluation, a
                 mlflow.log_artifact(str(path), "evaluation")
         for path in artifacts:
             mlflow.log_artifact(str(path), "data")
-        info = mlflow.pyfunc.log_model(
-            name="adapter", python_model=str(SERVING_MODEL), artifacts={"adapter": str(trained.adapter_dir)},
-            model_config={"student_id": spec.student.id, "student_revision": spec.student.revision,
-                          "student_max_length": spec.student.max_length, "language": spec.language},
-            signature=signature(spec, trained), input_example=_input_example(spec),
-            # Stated, not inferred: inference would import the model in a subprocess just to list these.
-            pip_requirements=PIP_REQUIREMENTS, registered_model_name=name)
+        with _MODELS:
+            info = mlflow.pyfunc.log_model(
+                name="adapter", python_model=str(SERVING_MODEL), artifacts={"adapter": str(trained.adapter_dir)},
+                model_config={"student_id": spec.student.id, "student_revision": spec.student.revision,
+                              "student_max_length": spec.student.max_length, "language": spec.language},
+                signature=signature(spec, trained), input_example=_input_example(spec),
+                # Stated, not inferred: inference would import the model in a subprocess just to list these.
+                pip_requirements=PIP_REQUIREMENTS, registered_model_name=name)
     version = str(info.registered_model_version)
     _wait_ready(client, name, version)
     for key, value in {**lineage_tags, "run_id": run_id,

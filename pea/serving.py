@@ -2,6 +2,9 @@
 a batch of prompts in the adapter's language → its conditioning tensors, named as the stock
 pipelines' keyword arguments: `prompt_embeds` (B, tokens, width) and, for SDXL, `pooled_prompt_embeds`.
 
+Signature: a list of strings (one unnamed string column) → float32 tensors `prompt_embeds` (B, L, D) [and
+`pooled_prompt_embeds` (B, P)]; the registered model carries an input example in the target language.
+
     model = mlflow.pyfunc.load_model("models:/pea-adapter-zh@champion")
     pipe(**{k: torch.from_numpy(v) for k, v in model.predict(["左边有一个红色的圆形"]).items()})
 """
@@ -29,6 +32,8 @@ class AdapterModel(PythonModel):
         from pea.pipeline import prompt_kwargs
 
         if isinstance(model_input, pd.DataFrame):
+            if model_input.shape[1] != 1:
+                raise ValueError(f"expected one column of prompts, got columns {list(model_input.columns)}")
             model_input = model_input.iloc[:, 0]
         prompts = [str(p) for p in (model_input if not isinstance(model_input, str) else [model_input])]
         kwargs = prompt_kwargs(self.adapter, self.student, prompts)
