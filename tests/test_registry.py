@@ -20,12 +20,11 @@ from mlflow import MlflowClient
 
 from pea import embed, registry
 from pea.adapter import PEAAdapter
+from pea.corpus.synthetic import all_scenes, write_pairs
 from pea.evaluate import evaluate, untrained_like
 from pea.models import load_student
 from pea.pipeline import prompt_kwargs
 from pea.spec import load_spec
-
-from pea.corpus.synthetic import all_scenes, write_pairs
 
 
 def _free_port() -> int:
