@@ -192,9 +192,14 @@ def test_the_second_run_takes_acquire_filter_and_embed_from_the_cache_and_trains
 
 
 def test_a_second_run_of_the_same_language_waits_for_the_first(served, second_run):
-    from prefect.concurrency.sync import concurrency
-
-    with served.client() as client, concurrency("pea-train-zh", occupy=1, strict=True):  # "another run"
+    # "Another run" holds the language's slot, from its own process: Prefect's concurrency and event services
+    # are process-wide, and would stay bound to this server after it stops.
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from prefect.concurrency.sync import concurrency\n"
+         "with concurrency('pea-train-zh', occupy=1, strict=True):\n print('held', flush=True); sys.stdin.read()"],
+        cwd=REPO, env=served.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
         created = served.sh(PREFECT, "deployment", "run", "pea/train-language", "-p", "language=zh", timeout=60)
         flow_run_id = UUID(re.search(r"UUID: ([0-9a-f-]{36})", created.stdout).group(1))
         deadline = time.monotonic() + 240
@@ -202,12 +207,18 @@ def test_a_second_run_of_the_same_language_waits_for_the_first(served, second_ru
             assert time.monotonic() < deadline, "the run never reached the concurrency limit"
             time.sleep(2)
         time.sleep(8)  # it holds there: no stage starts while the slot is taken
-        assert client.read_flow_run(flow_run_id).state.is_running()
+        with served.client() as client:
+            assert client.read_flow_run(flow_run_id).state.is_running()
         assert "acquire" not in _task_states(served, flow_run_id)
         served.sh(PREFECT, "flow-run", "cancel", str(flow_run_id), timeout=60)
-        while not client.read_flow_run(flow_run_id).state.is_final():
+        while True:
+            with served.client() as client:
+                if client.read_flow_run(flow_run_id).state.is_final():
+                    break
             assert time.monotonic() < deadline + 120, "the waiting run was not cancelled"
             time.sleep(2)
+    finally:
+        holder.communicate(timeout=60)  # closes stdin: the holder releases the slot and exits
     assert "acquire" not in _task_states(served, flow_run_id)
 
 
