@@ -137,7 +137,8 @@ def evaluate(spec: LanguageSpec, pairs: Path, embedded: embed_stage.EmbedResult,
       cache_key_fn=_per_flow_run_key("register"), persist_result=True)
 def register(spec: LanguageSpec, trained: train_stage.TrainResult, evaluation: evaluate_stage.Evaluation,
              filtered: filter_stage.FilterResult) -> registry.Registration:
-    result = registry.register(spec, trained, evaluation, [filtered.report_path], filtered.pairs_path)
+    result = registry.register(spec, trained, evaluation, [filtered.report_path, *filtered.histograms.values()],
+                               filtered.pairs_path)
     ops.tag_sources(result, spec)
     return result
 

@@ -270,6 +270,12 @@ class TrainSpec(Strict):
     seed: int = 0
 
 
+    @model_validator(mode="after")
+    def _warmup_shorter_than_training(self) -> TrainSpec:
+        if self.warmup_steps >= self.steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be fewer than steps ({self.steps})")
+        return self
+
 class EvaluateSpec(Strict):
     heldout_percent: int = Field(10, ge=1, le=50, description="share of pairs held out, chosen by hash")
     timesteps: list[int] = Field(default_factory=lambda: [100, 400, 700, 900])
