@@ -171,7 +171,7 @@ def _atomic_build(target: Path, recipe: str, build) -> Path:
     return target
 
 
-def _train_clip_tokenizer(captions: list[str], out: Path) -> CLIPTokenizer:
+def _train_clip_tokenizer(captions: list[str]) -> CLIPTokenizer:
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 
     bpe = Tokenizer(models.BPE(unk_token="<|endoftext|>", end_of_word_suffix="</w>"))
@@ -180,9 +180,10 @@ def _train_clip_tokenizer(captions: list[str], out: Path) -> CLIPTokenizer:
     bpe.train_from_iterator(captions, trainers.BpeTrainer(
         vocab_size=512, special_tokens=["<|startoftext|>", "<|endoftext|>"], end_of_word_suffix="</w>",
         show_progress=False))
-    out.mkdir(parents=True, exist_ok=True)
-    bpe.model.save(str(out))
-    return CLIPTokenizer(str(out / "vocab.json"), str(out / "merges.txt"), model_max_length=77)
+    # CLIPTokenizer is built from vocab.json + merges.txt, read once at construction.
+    with tempfile.TemporaryDirectory() as scratch:
+        bpe.model.save(scratch)
+        return CLIPTokenizer(f"{scratch}/vocab.json", f"{scratch}/merges.txt", model_max_length=77)
 
 
 def _train_wordpiece_tokenizer(captions: list[str]) -> BertTokenizerFast:
@@ -211,11 +212,7 @@ def _build_teacher(out: Path, captions: list[str], image_size: int, kind: str) -
     """A tiny SD 1.5-style (one CLIP encoder, 32-wide conditioning) or SDXL-style teacher (two encoders,
     32 + 32 = 64-wide conditioning, pooled 32 from encoder 2's projection, size/crop time_ids)."""
     torch.manual_seed(0)
-    scratch = Path(tempfile.mkdtemp())
-    try:
-        tokenizer = _train_clip_tokenizer(captions, scratch)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    tokenizer = _train_clip_tokenizer(captions)
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32),
                         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
                         layers_per_block=1, norm_num_groups=8, sample_size=image_size)
@@ -277,11 +274,7 @@ def _build_clip(out: Path, captions: list[str], image_size: int) -> None:
     from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor, CLIPVisionConfig
 
     torch.manual_seed(2)
-    scratch = Path(tempfile.mkdtemp())
-    try:
-        tokenizer = _train_clip_tokenizer(captions, scratch)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    tokenizer = _train_clip_tokenizer(captions)
     vision = CLIPVisionConfig(image_size=image_size, patch_size=max(image_size // 4, 1), hidden_size=32,
                               intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
     model = CLIPModel(CLIPConfig(text_config=_tiny_text_config(tokenizer).to_dict(), vision_config=vision.to_dict(),
