@@ -262,7 +262,8 @@ def print_summary(summary: dict) -> None:
     table.add_row("acquired", f"{summary['acquired']['downloaded']} of {summary['acquired']['rows']} manifest rows "
                               f"downloaded ({summary['acquired']['shards_skipped']} of {summary['acquired']['shards']}"
                               f" shards were already complete, {summary['acquired']['seconds']} s)")
-    table.add_row("filtered", f"{f['rows_out']} of {f['rows_in']} rows kept; dropped {json.dumps(f['dropped'])}")
+    dropped = {reason: n for reason, n in f["dropped"].items() if n}  # every reason, zeros too, is in quality.json
+    table.add_row("filtered", f"{f['rows_out']} of {f['rows_in']} rows kept; dropped {json.dumps(dropped)}")
     table.add_row("embedded", f"computed {json.dumps(summary['embedded']['computed'])}, reused "
                               f"{json.dumps(summary['embedded']['reused'])} ({summary['embedded']['seconds']} s)")
     if summary.get("cached"):
