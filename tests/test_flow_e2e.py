@@ -62,3 +62,16 @@ def test_the_champion_loads_with_plain_mlflow_and_drives_a_stock_pipeline(two_ru
     image = pipe(prompt_embeds=embeds[:1], negative_prompt_embeds=embeds[1:], num_inference_steps=2, height=32,
                  width=32, output_type="np", generator=torch.Generator().manual_seed(0)).images
     assert image.shape == (1, 32, 32, 3) and float(image.std()) > 0
+
+
+@pytest.mark.e2e
+def test_the_flow_runs_an_sdxl_teacher_when_the_spec_says_so(tmp_path, monkeypatch):
+    monkeypatch.setenv("PEA_LAKE", str(tmp_path / "lake"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/tracking/mlflow.db")
+    assert load_spec("zh", "embedded,sdxl").teacher.kind == "sdxl"
+    with prefect_test_harness():
+        summary = pea("zh", "embedded,sdxl", steps=60)
+    assert summary["evaluation"]["improvement"] >= 0.5
+    mlflow.set_tracking_uri(summary["model"]["tracking_uri"])
+    out = mlflow.pyfunc.load_model(summary["model"]["uri"]).predict(["左边有一个红色的圆形"])
+    assert out["prompt_embeds"].shape == (1, 16, 64) and out["pooled_prompt_embeds"].shape == (1, 32)
