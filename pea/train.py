@@ -224,11 +224,13 @@ def train(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, run_dir: 
         history.append(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}")
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            engine.save_checkpoint(str(checkpoints), tag=f"step{step + 1:08d}", client_state={"step": step + 1})
+            # History first: a kill between the two leaves extra lines, which a resume drops (step > start);
+            # the other order could leave a checkpoint whose steps the history lacks.
             if engine.global_rank == 0:
                 tmp = history_path.with_suffix(".tmp")
                 tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
                 os.replace(tmp, history_path)
+            engine.save_checkpoint(str(checkpoints), tag=f"step{step + 1:08d}", client_state={"step": step + 1})
 
     adapter_dir = run_dir / "adapter"
     _export(engine, cfg.zero_stage, run_dir, adapter_dir)

@@ -11,16 +11,29 @@ from pea.spec import load_spec
 
 
 @pytest.fixture(scope="module")
-def two_runs(tmp_path_factory):
+def runs(tmp_path_factory):
+    """zh twice, then zh with an SDXL teacher in a lake of its own, all under one Prefect harness
+    (Prefect's process-wide services stay bound to the first temporary server they meet)."""
     root = tmp_path_factory.mktemp("e2e")
     patch = pytest.MonkeyPatch()
-    patch.setenv("PEA_LAKE", str(root / "lake"))
-    patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/tracking/mlflow.db")
     try:
         with prefect_test_harness():
-            yield pea("zh", "embedded"), pea("zh", "embedded")
+            patch.setenv("PEA_LAKE", str(root / "lake"))
+            patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/tracking/mlflow.db")
+            first, second = pea("zh", "embedded"), pea("zh", "embedded")
+            patch.setenv("PEA_LAKE", str(root / "lake-sdxl"))
+            patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/tracking-sdxl/mlflow.db")
+            sdxl = pea("zh", "embedded,sdxl", steps=60)
+            patch.setenv("PEA_LAKE", str(root / "lake"))
+            patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/tracking/mlflow.db")
+            yield {"first": first, "second": second, "sdxl": sdxl}
     finally:
         patch.undo()
+
+
+@pytest.fixture(scope="module")
+def two_runs(runs):
+    return runs["first"], runs["second"]
 
 
 @pytest.mark.e2e
@@ -65,12 +78,9 @@ def test_the_champion_loads_with_plain_mlflow_and_drives_a_stock_pipeline(two_ru
 
 
 @pytest.mark.e2e
-def test_the_flow_runs_an_sdxl_teacher_when_the_spec_says_so(tmp_path, monkeypatch):
-    monkeypatch.setenv("PEA_LAKE", str(tmp_path / "lake"))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/tracking/mlflow.db")
+def test_the_flow_runs_an_sdxl_teacher_when_the_spec_says_so(runs):
     assert load_spec("zh", "embedded,sdxl").teacher.kind == "sdxl"
-    with prefect_test_harness():
-        summary = pea("zh", "embedded,sdxl", steps=60)
+    summary = runs["sdxl"]
     assert summary["evaluation"]["improvement"] >= 0.5
     mlflow.set_tracking_uri(summary["model"]["tracking_uri"])
     out = mlflow.pyfunc.load_model(summary["model"]["uri"]).predict(["左边有一个红色的圆形"])
