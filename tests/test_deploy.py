@@ -179,7 +179,7 @@ def test_the_scan_starts_a_run_for_a_language_without_a_champion_and_none_for_on
 
 def test_the_second_run_takes_acquire_filter_and_embed_from_the_cache_and_trains_a_new_version(served, first_run,
                                                                                                second_run):
-    first, second = first_run, second_run
+    second = second_run  # first_run only has to have happened
     states = _task_states(served, second)
     assert {states[s] for s in ("acquire", "filter_pairs", "embed")} == {"Cached"}, states
     assert {states[s] for s in ("train", "evaluate", "register")} == {"Completed"}, states

@@ -14,7 +14,6 @@ from safetensors.torch import load_file
 
 from pea.corpus.synthetic import all_scenes, write_pairs
 from pea.embed import embed
-from pea.embedded import prepare_zoo
 from pea.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
