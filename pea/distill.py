@@ -70,7 +70,7 @@ class LossTerms:
 
 
 def distill_loss(unet: UNet2DConditionModel, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
-                 target_noise: torch.Tensor, teacher: Conditioning, student: Conditioning, native: torch.Tensor,
+                 target: torch.Tensor, teacher: Conditioning, student: Conditioning, native: torch.Tensor,
                  output_weight: float = 1.0, feature_weight: float = 0.1, diffusion_everywhere: bool = False
                  ) -> LossTerms:
     """One batch of the objective. Gradients reach only the student conditioning (the adapter's output).
@@ -82,7 +82,7 @@ def distill_loss(unet: UNet2DConditionModel, noisy_latents: torch.Tensor, timest
         eps_teacher = unet(noisy_latents, timesteps, **teacher.unet_kwargs(unet.dtype)).sample
     with unet_features(unet) as student_maps:
         eps_student = unet(noisy_latents, timesteps, **student.unet_kwargs(unet.dtype)).sample
-    diffusion = _per_sample_mse(eps_student, target_noise)
+    diffusion = _per_sample_mse(eps_student, target)
     output_kd = _per_sample_mse(eps_student, eps_teacher)
     feature_kd = sum(_per_sample_mse(s, t) for s, t in zip(student_maps, teacher_maps, strict=True))
     m = torch.ones_like(diffusion) if diffusion_everywhere else native.float()

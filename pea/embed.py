@@ -46,7 +46,8 @@ def store_keys(spec: LanguageSpec) -> dict[str, dict]:
     return {
         "teacher": {"role": "teacher-conditioning", "kind": spec.teacher.kind, **teacher},
         "student": {"role": "student-states", "max_length": spec.student.max_length, **models.model_key(spec.student)},
-        "latents": {"role": "vae-latents", "image_size": spec.corpus.image_size, "resize": "center_crop", **teacher},
+        "latents": {"role": "pixels" if spec.teacher.pixel_space else "vae-latents",
+                    "image_size": spec.corpus.image_size, "resize": "center_crop", **teacher},
     }
 
 
@@ -124,12 +125,14 @@ def embed(spec: LanguageSpec, lake: Path, pairs_path: Path) -> EmbedResult:
         return lambda captions: {"states": student.encode(captions)}
 
     def vae_encoder():
-        vae = models.load_vae(spec.teacher)
+        vae = None if spec.teacher.pixel_space else models.load_vae(spec.teacher)
 
         @torch.no_grad()
         def encode(blobs: list[bytes]) -> dict[str, torch.Tensor]:
             pixels = [np.asarray(Image.open(io.BytesIO(b)).convert("RGB"), dtype=np.float32) for b in blobs]
             x = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2) / 127.5 - 1.0
+            if vae is None:  # a pixel-space teacher denoises the image itself
+                return {"latents": x}
             # The distribution's mean, not a sample: deterministic and reusable by every run.
             return {"latents": vae.encode(x).latent_dist.mean * vae.config.scaling_factor}
         return encode

@@ -57,6 +57,9 @@ class ModelRef(Strict):
 
 class TeacherSpec(ModelRef):
     kind: Literal["sd15", "sdxl"] = "sd15"
+    pixel_space: bool = Field(False, description="the UNet denoises pixels in [-1, 1] (the trained toy teacher, "
+                              "docs/results.md): its pipeline's VAE does not downsample (vae_scale_factor 1) and is "
+                              "never run; images are the pipeline's output_type='latent' result")
 
 
 class StudentSpec(ModelRef):

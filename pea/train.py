@@ -213,7 +213,10 @@ def train(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, run_dir: 
                                    None if pooled is None else pooled[:-1], time_ids)
             teacher = Conditioning(torch.where(drop, table.teacher_empty, table.teacher[idx]),
                                    None if table.teacher_pooled is None else table.teacher_pooled[idx], time_ids)
-            terms = distill_loss(unet, noisy, timesteps, noise, teacher, student, table.native[idx],
+            # The diffusion loss's target is what the teacher predicts: ε (SD 1.5, SDXL) or v (v-prediction).
+            target = (noise if noise_scheduler.config.prediction_type == "epsilon"
+                      else noise_scheduler.get_velocity(latents, noise, timesteps))
+            terms = distill_loss(unet, noisy, timesteps, target, teacher, student, table.native[idx],
                                  cfg.output_kd_weight, cfg.feature_kd_weight, cfg.diffusion_loss == "all")
             engine.backward(terms.total)
             engine.step()
