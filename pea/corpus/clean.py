@@ -13,6 +13,7 @@ import functools
 import unicodedata
 
 import ftfy
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -29,6 +30,8 @@ FTFY_CONFIG = ftfy.TextFixerConfig(uncurl_quotes=False, fix_character_width=Fals
                                    explain=False)
 CONTROL = r"[\p{Cc}\p{Cf}\x{2028}\x{2029}]"
 HAN = r"\p{Han}"
+NOT_LETTER = r"[^\p{L}\p{M}]"
+SPACE = r"[\s\p{Z}]"  # RE2: \s is [\t\n\f\r ]; in ASCII \p{Z} is the space alone
 
 
 @functools.lru_cache(maxsize=8)
@@ -49,6 +52,23 @@ def _apply(texts: pa.Array, mask: pa.Array, fn) -> pa.Array:  # noqa: ANN001
         return texts
     picked = pc.filter(texts, mask).to_pylist()
     return pc.replace_with_mask(texts, mask, pa.array([fn(t) for t in picked], pa.string()))
+
+
+def _convert_joined(converter, texts: list[str]) -> list[str]:  # noqa: ANN001
+    """OpenCC over many strings in one call: joined by newlines (cleaning has turned every newline into a space
+    before this runs, and OpenCC's phrases never span one), converted, split. Per string if the count differs."""
+    if not texts:
+        return []
+    out = converter.convert("\n".join(texts)).split("\n")
+    return out if len(out) == len(texts) else [converter.convert(t) for t in texts]
+
+
+def _apply_many(texts: pa.Array, mask: pa.Array, fn) -> pa.Array:  # noqa: ANN001
+    """Replace the masked strings by fn(list of them), one Python call for all."""
+    mask = pc.fill_null(mask, False)
+    if not pc.any(mask).as_py():
+        return texts
+    return pc.replace_with_mask(texts, mask, pa.array(fn(pc.filter(texts, mask).to_pylist()), pa.string()))
 
 
 def clean_captions(texts: pa.Array | pa.ChunkedArray, cleaning: CleaningSpec, *, target: bool,
@@ -79,6 +99,47 @@ def clean_captions(texts: pa.Array | pa.ChunkedArray, cleaning: CleaningSpec, *,
         texts = pc.if_else(pc.fill_null(applies, False), kept, texts)
     if target and cleaning.opencc is not None:
         converter = _opencc(cleaning.opencc)
-        texts = _apply(texts, pc.match_substring_regex(texts, HAN), converter.convert)
+        texts = _apply_many(texts, pc.match_substring_regex(texts, HAN),
+                            functools.partial(_convert_joined, converter))
     texts = pc.utf8_trim_whitespace(pc.replace_substring_regex(texts, r"[\s\p{Z}]+", " "))  # U+3000 too
     return texts
+
+
+def _ascii_counts(texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """Per ASCII string: letters ([A-Za-z], ASCII's \\p{L}; no \\p{M} there) and non-space characters, from the
+    bytes themselves."""
+    kind = np.int64 if pa.types.is_large_string(texts.type) else np.int32
+    offsets = np.frombuffer(texts.buffers()[1], dtype=kind)[texts.offset: texts.offset + len(texts) + 1].astype(np.int64)
+    data = texts.buffers()[2]
+    data = np.frombuffer(data, dtype=np.uint8)[offsets[0]: offsets[-1]] if data is not None else np.zeros(0, np.uint8)
+    offsets = offsets - offsets[0]
+    lower = data | 0x20
+    letter = (lower >= ord("a")) & (lower <= ord("z"))
+    space = (data == 32) | (data == 9) | (data == 10) | (data == 12) | (data == 13)
+
+    def per_string(flags: np.ndarray) -> np.ndarray:
+        total = np.concatenate([[0], np.cumsum(flags, dtype=np.int64)])
+        return total[offsets[1:]] - total[offsets[:-1]]
+
+    return per_string(letter), np.diff(offsets) - per_string(space)
+
+
+def text_ratios(texts: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """Letters (\\p{L}, \\p{M}) / non-space characters (not \\s, \\p{Z}; at least 1) per string, as float64: the
+    filter's caption_not_text measure. ASCII strings are counted from their bytes with numpy; the rest with RE2."""
+    if isinstance(texts, pa.ChunkedArray):
+        texts = texts.combine_chunks()
+    texts = pc.fill_null(texts.cast(pa.string()), "")
+    letters = np.zeros(len(texts), np.int64)
+    nonspace = np.zeros(len(texts), np.int64)
+    is_ascii = pc.string_is_ascii(texts).to_numpy(zero_copy_only=False)
+    for where, subset in ((is_ascii, True), (~is_ascii, False)):
+        if not where.any():
+            continue
+        picked = pc.filter(texts, pa.array(where))
+        if subset:
+            letters[where], nonspace[where] = _ascii_counts(picked)
+        else:
+            letters[where] = pc.utf8_length(pc.replace_substring_regex(picked, NOT_LETTER, "")).to_numpy()
+            nonspace[where] = pc.utf8_length(pc.replace_substring_regex(picked, SPACE, "")).to_numpy()
+    return pa.array(letters.astype(np.float64) / np.maximum(nonspace, 1), pa.float64())

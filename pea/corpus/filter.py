@@ -27,10 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pea.corpus.clean import clean_captions
+from pea.corpus.clean import clean_captions, text_ratios
 from pea.corpus.manifest import MANIFEST_REASONS
 from pea.corpus.report import write_report
 from pea.corpus.where import read_only_where
@@ -62,11 +63,8 @@ DOWNLOAD_CLASS = """CASE
     WHEN error_message LIKE 'bad_url:%' THEN 'bad_url'
     ELSE 'download_other' END"""
 
-TEXT_RATIO = ("length(regexp_replace({c}, '[^\\p{{L}}\\p{{M}}]', '', 'g'))::DOUBLE "
-              "/ greatest(length(regexp_replace({c}, '[\\s\\p{{Z}}]', '', 'g')), 1)")
-
-JUDGE = f"""
-CREATE TEMP TABLE judged AS SELECT *, CASE
+# The rules that read only the image and the manifest's scores: run over every row, in SQL.
+METADATA_REASON = f"""CASE
     WHEN status IS DISTINCT FROM 'success' THEN {DOWNLOAD_CLASS}
     WHEN least(width, height, original_width, original_height) < $min_side THEN 'too_small'
     WHEN original_width::BIGINT * original_height > $max_pixels THEN 'too_large'
@@ -75,19 +73,21 @@ CREATE TEMP TABLE judged AS SELECT *, CASE
     WHEN similarity < $min_similarity THEN 'low_similarity'
     WHEN punsafe > $max_punsafe THEN 'unsafe'
     WHEN pwatermark > $max_pwatermark THEN 'watermark'
+    END"""
+
+# The caption rules: run only over the rows the metadata rules kept, after their captions are cleaned.
+# text_ratio(_en): letters / non-space characters (pea.corpus.clean.text_ratios).
+CAPTION_REASON = """CASE
     WHEN length(caption) = 0 OR (NOT native AND length(caption_en) = 0) THEN 'caption_empty'
     WHEN length(caption) < $min_chars OR (NOT native AND length(caption_en) < $min_chars) THEN 'caption_too_short'
     WHEN length(caption) > $max_chars OR length(caption_en) > $max_chars THEN 'caption_too_long'
-    WHEN {TEXT_RATIO.format(c='caption')} < $min_ratio
-        OR (NOT native AND {TEXT_RATIO.format(c='caption_en')} < $min_ratio) THEN 'caption_not_text'
-    END AS reason
-FROM prepared
-"""
+    WHEN text_ratio < $min_ratio OR (NOT native AND text_ratio_en < $min_ratio) THEN 'caption_not_text'
+    END"""
 
 DEDUPE = """
-UPDATE judged SET reason = $reason WHERE rid IN (
+UPDATE candidates SET reason = $reason WHERE rid IN (
     SELECT rid FROM (SELECT rid, row_number() OVER (PARTITION BY {by} ORDER BY key) AS n
-                     FROM judged WHERE reason IS NULL) WHERE n > $keep)
+                     FROM candidates WHERE reason IS NULL) WHERE n > $keep)
 """
 
 
@@ -113,6 +113,7 @@ def _quote(name: str) -> str:
 
 
 def _load(con: duckdb.DuckDBPyConnection, spec: LanguageSpec, shards: list[Path]) -> pa.Table:
+    """Every raw row, in shard and row order, numbered by that position (`rid`)."""
     files = [str(p) for p in shards]
     has = {r[0] for r in con.execute("DESCRIBE SELECT * FROM read_parquet($f, union_by_name = true)",
                                      {"f": files}).fetchall()}
@@ -123,16 +124,23 @@ def _load(con: duckdb.DuckDBPyConnection, spec: LanguageSpec, shards: list[Path]
         raise ValueError(f"raw shards in {shards[0].parent} lack column(s) {', '.join(missing)} (have "
                          f"{', '.join(sorted(has))}); they were not written by this acquire stage for "
                          f"{spec.language}: delete {shards[0].parent} and run acquire again")
-    optional = ", ".join(f"{_quote(c) if c in has else 'NULL'}::{t} AS {c}" for c, t in OPTIONAL.items())
-    return con.sql(f"""
+    optional = ", ".join(f"{_quote(c) if c in has else 'NULL'}::{t} AS {c}" for c, t in OPTIONAL.items()
+                         if c != "native")
+    native = f"coalesce({_quote('native')}::BOOLEAN, false)" if "native" in has else "false"
+    raw = con.sql(f"""
         SELECT key, status, error_message, sha256 AS image_sha256, caption AS caption_en,
                {_quote(spec.caption_column)} AS caption, width, height, original_width, original_height,
-               {optional}, filename AS raw_file
-        FROM read_parquet($f, filename = true, union_by_name = true) ORDER BY key""", params={"f": files}).to_arrow_table()
+               {optional}, {native} AS native, filename AS raw_file
+        FROM read_parquet($f, filename = true, union_by_name = true)""", params={"f": files}).to_arrow_table()
+    return raw.append_column("rid", pa.array(np.arange(raw.num_rows, dtype=np.int64)))
 
 
 def _language_ids(spec: LanguageSpec, captions: list[str]) -> tuple[list[float], list[bool]]:
-    """lingua's confidence for the target language, and whether it is lingua's first choice, per caption."""
+    """lingua's confidence for the target language, and whether it is lingua's first choice, per caption.
+
+    One pass of `compute_language_confidence_values_in_parallel` gives both: lingua's `detect_language_of`
+    is the first of these values unless the second ties it (then it detects nothing), and
+    `compute_language_confidence` is the target's value among them."""
     from lingua import IsoCode639_1, Language, LanguageDetectorBuilder
 
     lid = spec.filter.language_id
@@ -150,13 +158,25 @@ def _language_ids(spec: LanguageSpec, captions: list[str]) -> tuple[list[float],
         candidates.add(Language.ENGLISH if target != Language.ENGLISH else Language.FRENCH)
     builder = LanguageDetectorBuilder.from_languages(*candidates)
     detector = (builder.with_low_accuracy_mode() if lid.low_accuracy else builder).build()
-    confidence = detector.compute_language_confidence_in_parallel(captions, target)
-    first = detector.detect_languages_in_parallel_of(captions)
-    return confidence, [f == target for f in first]
+    confidence, first = [], []
+    for values in detector.compute_language_confidence_values_in_parallel(captions):
+        top = values[0] if values else None
+        if top is not None and top.language == target:
+            confidence.append(top.value)
+            first.append(len(values) == 1 or values[1].value != top.value)
+        else:
+            confidence.append(next((v.value for v in values if v.language == target), 0.0))
+            first.append(False)
+    return confidence, first
 
 
 def filter_pairs(spec: LanguageSpec, lake: Path) -> FilterResult:
-    """Judge every raw row, write the kept pairs and the data-quality report."""
+    """Judge every raw row, write the kept pairs and the data-quality report.
+
+    The metadata rules run in SQL over every row first; only the rows they keep have their captions cleaned
+    and then judged by the caption rules, lingua, the custom rule and the duplicate rules (table
+    `candidates`): each row still gets the first reason it fails, and cleaning, the slow part, runs only
+    where a caption can matter."""
     start = time.perf_counter()
     lang_dir = Path(lake) / spec.language
     raw_dir = (lang_dir / "raw").resolve()
@@ -172,39 +192,46 @@ def filter_pairs(spec: LanguageSpec, lake: Path) -> FilterResult:
         # Nothing below reads or writes a file through DuckDB: switch that off before any user text runs.
         con.execute("SET enable_external_access = false")
         con.execute("SET lock_configuration = true")
-        native = raw["native"].fill_null(False) if raw.num_rows else raw["native"]
-        prepared = raw.set_column(raw.schema.get_field_index("native"), "native", native)
-        prepared = prepared.set_column(prepared.schema.get_field_index("caption_en"), "caption_en",
-                                       clean_captions(raw["caption_en"], f.cleaning, target=False))
-        prepared = prepared.set_column(prepared.schema.get_field_index("caption"), "caption",
-                                       clean_captions(raw["caption"], f.cleaning, target=True, native=native))
-        prepared = prepared.append_column("rid", pa.array(range(prepared.num_rows), pa.int64()))
-        con.register("prepared", prepared)
-        con.execute(JUDGE, {
+        con.register("raw", raw)
+        con.execute(f"""CREATE TEMP TABLE judged AS SELECT rid, status, error_message, original_width,
+                            original_height, {METADATA_REASON} AS reason FROM raw""", {
             "min_side": f.min_image_side, "max_pixels": f.max_image_pixels, "max_aspect": f.max_aspect_ratio,
-            "min_similarity": f.min_similarity, "max_punsafe": f.max_punsafe, "max_pwatermark": f.max_pwatermark,
-            "min_chars": f.min_caption_chars, "max_chars": f.max_caption_chars, "min_ratio": f.min_text_ratio})
-        con.unregister("prepared")
+            "min_similarity": f.min_similarity, "max_punsafe": f.max_punsafe, "max_pwatermark": f.max_pwatermark})
+        con.unregister("raw")
+
+        survivors = raw.take(con.sql("SELECT rid FROM judged WHERE reason IS NULL ORDER BY rid").to_arrow_table()["rid"])
+        for name, texts in (("caption_en", clean_captions(survivors["caption_en"], f.cleaning, target=False)),
+                            ("caption", clean_captions(survivors["caption"], f.cleaning, target=True,
+                                                       native=survivors["native"]))):
+            survivors = survivors.set_column(survivors.schema.get_field_index(name), name, texts)
+        survivors = survivors.append_column("text_ratio_en", text_ratios(survivors["caption_en"]))
+        survivors = survivors.append_column("text_ratio", text_ratios(survivors["caption"]))
+        con.register("survivors", survivors)
+        con.execute(f"""CREATE TEMP TABLE candidates AS
+                        SELECT * EXCLUDE (text_ratio_en, text_ratio), {CAPTION_REASON} AS reason FROM survivors""",
+                    {"min_chars": f.min_caption_chars, "max_chars": f.max_caption_chars, "min_ratio": f.min_text_ratio})
+        con.unregister("survivors")
 
         if f.language_id is not None:
             captions = [r[0] for r in con.execute(
-                "SELECT DISTINCT caption FROM judged WHERE reason IS NULL").fetchall()]
+                "SELECT DISTINCT caption FROM candidates WHERE reason IS NULL").fetchall()]
             if captions:
                 confidence, first = _language_ids(spec, captions)
                 verdict = pa.table({"caption": captions, "confidence": confidence, "first": first})
                 con.register("verdict", verdict)
-                con.execute("""UPDATE judged SET reason = 'wrong_language' FROM verdict
-                               WHERE judged.reason IS NULL AND judged.caption = verdict.caption
+                con.execute("""UPDATE candidates SET reason = 'wrong_language' FROM verdict
+                               WHERE candidates.reason IS NULL AND candidates.caption = verdict.caption
                                  AND (NOT verdict.first OR verdict.confidence < $min)""",
                             {"min": f.language_id.min_confidence})
                 con.unregister("verdict")
 
         if f.where is not None:
-            columns = [r[0] for r in con.execute("DESCRIBE judged").fetchall() if r[0] != "reason"]
-            con.execute("CREATE TEMP VIEW judged_rows AS SELECT * EXCLUDE (reason) FROM judged")
+            columns = [r[0] for r in con.execute("DESCRIBE candidates").fetchall() if r[0] != "reason"]
+            # Only rows still undecided can fail the custom rule, so only they are shown to it.
+            con.execute("CREATE TEMP VIEW judged_rows AS SELECT * EXCLUDE (reason) FROM candidates WHERE reason IS NULL")
             keep = read_only_where(con, f.where, "judged_rows", columns)
             con.execute(f"CREATE TEMP TABLE custom_keep AS {keep}")
-            con.execute("UPDATE judged SET reason = 'custom_where' WHERE reason IS NULL "
+            con.execute("UPDATE candidates SET reason = 'custom_where' WHERE reason IS NULL "
                         "AND rid NOT IN (SELECT rid FROM custom_keep)")
 
         con.execute(DEDUPE.format(by="image_sha256"), {"reason": "duplicate_image", "keep": 1})
@@ -212,13 +239,19 @@ def filter_pairs(spec: LanguageSpec, lake: Path) -> FilterResult:
             con.execute(DEDUPE.format(by="caption_en, caption"),
                         {"reason": "duplicate_caption", "keep": f.max_images_per_caption_pair})
 
-        pairs = con.sql(f"SELECT {', '.join(PAIRS_COLUMNS)} FROM judged WHERE reason IS NULL ORDER BY key"
-                            ).to_arrow_table()
-        counts = dict(con.execute("SELECT coalesce(reason, 'kept'), count(*) FROM judged GROUP BY ALL").fetchall())
-        images = con.sql("SELECT original_width, original_height, reason IS NULL AS kept FROM judged "
-                             "WHERE status = 'success'").to_arrow_table()
-        errors = con.execute("SELECT reason, error_message, count(*) AS n FROM judged WHERE error_message IS NOT NULL "
+        pairs = con.sql(f"SELECT {', '.join(PAIRS_COLUMNS)} FROM candidates WHERE reason IS NULL ORDER BY key"
+                        ).to_arrow_table()
+        counts = dict(con.execute("""SELECT reason, count(*) FROM judged WHERE reason IS NOT NULL GROUP BY ALL
+                                     UNION ALL SELECT coalesce(reason, 'kept'), count(*) FROM candidates GROUP BY ALL"""
+                                  ).fetchall())
+        con.execute("CREATE TEMP VIEW final AS SELECT judged.* REPLACE (coalesce(judged.reason, candidates.reason) "
+                    "AS reason), judged.reason IS NULL AND candidates.reason IS NULL AS kept "
+                    "FROM judged LEFT JOIN candidates USING (rid)")
+        images = con.sql("SELECT original_width, original_height, kept FROM final WHERE status = 'success'"
+                         ).to_arrow_table()
+        errors = con.execute("SELECT reason, error_message, count(*) AS n FROM final WHERE error_message IS NOT NULL "
                              "GROUP BY ALL ORDER BY n DESC, error_message LIMIT 20").fetchall()
+        rows_raw = con.execute("SELECT count(*) FROM judged").fetchall()[0][0]
 
     pairs_path = out_dir / "pairs.parquet"
     tmp = out_dir / "pairs.parquet.tmp"
@@ -230,7 +263,7 @@ def filter_pairs(spec: LanguageSpec, lake: Path) -> FilterResult:
     rows_out = counts.get("kept", 0)
     rows_in = rows_out + sum(dropped.values())
     report = {"language": spec.language, "shards": len(shards), "rows_in": rows_in, "rows_downloaded_or_tried":
-              raw.num_rows, "rows_out": rows_out, "dropped": dropped,
+              rows_raw, "rows_out": rows_out, "dropped": dropped,
               "download_errors": [{"reason": r, "message": m, "rows": n} for r, m, n in errors],
               "filter": f.model_dump(mode="json"), "pairs": str(pairs_path.resolve()),
               "seconds": round(time.perf_counter() - start, 3)}

@@ -17,6 +17,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; never a display
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
@@ -26,19 +27,28 @@ HISTOGRAMS = ("image_sizes", "aspect_ratios", "caption_lengths")
 
 def _save(fig: Any, path: Path) -> Path:
     tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    fig.savefig(tmp, dpi=100)  # no bbox_inches="tight": it draws the figure twice; the margins are set instead
     plt.close(fig)
     os.replace(tmp, path)
     return path
 
 
-def _bins(values: np.ndarray, log: bool = False) -> Any:
+def _edges(values: np.ndarray, log: bool = False) -> np.ndarray:
     if values.size == 0:
-        return 10
+        return np.linspace(0, 1, 11)
     lo, hi = float(values.min()), float(values.max())
     if hi <= lo:
-        return 10
-    return np.geomspace(max(lo, 1e-3), hi, 40) if log else 40
+        return np.linspace(lo - 0.5, lo + 0.5, 11)
+    return np.geomspace(max(lo, 1e-3), hi, 41) if log else np.linspace(lo, hi, 41)
+
+
+def _stacked(ax: Any, values: np.ndarray, kept: np.ndarray, edges: np.ndarray) -> None:
+    """Kept and dropped counts per bin (np.histogram, one pass each), drawn as two filled step outlines:
+    two artists per axes however many rows, where plt.hist of the raw values builds a patch per bin."""
+    below, _ = np.histogram(values[kept], edges)
+    dropped, _ = np.histogram(values[~kept], edges)
+    ax.stairs(below, edges, fill=True, label="kept")
+    ax.stairs(below + dropped, edges, baseline=below, fill=True, label="dropped")
 
 
 def write_report(report: dict[str, Any], images: pa.Table, captions: pa.Table, out_dir: Path,
@@ -52,10 +62,11 @@ def write_report(report: dict[str, Any], images: pa.Table, captions: pa.Table, o
     paths: dict[str, Path] = {}
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig.subplots_adjust(left=0.09, right=0.98, bottom=0.16, top=0.88, wspace=0.3)
     for ax, values, name in ((axes[0], width, "width"), (axes[1], height, "height")):
-        bins = _bins(values, log=True)
-        ax.hist([values[kept], values[~kept]], bins=bins, stacked=True, label=["kept", "dropped"])
+        _stacked(ax, values, kept, _edges(values, log=True))
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap on narrow ranges (and cost a draw)
         ax.set_xlabel(f"original {name} (px)")
         ax.set_ylabel("images")
         ax.legend()
@@ -64,7 +75,8 @@ def write_report(report: dict[str, Any], images: pa.Table, captions: pa.Table, o
 
     ratio = np.divide(np.maximum(width, height), np.maximum(np.minimum(width, height), 1))
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    ax.hist([ratio[kept], ratio[~kept]], bins=_bins(ratio), stacked=True, label=["kept", "dropped"])
+    fig.subplots_adjust(left=0.15, right=0.97, bottom=0.16, top=0.9)
+    _stacked(ax, ratio, kept, _edges(ratio))
     ax.set_xlabel("aspect ratio (long side / short side)")
     ax.set_ylabel("images")
     ax.legend()
@@ -72,11 +84,13 @@ def write_report(report: dict[str, Any], images: pa.Table, captions: pa.Table, o
     paths["aspect_ratios"] = _save(fig, out_dir / "hist_aspect_ratios.png")
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig.subplots_adjust(left=0.15, right=0.97, bottom=0.16, top=0.9)
     lengths = {name: pc.utf8_length(captions[column]).to_numpy(zero_copy_only=False).astype(float)
                for name, column in (("en", "caption_en"), (language, "caption"))}
     top = max([v.max() for v in lengths.values() if v.size] + [1.0])
+    edges = np.linspace(0, top + 1, 40)
     for name, values in lengths.items():
-        ax.hist(values, bins=np.linspace(0, top + 1, 40), alpha=0.6, label=name)
+        ax.stairs(np.histogram(values, edges)[0], edges, fill=True, alpha=0.6, label=name)
     ax.set_xlabel("characters per caption (after cleaning)")
     ax.set_ylabel("kept pairs")
     ax.legend()
