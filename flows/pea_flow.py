@@ -124,7 +124,8 @@ def embed(spec: LanguageSpec, lake: Path, pairs: Path) -> embed_stage.EmbedResul
 
 @task(cache_key_fn=_per_flow_run_key("train"), persist_result=True)
 def train(spec: LanguageSpec, pairs: Path, embedded: embed_stage.EmbedResult, run_dir: Path) -> train_stage.TrainResult:
-    return train_stage.train(spec, pairs, embedded, run_dir)
+    # In this process for one process; under the deepspeed launcher for spec train.launcher's processes/nodes.
+    return train_stage.launch(spec, pairs, embedded, run_dir)
 
 
 @task(cache_key_fn=_per_flow_run_key("evaluate"), persist_result=True)

@@ -246,6 +246,59 @@ class FilterSpec(Strict):
         return self
 
 
+# Always forwarded to every rank (the launcher's own children inherit the whole environment; remote nodes
+# get only what `.deepspeed_env` lists): where the project, lake and caches are, and MLflow's settings.
+FORWARDED_ENV = ("PEA_HOME", "PEA_LAKE", "PEA_RESULTS", "PYTHONPATH", "HF_HOME", "HF_HUB_OFFLINE",
+                 "TRANSFORMERS_OFFLINE", "TORCH_EXTENSIONS_DIR", "MLFLOW_*")
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\*?$")
+
+
+class LauncherSpec(Strict):
+    """How many processes train one adapter. One process (the default) trains inside the calling process;
+    more are started through the `deepspeed` launcher (pea.train.launch): num_gpus per node times num_nodes."""
+
+    num_gpus: int = Field(1, ge=1, le=1024, description="processes per node, one per GPU (deepspeed --num_gpus); "
+                          "on a CPU-only machine, processes (gloo)")
+    num_nodes: int = Field(1, ge=1, le=4096, description="nodes (deepspeed --num_nodes); more than one needs hostfile")
+    hostfile: str | None = Field(None, description="DeepSpeed hostfile (`host slots=N` lines), a path relative to the "
+                                 "project home or absolute; needed for num_nodes > 1")
+    multinode_runner: Literal["pdsh", "openmpi", "mvapich", "slurm", "mpich", "impi"] = Field(
+        "pdsh", description="how the launcher starts the other nodes (deepspeed --launcher): pdsh over ssh, or an "
+                            "MPI / slurm runner")
+    master_addr: str | None = Field(None, description="rendezvous host; None: the launcher's choice (this host, or "
+                                    "the hostfile's first host)")
+    master_port: int | None = Field(None, ge=1024, le=65535, description="rendezvous port; None: a free port on one "
+                                    "node, 29500 across nodes")
+    forward_env: list[str] = Field(default_factory=list, description="environment variables forwarded to every rank "
+                                   "besides " + ", ".join(FORWARDED_ENV) + "; a trailing * forwards a prefix "
+                                   "(e.g. NCCL_*)")
+
+    @field_validator("forward_env")
+    @classmethod
+    def _env_names(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if not ENV_NAME.fullmatch(name):
+                raise ValueError(f"{name!r} is not an environment variable name (or a prefix ending in *)")
+        return names
+
+    @field_validator("master_addr")
+    @classmethod
+    def _plain_host(cls, host: str | None) -> str | None:
+        if host is not None and not re.fullmatch(r"[A-Za-z0-9_.:-]+", host):
+            raise ValueError(f"{host!r} is not a host name or address")
+        return host
+
+    @model_validator(mode="after")
+    def _nodes_need_a_hostfile(self) -> LauncherSpec:
+        if self.num_nodes > 1 and self.hostfile is None:
+            raise ValueError(f"num_nodes={self.num_nodes} needs a hostfile naming the nodes")
+        return self
+
+    @property
+    def world_size(self) -> int:
+        return self.num_gpus * self.num_nodes
+
+
 class EmbedSpec(Strict):
     dtype: Literal["float16", "bfloat16"] = "float16"
     batch_size: int = Field(64, ge=1)
@@ -271,6 +324,8 @@ class TrainSpec(Strict):
     noise_offset: float = Field(0.0, ge=0)
     checkpoint_every: int = Field(1000, ge=1)
     seed: int = 0
+    launcher: LauncherSpec = Field(LauncherSpec(), description="processes and nodes; more than one process runs "
+                                   "under the deepspeed launcher")
 
 
     @model_validator(mode="after")

@@ -2,21 +2,48 @@
 frozen (requires_grad off, eval mode), never handed to the engine, so it is neither in the optimizer
 nor in any checkpoint.
 
-One process (what the flow runs on a single machine; DeepSpeed on CPU uses gloo):
-    python -m pea.train --language zh --profile embedded --run-dir data/lake/zh/runs/manual
-Several processes or nodes, each rank reading its own slice of every shuffled batch sequence:
-    deepspeed --num_gpus 8 [--num_nodes 3 --hostfile hostfile] -m pea.train --language zh --run-dir ...
+    launch(spec, pairs_path, embedded, run_dir) -> TrainResult     # what the flow's train task calls
+
+The spec's `train.launcher` decides the layout. One process (the default) trains inside the calling
+process (DeepSpeed on CPU uses gloo). More processes run under the `deepspeed` launcher as a
+subprocess whose output is streamed; the spec (overrides included) goes to `<run_dir>/spec.json` and
+every rank runs
+
+    deepspeed --num_gpus N [--num_nodes M --hostfile H] [--master_addr A] --master_port P \
+        --module pea.train --spec <run_dir>/spec.json --run-dir <run_dir> --pairs <pairs.parquet> \
+        --stores <teacher store> <student store> <latent store>
+
+then the TrainResult is read back from `<run_dir>/train_result.json` (written by rank 0). A failure
+raises LaunchError naming the command and its exit code. The environment is forwarded: the
+launcher's local ranks inherit it; for several nodes the variables of spec.FORWARDED_ENV plus
+`train.launcher.forward_env` are written (owner-only) to `<run_dir>/.deepspeed_env`, which the
+launcher exports on every node (it runs with the run directory as its working directory).
+
+On a cluster, the same spec section, e.g. in data/languages/zh.yaml:
+    train: {launcher: {num_gpus: 8, num_nodes: 2, hostfile: /etc/pea/hostfile, master_addr: node-0}}
+(hostfile lines `node-0 slots=8`, passwordless ssh between nodes for DeepSpeed's default pdsh runner;
+the checkout, the lake and the run directory must be at the same paths on every node, e.g. a shared
+volume). By hand, without the flow (one node, or add --num_nodes/--hostfile as above):
+    deepspeed --num_gpus 8 --module pea.train --language zh --run-dir data/lake/zh/runs/manual
+    python -m pea.train --language zh --profile embedded --run-dir data/lake/zh/runs/manual   # one process
 A run directory resumes from its latest checkpoint; batches, noise and timesteps are drawn from
-generators seeded by (seed, step), so a resumed run sees the same data as an uninterrupted one.
+generators seeded by (seed, step), so a resumed run sees the same data as an uninterrupted one, and
+each rank reads its own slice of every shuffled batch sequence.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import dataclasses
+import fnmatch
 import json
 import os
+import shlex
 import shutil
 import socket
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +54,7 @@ from pea import models
 from pea.adapter import PEAAdapter
 from pea.distill import Conditioning, distill_loss, sdxl_time_ids
 from pea.embed import EmbedResult, open_stores
-from pea.spec import LanguageSpec, TrainSpec, home, lake_root, load_spec
+from pea.spec import FORWARDED_ENV, PACKAGE_ROOT, LanguageSpec, TrainSpec, home, lake_root, load_spec
 from pea.table import TrainingTable, load_table
 
 
@@ -42,6 +69,22 @@ class TrainResult:
     history_path: Path
     loss_curve: Path
     ds_config: dict
+
+    def write(self, path: Path) -> None:
+        """As JSON (temp file, then rename): how a launched run hands its result back."""
+        fields = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(fields, indent=2))
+        os.replace(tmp, path)
+
+    @classmethod
+    def read(cls, path: Path) -> TrainResult:
+        fields = json.loads(Path(path).read_text())
+        paths = {f.name for f in dataclasses.fields(cls) if f.type in ("Path", Path)}
+        return cls(**{k: Path(v) if k in paths else v for k, v in fields.items()})
+
+
+RESULT_FILE = "train_result.json"
 
 
 def ds_config(cfg: TrainSpec, world_size: int = 1) -> dict:
@@ -65,10 +108,7 @@ def _single_process_env() -> None:
     """Without the `deepspeed` launcher DeepSpeed needs the torch.distributed variables set."""
     if "RANK" in os.environ:
         return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
 
 
 class _Batches:
@@ -159,6 +199,8 @@ def train(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, run_dir: 
     # DeepSpeed unpickles its own checkpoints (torch.load with weights_only=False): it only ever reads
     # them from this run directory, which this code creates, owner-only, and never from user input.
     run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not Path(pairs_path).is_file():
+        raise FileNotFoundError(f"pairs table {pairs_path} does not exist; run the filter and embed stages first")
     table: TrainingTable = load_table(spec, pairs_path, embedded, "train")
     unet = models.load_unet(spec.teacher)
     noise_scheduler = models.load_noise_scheduler(spec.teacher)
@@ -241,33 +283,141 @@ def train(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, run_dir: 
         with open(run_dir / "ds_config.json", "w") as f:
             json.dump(config, f, indent=2)
     recent = history[-20:]
-    return TrainResult(run_dir, adapter_dir, cfg.steps, start,
-                       final_loss=sum(h["loss"] for h in recent) / len(recent),
-                       samples_per_s=recent[-1]["samples_per_s"], history_path=history_path,
-                       loss_curve=_loss_curve(history, run_dir / "loss.png"), ds_config=config)
+    result = TrainResult(run_dir, adapter_dir, cfg.steps, start,
+                         final_loss=sum(h["loss"] for h in recent) / len(recent),
+                         samples_per_s=recent[-1]["samples_per_s"], history_path=history_path,
+                         loss_curve=run_dir / "loss.png", ds_config=config)
+    if engine.global_rank == 0:
+        _loss_curve(history, result.loss_curve)
+        result.write(run_dir / RESULT_FILE)
+    return result
+
+
+class LaunchError(RuntimeError):
+    """The deepspeed launcher (or a rank under it) failed; the message names the command and exit code."""
+
+
+def _forwarded_env(patterns: list[str]) -> dict[str, str]:
+    """The variables of this environment that match FORWARDED_ENV or `patterns` (a trailing * is a prefix)."""
+    wanted = [*FORWARDED_ENV, *patterns]
+    return {k: v for k, v in os.environ.items() if any(fnmatch.fnmatchcase(k, p) for p in wanted)}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_deepspeed_env(run_dir: Path, env: dict[str, str]) -> Path:
+    """`<run_dir>/.deepspeed_env`: DeepSpeed's multi-node runners export each KEY=VALUE line of the
+    .deepspeed_env in their working directory on every node. It may hold tokens (MLFLOW_TRACKING_TOKEN),
+    so it is owner-only, in the owner-only run directory. Values spanning lines cannot be written."""
+    path = Path(run_dir) / ".deepspeed_env"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("".join(f"{k}={v}\n" for k, v in sorted(env.items()) if "\n" not in v))
+    os.chmod(path, 0o600)  # O_CREAT's mode applies only to a new file
+    return path
+
+
+def launch_command(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, run_dir: Path) -> list[str]:
+    """The `deepspeed` command line that trains `spec` with its train.launcher layout into `run_dir`."""
+    layout = spec.train.launcher
+    launcher = Path(sys.executable).with_name("deepspeed")  # the launcher of this environment's DeepSpeed
+    command = [str(launcher) if launcher.is_file() else "deepspeed", "--num_gpus", str(layout.num_gpus)]
+    if layout.hostfile is not None:
+        hostfile = Path(layout.hostfile) if Path(layout.hostfile).is_absolute() else home() / layout.hostfile
+        if not hostfile.is_file():
+            raise FileNotFoundError(f"train.launcher.hostfile {hostfile} does not exist")
+        command += ["--num_nodes", str(layout.num_nodes), "--hostfile", str(hostfile)]
+        if layout.num_nodes > 1:
+            command += ["--launcher", layout.multinode_runner]
+    if layout.master_addr is not None:
+        command += ["--master_addr", layout.master_addr]
+    port = layout.master_port or (_free_port() if layout.num_nodes == 1 else None)
+    if port is not None:
+        command += ["--master_port", str(port)]
+    return [*command, "--module", "pea.train", "--spec", str(Path(run_dir) / "spec.json"),
+            "--run-dir", str(run_dir), "--pairs", str(pairs_path),
+            "--stores", str(embedded.teacher_store), str(embedded.student_store), str(embedded.latent_store)]
+
+
+def launch(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, run_dir: Path) -> TrainResult:
+    """Train with the spec's process layout: in this process for one, under the deepspeed launcher otherwise."""
+    layout = spec.train.launcher
+    if layout.world_size == 1:
+        return train(spec, pairs_path, embedded, run_dir)
+    run_dir = Path(run_dir).resolve()
+    run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # see train(): DeepSpeed unpickles what is in here
+    command = launch_command(spec, Path(pairs_path).resolve(), embedded, run_dir)
+    tmp = run_dir / "spec.json.tmp"
+    tmp.write_text(spec.model_dump_json(indent=2))
+    os.replace(tmp, run_dir / "spec.json")
+    (run_dir / RESULT_FILE).unlink(missing_ok=True)  # only a result this launch writes counts
+
+    forwarded = {**_forwarded_env(layout.forward_env), "PEA_HOME": str(home()), "PEA_LAKE": str(lake_root()),
+                 "PYTHONPATH": os.pathsep.join(p for p in (str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")) if p)}
+    # The launcher sets the torch.distributed variables of each rank; ours (from an in-process run) must not leak.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(forwarded)
+    if layout.num_nodes > 1:
+        write_deepspeed_env(run_dir, forwarded)
+
+    shown = shlex.join(command)
+    print(f"launching {layout.world_size} processes: {shown}", flush=True)
+    tail: collections.deque[str] = collections.deque(maxlen=30)
+    with subprocess.Popen(command, cwd=run_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, errors="replace", bufsize=1) as proc:
+        try:
+            for line in proc.stdout:  # streamed as it comes (a Prefect task logs it with log_prints)
+                print(line, end="", flush=True)
+                tail.append(line)
+        except BaseException:  # interrupted or cancelled: do not leave the ranks running
+            proc.terminate()
+            raise
+        code = proc.wait()
+    if code != 0:
+        raise LaunchError(f"{shown} exited with code {code}; its last lines:\n" + "".join(tail))
+    if not (run_dir / RESULT_FILE).is_file():
+        raise LaunchError(f"{shown} exited with code 0 but wrote no {run_dir / RESULT_FILE}")
+    return TrainResult.read(run_dir / RESULT_FILE)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--language", required=True)
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--language", help="load data/languages/<language>.yaml (with --profile)")
+    which.add_argument("--spec", type=Path, help="a validated spec as JSON (what launch() writes to the run dir)")
     parser.add_argument("--profile")
     parser.add_argument("--run-dir", required=True, type=Path)
+    parser.add_argument("--pairs", type=Path, help="pairs table; default <lake>/<language>/pairs/pairs.parquet")
+    parser.add_argument("--stores", type=Path, nargs=3, metavar=("TEACHER", "STUDENT", "LATENTS"),
+                        help="embedding stores; default the spec's stores in the lake")
     parser.add_argument("--steps", type=int, help="override train.steps")
     parser.add_argument("--micro-batch-size", type=int, help="override train.micro_batch_size (per process)")
     parser.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], help="override train.zero_stage")
     parser.add_argument("--checkpoint-every", type=int, help="override train.checkpoint_every")
     parser.add_argument("--local_rank", type=int, default=0, help="set by the deepspeed launcher")
     args = parser.parse_args(argv)
-    spec = load_spec(args.language, args.profile)
+    if args.spec is not None:
+        spec = LanguageSpec.model_validate_json(args.spec.read_text())
+    else:
+        spec = load_spec(args.language, args.profile)
     overrides = {name: value for name, value in {
         "steps": args.steps, "micro_batch_size": args.micro_batch_size, "zero_stage": args.zero_stage,
         "checkpoint_every": args.checkpoint_every}.items() if value is not None}
     if overrides:  # through validation, so a bad override is refused like a bad spec
         spec = LanguageSpec.model_validate({**spec.model_dump(), "train": {**spec.train.model_dump(), **overrides}})
     lake = lake_root()
-    stores = open_stores(spec, lake)
-    embedded = EmbedResult(stores["teacher"].root, stores["student"].root, stores["latents"].root)
-    result = train(spec, lake / spec.language / "pairs" / "pairs.parquet", embedded, args.run_dir)
+    if args.stores is not None:
+        embedded = EmbedResult(*args.stores)
+    else:
+        stores = open_stores(spec, lake)
+        embedded = EmbedResult(stores["teacher"].root, stores["student"].root, stores["latents"].root)
+    pairs = args.pairs or lake / spec.language / "pairs" / "pairs.parquet"
+    result = train(spec, pairs, embedded, args.run_dir)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"adapter written to {result.adapter_dir} (final loss {result.final_loss:.4f})")
 

@@ -99,3 +99,112 @@ def test_two_processes_under_the_deepspeed_launcher_equal_one_with_the_same_glob
     assert (config["train_batch_size"], config["train_micro_batch_size_per_gpu"]) == (16, 8)  # two ranks
     # Same rows, noise and timesteps per global-batch position; only float reduction order differs.
     assert _max_diff(_adapter(tmp_path / "two"), _adapter(tmp_path / "one")) <= 1e-5
+
+
+# --- the spec-driven launch: what the flow's train task calls -------------------------------------------------
+
+def _spec(lake: Path, **train):
+    from pea.spec import LanguageSpec
+
+    spec = load_spec("zh", "embedded", zoo_dir=lake / "zoo")
+    return LanguageSpec.model_validate({**spec.model_dump(), "train": {
+        **spec.train.model_dump(), "steps": 24, "checkpoint_every": 12, **train}})
+
+
+def _stores(spec, lake: Path):
+    from pea.embed import EmbedResult, open_stores
+
+    stores = open_stores(spec, lake)
+    return EmbedResult(stores["teacher"].root, stores["student"].root, stores["latents"].root)
+
+
+@pytest.fixture(scope="module")
+def in_process(lake, tmp_path_factory):
+    """One process, in this process (launch's path for world size 1), ZeRO-1, global batch 16."""
+    from pea.train import launch
+
+    spec = _spec(lake, micro_batch_size=16, zero_stage=1)
+    result = launch(spec, lake / "zh" / "pairs" / "pairs.parquet", _stores(spec, lake),
+                    tmp_path_factory.mktemp("in-process") / "run")
+    return result
+
+
+def _launched(lake: Path, run_dir: Path, monkeypatch, **train):
+    from pea.train import launch
+
+    monkeypatch.setenv("PEA_LAKE", str(lake))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # two ranks on a small CPU
+    spec = _spec(lake, micro_batch_size=8, launcher={"num_gpus": 2}, **train)
+    return launch(spec, lake / "zh" / "pairs" / "pairs.parquet", _stores(spec, lake), run_dir)
+
+
+def test_the_spec_launches_two_processes_that_equal_one_in_process(lake, in_process, tmp_path, monkeypatch, capsys):
+    result = _launched(lake, tmp_path / "two", monkeypatch, zero_stage=2)
+    out = capsys.readouterr().out
+    assert "launching 2 processes: " in out and "--num_gpus 2" in out and "--module pea.train --spec" in out
+    assert "adapter written to" in out  # the ranks' output was streamed through
+    assert result.run_dir == (tmp_path / "two").resolve() and result.steps == 24 and result.resumed_from == 0
+    assert (result.ds_config["train_batch_size"], result.ds_config["train_micro_batch_size_per_gpu"]) == (16, 8)
+    assert result.history_path.is_file() and result.loss_curve.is_file()
+    # Same tolerance as the hand-launched test above: only float reduction order differs.
+    assert _max_diff(_adapter(result.run_dir), _adapter(in_process.run_dir)) <= 1e-5
+
+
+def test_zero_3_exports_the_gathered_adapter(lake, in_process, tmp_path, monkeypatch):
+    """Under ZeRO-3 each of the two ranks holds half of every parameter; the export gathers them. The
+    exported adapter equals the ZeRO-1 one-process run's (same seed, same global batch)."""
+    import json
+
+    result = _launched(lake, tmp_path / "zero3", monkeypatch, zero_stage=3)
+    assert result.ds_config["zero_optimization"]["stage"] == 3
+    config = json.loads((result.adapter_dir / "config.json").read_text())
+    assert config == json.loads((in_process.adapter_dir / "config.json").read_text())
+    exported, reference = _adapter(result.run_dir), _adapter(in_process.run_dir)
+    assert {k: v.shape for k, v in exported.items()} == {k: v.shape for k, v in reference.items()}
+    assert all(v.numel() > 0 for v in exported.values())  # a shard-only (ungathered) export would be empty
+    assert _max_diff(exported, reference) <= 1e-5
+
+
+def test_a_failing_launch_names_the_command_and_its_exit_code(lake, tmp_path, monkeypatch):
+    from pea.train import LaunchError, launch
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    spec = _spec(lake, micro_batch_size=8, launcher={"num_gpus": 2})
+    with pytest.raises(LaunchError, match=r"deepspeed --num_gpus 2 .* exited with code [1-9]") as err:
+        launch(spec, tmp_path / "no-pairs.parquet", _stores(spec, lake), tmp_path / "run")
+    assert "no-pairs.parquet" in str(err.value)  # the ranks' last lines say what went wrong
+
+
+def test_multi_node_command_and_forwarded_environment(lake, tmp_path, monkeypatch):
+    from pydantic import ValidationError
+
+    from pea.train import _forwarded_env, launch_command, write_deepspeed_env
+
+    with pytest.raises(ValidationError, match="needs a hostfile"):
+        _spec(lake, launcher={"num_gpus": 8, "num_nodes": 2})
+    with pytest.raises(ValidationError, match="not an environment variable name"):
+        _spec(lake, launcher={"forward_env": ["NCCL_*", "BAD-NAME"]})
+    with pytest.raises(ValidationError, match="num_gpus"):
+        _spec(lake, launcher={"num_gpus": 0})
+
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-0 slots=8\nnode-1 slots=8\n")
+    spec = _spec(lake, launcher={"num_gpus": 8, "num_nodes": 2, "hostfile": str(hostfile), "master_addr": "node-0",
+                                 "multinode_runner": "slurm", "forward_env": ["NCCL_*"]})
+    command = launch_command(spec, tmp_path / "pairs.parquet", _stores(spec, lake), tmp_path / "run")
+    assert Path(command[0]).name == "deepspeed"
+    assert command[1:13] == ["--num_gpus", "8", "--num_nodes", "2", "--hostfile", str(hostfile), "--launcher", "slurm",
+                             "--master_addr", "node-0", "--module", "pea.train"]  # port: DeepSpeed's 29500
+    assert spec.train.launcher.world_size == 16
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    monkeypatch.setenv("NCCL_DEBUG", "INFO")
+    monkeypatch.setenv("UNRELATED", "x")
+    forwarded = _forwarded_env(spec.train.launcher.forward_env)
+    assert forwarded["MLFLOW_TRACKING_URI"] == "http://mlflow:5000" and forwarded["NCCL_DEBUG"] == "INFO"
+    assert "UNRELATED" not in forwarded
+    path = write_deepspeed_env(tmp_path, {**forwarded, "MULTI": "a\nb"})
+    lines = path.read_text().splitlines()
+    assert "MLFLOW_TRACKING_URI=http://mlflow:5000" in lines and "NCCL_DEBUG=INFO" in lines
+    assert not any(line.startswith("MULTI=") for line in lines)
+    assert path.stat().st_mode & 0o777 == 0o600
