@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from pea.corpus.acquire import acquire
+from pea.corpus.fetch import fetch_image
 from pea.corpus.filter import filter_pairs
 from pea.corpus.synthetic import all_scenes, render
 from pea.spec import LanguageSpec, ManifestSpec
@@ -80,6 +81,13 @@ class Hostile(BaseHTTPRequestHandler):
                 while not self.stop.wait(0.2):
                     self.wfile.write(b"\x00")
                     self.wfile.flush()
+            elif path == "/slow-headers.png":  # the status line and headers a byte every 0.2 s, never finished
+                for byte in b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\n" + b"X-Pad: " + b"a" * 10_000:
+                    if self.stop.wait(0.2):
+                        break
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                self.close_connection = True
             elif path == "/bomb.png":
                 data = _bomb()
                 self._head(200, length=len(data))
@@ -131,7 +139,8 @@ def _refused_port() -> int:
 EXPECTED = {  # path -> reason (None: kept)
     **{path: None for path in GOOD},
     "/404.png": "download_http_error", "/500.png": "download_http_error", "REFUSED": "download_connection",
-    "/stall.png": "download_timeout", "/trickle.png": "download_timeout", "/bomb.png": "download_too_large",
+    "/stall.png": "download_timeout", "/trickle.png": "download_timeout", "/slow-headers.png": "download_timeout",
+    "/bomb.png": "download_too_large",
     "/huge.png": "download_too_large", "/corrupt.png": "download_not_image", "/truncated.png": "download_not_image",
     "/page.png": "download_not_image", "/loop.png": "download_redirect", "/to-file.png": "download_redirect",
     "ftp://127.0.0.1/x.png": "bad_url", "file:///etc/passwd": "bad_url",
@@ -167,9 +176,27 @@ def test_every_hostile_url_ends_within_the_timeout_and_is_counted(acquired) -> N
     assert result.manifest_rows == len(EXPECTED) + 1 and result.dropped_before_download["bad_url"] == 2
     assert result.dropped_before_download["manifest_unreadable"] == 1
     raw = pq.read_table(lake / "zh" / "raw" / "00000.parquet", columns=["url", "error_message"]).to_pylist()
-    stall = next(r for r in raw if r["url"].endswith("/stall.png"))
-    trickle = next(r for r in raw if r["url"].endswith("/trickle.png"))
-    assert stall["error_message"].startswith("timeout:") and trickle["error_message"].startswith("timeout:")
+    for name in ("/stall.png", "/trickle.png", "/slow-headers.png"):
+        row = next(r for r in raw if r["url"].endswith(name))
+        assert row["error_message"].startswith("timeout:"), (name, row["error_message"])
+
+
+@pytest.mark.parametrize("path", ["/slow-headers.png", "/trickle.png", "/loop.png"])
+def test_one_deadline_bounds_the_whole_download_headers_and_redirects_included(server: str, path: str) -> None:
+    # Each byte of /slow-headers.png's status line and headers comes well within the timeout, so a timeout per
+    # read (http.client's, img2dataset's) would wait for all 10 kB: about 30 minutes.
+    import img2dataset.downloader  # noqa: F401 - fetch_image imports it; its import time is no download time
+
+    start = time.monotonic()
+    key, stream, error = fetch_image((7, server + path), TIMEOUT_S, max_bytes=MAX_BYTES)
+    seconds = time.monotonic() - start
+    assert key == 7 and stream is None and seconds < TIMEOUT_S + 1
+    assert error.startswith("redirect:" if path == "/loop.png" else "timeout:"), error
+
+
+def test_fetch_still_downloads_a_good_image_through_the_deadline_reader(server: str) -> None:
+    key, stream, error = fetch_image((1, server + "/ok/3.png"), TIMEOUT_S, max_bytes=MAX_BYTES)
+    assert error is None and stream.read() == GOOD["/ok/3.png"]
 
 
 def test_filter_counts_each_hostile_input_under_its_reason(acquired) -> None:

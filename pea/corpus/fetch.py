@@ -1,10 +1,13 @@
 """img2dataset with a hardened fetch: one deadline per download, a body-size cap, http(s) only, typed errors.
 
 img2dataset's own fetch bounds each socket read by `timeout` but not the download: a server that
-trickles its body a byte at a time holds the whole run forever. It also follows redirects to `ftp://`
-and opens `file://` URLs. `download(spec, url_list, raw_dir, extra_columns)` runs `img2dataset.download`
-with a `Downloader` subclass whose shards fetch with `fetch_image` instead: the body is read with
-`read1` against a deadline of `corpus.timeout_s` for the whole download, bodies over
+trickles its status line, headers or body a byte at a time holds the whole run forever. It also follows
+redirects to `ftp://` and opens `file://` URLs. `download(spec, url_list, raw_dir, extra_columns)` runs
+`img2dataset.download` with a `Downloader` subclass whose shards fetch with `fetch_image` instead: one
+deadline of `corpus.timeout_s` bounds the whole download, redirects included (the connection's connect gets
+the time left; every read of the status line, the headers and the body goes through `_DeadlineReader`,
+which gives the socket only the time left and fails once none is; a TLS handshake is bounded per read by
+the time left at connect), bodies over
 `corpus.max_download_bytes` and non-image content types are refused unread, redirects may only lead to
 http/https, and every error message starts with its class (`http_error:`, `timeout:`, `connection:`,
 `redirect:`, `not_image:`, `too_large:`, `bad_url:`) so the filter counts drops per class.
@@ -16,6 +19,7 @@ spawned workers, and on pyspark/ray workers too (where pea must be installed).
 from __future__ import annotations
 
 import functools
+import http.client
 import io
 import os
 import signal
@@ -45,16 +49,88 @@ class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
-_OPENER = urllib.request.build_opener(_HttpOnlyRedirects)
-
-
 class FetchError(Exception):
     """A download that failed in a known way; str() starts with its class."""
 
 
-def _socket_of(response: Any) -> socket.socket | None:
-    raw = getattr(getattr(response, "fp", None), "raw", None)
-    return getattr(raw, "_sock", None)
+def _time_left(deadline: float, timeout: float) -> float:
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise TimeoutError(f"the download took longer than {timeout} s")
+    return remaining
+
+
+class _DeadlineReader(io.RawIOBase):
+    """The socket's reader for a response (status line, headers, body): each read may use only the time left."""
+
+    def __init__(self, sock: socket.socket, deadline: float, timeout: float) -> None:
+        super().__init__()
+        self._sock, self._raw, self._deadline, self._timeout = sock, sock.makefile("rb", buffering=0), deadline, timeout
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int | None:
+        self._sock.settimeout(_time_left(self._deadline, self._timeout))
+        return self._raw.readinto(buffer)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._raw.close()
+        super().close()
+
+
+class _DeadlineResponse(http.client.HTTPResponse):
+    def __init__(self, sock: socket.socket, *args: Any, deadline: float, timeout: float, **kwargs: Any) -> None:
+        super().__init__(sock, *args, **kwargs)
+        self.fp.close()  # http.client's own reader, unused: reads go through the deadline
+        self.fp = io.BufferedReader(_DeadlineReader(sock, deadline, timeout))
+
+
+class _DeadlineConnection:
+    """Mixed into http.client's connections: connect within the time left, respond through _DeadlineResponse."""
+
+    def __init__(self, *args: Any, deadline: float, limit: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._deadline, self._limit = deadline, limit
+        self.response_class = functools.partial(_DeadlineResponse, deadline=deadline, timeout=limit)
+
+    def connect(self) -> None:
+        self.timeout = _time_left(self._deadline, self._limit)  # also what a TLS handshake's reads get
+        super().connect()
+
+
+class _DeadlineHTTPConnection(_DeadlineConnection, http.client.HTTPConnection):
+    pass
+
+
+class _DeadlineHTTPSConnection(_DeadlineConnection, http.client.HTTPSConnection):
+    pass
+
+
+class _DeadlineHTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, deadline: float, limit: float) -> None:
+        super().__init__()
+        self._connection = functools.partial(_DeadlineHTTPConnection, deadline=deadline, limit=limit)
+
+    def http_open(self, req: urllib.request.Request) -> Any:
+        return self.do_open(self._connection, req)
+
+
+class _DeadlineHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, deadline: float, limit: float) -> None:
+        super().__init__()
+        self._connection = functools.partial(_DeadlineHTTPSConnection, deadline=deadline, limit=limit)
+
+    def https_open(self, req: urllib.request.Request) -> Any:
+        extra = {"check_hostname": self._check_hostname} if hasattr(self, "_check_hostname") else {}  # Python 3.11
+        return self.do_open(self._connection, req, context=self._context, **extra)
+
+
+def _opener(deadline: float, limit: float) -> urllib.request.OpenerDirector:
+    """An opener for one download: every connection and read it makes, redirects included, ends by `deadline`."""
+    return urllib.request.build_opener(_HttpOnlyRedirects, _DeadlineHTTPHandler(deadline, limit),
+                                       _DeadlineHTTPSHandler(deadline, limit))
 
 
 def _classify(err: BaseException) -> str:
@@ -99,7 +175,7 @@ def fetch_image(row: tuple[int, str], timeout: float, user_agent_token: str | No
         if not isinstance(url, str) or urlsplit(url).scheme.lower() not in URL_SCHEMES:
             raise FetchError(f"bad_url: only {'/'.join(URL_SCHEMES)} URLs are fetched, not {str(url)[:80]!r}")
         request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
-        with _OPENER.open(request, timeout=timeout) as response:
+        with _opener(deadline, timeout).open(request, timeout=timeout) as response:
             if disallowed_header_directives and is_disallowed(response.headers, user_agent_token,
                                                               disallowed_header_directives):
                 raise FetchError("disallowed: X-Robots-Tag forbids using this image")
@@ -109,14 +185,9 @@ def fetch_image(row: tuple[int, str], timeout: float, user_agent_token: str | No
             declared = response.headers.get("Content-Length")
             if declared and declared.isdigit() and int(declared) > max_bytes:
                 raise FetchError(f"too_large: {declared} bytes declared, more than max_download_bytes {max_bytes}")
-            stream, sock = io.BytesIO(), _socket_of(response)
+            stream = io.BytesIO()
             while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise FetchError(f"timeout: the download took longer than {timeout} s")
-                if sock is not None:
-                    sock.settimeout(remaining)  # no single read may outlive the deadline
-                chunk = response.read1(64 * 1024)
+                chunk = response.read1(64 * 1024)  # through _DeadlineReader: no read outlives the deadline
                 if not chunk:
                     break
                 stream.write(chunk)
