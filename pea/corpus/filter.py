@@ -199,7 +199,8 @@ def filter_pairs(spec: LanguageSpec, lake: Path) -> FilterResult:
             "min_similarity": f.min_similarity, "max_punsafe": f.max_punsafe, "max_pwatermark": f.max_pwatermark})
         con.unregister("raw")
 
-        survivors = raw.take(con.sql("SELECT rid FROM judged WHERE reason IS NULL ORDER BY rid").to_arrow_table()["rid"])
+        undecided = con.sql("SELECT reason IS NULL AS undecided FROM judged ORDER BY rid").to_arrow_table()
+        survivors = raw.filter(undecided["undecided"])  # rid is the row's position in raw
         for name, texts in (("caption_en", clean_captions(survivors["caption_en"], f.cleaning, target=False)),
                             ("caption", clean_captions(survivors["caption"], f.cleaning, target=True,
                                                        native=survivors["native"]))):
