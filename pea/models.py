@@ -96,6 +96,9 @@ def load_teacher_text(ref: TeacherSpec) -> TeacherText:
 def load_pipeline(ref: TeacherSpec) -> DiffusionPipeline:
     """The whole stock pipeline of the teacher (SD 1.5 or SDXL), everything frozen."""
     pipe = PIPELINES[ref.kind].from_pretrained(ref.id, **_pipeline_kwargs(ref))
+    if (pipe.vae_scale_factor == 1) != ref.pixel_space:
+        raise ValueError(f"teacher {ref.id} has vae_scale_factor {pipe.vae_scale_factor}, but the spec says "
+                         f"teacher.pixel_space: {ref.pixel_space}; set pixel_space: {pipe.vae_scale_factor == 1}")
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):
             _frozen(module)

@@ -7,6 +7,9 @@ exactly as caption dropout trained it, so classifier-free guidance compares like
 
     pipe = pea.models.load_pipeline(spec.teacher)
     images = generate(pipe, adapter, student, ["左边有一个红色的圆形"], seeds=[0])
+
+A pixel-space teacher (the toy teacher of `pea.toy`: its VAE does not downsample, vae_scale_factor 1)
+is called with `output_type="latent"`, which returns the denoised pixels; `draw` only denormalizes them.
 """
 
 from __future__ import annotations
@@ -17,6 +20,18 @@ from PIL import Image
 
 from pea.adapter import PEAAdapter
 from pea.models import StudentEncoder
+
+
+def is_pixel_space(pipe: DiffusionPipeline) -> bool:
+    return getattr(pipe, "vae_scale_factor", None) == 1
+
+
+def draw(pipe: DiffusionPipeline, **call_kwargs) -> list[Image.Image]:
+    """The stock pipeline call, returning PIL images; for a pixel-space teacher its VAE is never run."""
+    if is_pixel_space(pipe):
+        pixels = pipe(**call_kwargs, output_type="latent").images
+        return pipe.image_processor.postprocess(pixels, output_type="pil")
+    return pipe(**call_kwargs).images
 
 
 def check_compatible(adapter: PEAAdapter, student: StudentEncoder) -> None:
@@ -46,4 +61,4 @@ def generate(pipe: DiffusionPipeline, adapter: PEAAdapter, student: StudentEncod
     dtype = pipe.unet.dtype
     kwargs = {k: v.to(dtype) for k, v in prompt_kwargs(adapter, student, prompts, negative_prompt).items()}
     generators = [torch.Generator().manual_seed(s) for s in seeds]
-    return pipe(**kwargs, generator=generators, **call_kwargs).images
+    return draw(pipe, **kwargs, generator=generators, **call_kwargs)

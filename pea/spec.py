@@ -349,6 +349,14 @@ class EvaluateSpec(Strict):
                                    "data/prompts/<language>/<name>.txt of `target<TAB>english` lines")
     prompts_per_set: int | None = Field(None, ge=1, description="use the first N prompts of each set; None: all")
     linear_map_rows: int = Field(20_000, ge=2, description="training pairs the least-squares baseline is fit on")
+    judge: str | None = Field(None, description="an attribute judge (pea.toy, e.g. '{data}/toy/judge'): score "
+                              "whether each system draws what held-out synthetic prompts name; None: no judge")
+    judge_seeds: int = Field(4, ge=1, description="images per held-out prompt and system for the judge")
+    diffusion_only_baseline: bool = Field(False, description="also train the adapter with the diffusion loss "
+                                          "alone (train.diffusion_loss: all) and put it in the table")
+    dictionary_baseline: bool = Field(False, description="also translate prompts word by word into English with "
+                                      "the synthetic_captions lexicon and feed them to the teacher (the paper's "
+                                      "translation baseline in miniature); needs synthetic_captions")
     promotion_metric: Literal["rel_error", "clip_score"] = Field(
         "rel_error", description="what decides promotion: held-out UNet-output relative error to the teacher "
                                  "(lower is better) or mean CLIPScore over the prompt sets (higher is better)")
@@ -389,6 +397,9 @@ class LanguageSpec(Strict):
     def _synthetic_needs_captions(self) -> LanguageSpec:
         if self.corpus.synthetic is not None and self.synthetic_captions is None:
             raise ValueError("corpus.synthetic needs synthetic_captions for this language")
+        if self.evaluate.dictionary_baseline and self.synthetic_captions is None:
+            raise ValueError("evaluate.dictionary_baseline translates with the synthetic_captions lexicon; add "
+                             "synthetic_captions or turn the baseline off")
         return self
 
     @property
@@ -441,7 +452,8 @@ def load_spec(language: str, profile: str | None = None, *, data_dir: Path | Non
               zoo_dir: Path | None = None) -> LanguageSpec:
     """Read, merge and validate the spec of `language` (with optional profiles on top, comma-separated).
 
-    Profiles may use `{language}` and `{zoo}` (the tiny model zoo, under the lake by default).
+    Profiles may use `{language}`, `{zoo}` (the tiny model zoo, under the lake by default) and `{data}` (the
+    data directory, e.g. `{data}/toy/teacher`, the shipped toy teacher).
     """
     validate_language(language)
     data_dir = data_dir or home() / "data"
@@ -460,6 +472,7 @@ def load_spec(language: str, profile: str | None = None, *, data_dir: Path | Non
             known = ", ".join(sorted(p.stem for p in (data_dir / "profiles").glob("*.yaml"))) or "none"
             raise SpecError(f"no profile {name!r} at {profile_path}; known profiles: {known}")
         text = profile_path.read_text(encoding="utf-8").replace("{language}", language).replace("{zoo}", zoo)
+        text = text.replace("{data}", str(Path(data_dir).resolve()))
         overlay = yaml.safe_load(text) or {}
         if not isinstance(overlay, dict):
             raise SpecError(f"{profile_path}: expected a mapping of fields at the top level")
