@@ -128,10 +128,18 @@ def train(spec: LanguageSpec, pairs: Path, embedded: embed_stage.EmbedResult, ru
     return train_stage.launch(spec, pairs, embedded, run_dir)
 
 
+@task(cache_key_fn=_per_flow_run_key("train_diffusion_only"), persist_result=True)
+def train_diffusion_only(spec: LanguageSpec, pairs: Path, embedded: embed_stage.EmbedResult,
+                         run_dir: Path) -> train_stage.TrainResult:
+    """The table's diffusion-loss-only baseline (evaluate.diffusion_only_baseline): same data and steps, no KD."""
+    return train_stage.train(ops.with_overrides(spec, train={"diffusion_loss": "all"}), pairs, embedded, run_dir)
+
+
 @task(cache_key_fn=_per_flow_run_key("evaluate"), persist_result=True)
-def evaluate(spec: LanguageSpec, pairs: Path, embedded: embed_stage.EmbedResult,
-             trained: train_stage.TrainResult) -> evaluate_stage.Evaluation:
-    return evaluate_stage.evaluate(spec, pairs, embedded, trained.adapter_dir, trained.run_dir / "evaluation")
+def evaluate(spec: LanguageSpec, pairs: Path, embedded: embed_stage.EmbedResult, trained: train_stage.TrainResult,
+             baselines: dict[str, Path]) -> evaluate_stage.Evaluation:
+    return evaluate_stage.evaluate(spec, pairs, embedded, trained.adapter_dir, trained.run_dir / "evaluation",
+                                   baselines)
 
 
 @task(retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_transient,
@@ -198,7 +206,7 @@ def pea(language: Annotated[str, Field(pattern=LANGUAGE_CODE.pattern, descriptio
     spec = load_language(language, profile, overrides)
     lake = lake_root()
     storage = results_root(lake)
-    stages = {t.name: t.with_options(result_storage=storage) for t in (acquire, filter_pairs, embed, train,
+    stages = {t.name: t.with_options(result_storage=storage) for t in (acquire, filter_pairs, embed, train, train_diffusion_only,
                                                                         evaluate, register)}
     with get_client(sync_client=True) as client:
         client.upsert_global_concurrency_limit_by_name(language_limit(spec.language), 1)
@@ -216,8 +224,13 @@ def pea(language: Annotated[str, Field(pattern=LANGUAGE_CODE.pattern, descriptio
             table=[{"reason": k, "rows": v} for k, v in
                    {"rows in": filtered.rows_in, **filtered.dropped, "rows out": filtered.rows_out}.items()])
         embedded = _run(stages["embed"], spec, lake, filtered.pairs_path, **run)
-        trained = _run(stages["train"], spec, filtered.pairs_path, embedded, _run_dir(lake, spec.language), **run)
-        evaluation = _run(stages["evaluate"], spec, filtered.pairs_path, embedded, trained, **run)
+        run_dir = _run_dir(lake, spec.language)
+        trained = _run(stages["train"], spec, filtered.pairs_path, embedded, run_dir, **run)
+        baselines = {}
+        if spec.evaluate.diffusion_only_baseline:
+            baselines["diffusion_only"] = _run(stages["train_diffusion_only"], spec, filtered.pairs_path, embedded,
+                                               run_dir / "diffusion-only", **run).adapter_dir
+        evaluation = _run(stages["evaluate"], spec, filtered.pairs_path, embedded, trained, baselines, **run)
         create_table_artifact(key=f"evaluation-{spec.language}",
                               description=f"{spec.language}: held-out agreement with the teacher",
                               table=[{"metric": k, "value": round(v, 6)} for k, v in evaluation.metrics().items()])
@@ -246,6 +259,8 @@ def pea(language: Annotated[str, Field(pattern=LANGUAGE_CODE.pattern, descriptio
                     "samples_per_s": round(trained.samples_per_s, 1), "adapter": str(trained.adapter_dir)},
         "evaluation": {"heldout_pairs": evaluation.heldout_pairs,
                        **{k: round(v, 5) for k, v in evaluation.metrics().items()}},
+        "table": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}
+                  for row in evaluation.rows()],
         "grid": str(evaluation.grid),
         "model": {"uri": registered.model_uri, "champion": registered.champion_uri if registered.champion else None,
                   "tracking_uri": registered.tracking_uri, "run": links["run"]},
@@ -279,7 +294,19 @@ def print_summary(summary: dict) -> None:
     table.add_row("image grid", summary["grid"])
     table.add_row("MLflow UI", f"mlflow ui --backend-store-uri {summary['model']['tracking_uri']}")
     table.add_row("Prefect UI", "prefect server start   (then open http://127.0.0.1:4200)")
-    Console(width=max(Console().width, 110)).print(table)
+    console = Console(width=max(Console().width, 110))
+    console.print(table)
+    rows = summary.get("table") or []
+    if rows:
+        comparison = Table(title=f"held-out comparison · {summary['language']} (docs/evaluation.md)")
+        for column in rows[0]:
+            comparison.add_column(column, justify="left" if column == "system" else "right")
+        for row in rows:
+            comparison.add_row(*("—" if v is None else str(v) for v in row.values()))
+        console.print(comparison)
+        if "judge_trained_vs_teacher" in ev:
+            console.print(f"judge: PEA draws {ev['judge_trained_vs_teacher']:.0%} as many held-out prompts right "
+                          f"as the English teacher (aim ≥ 90%)")
 
 
 def main() -> None:

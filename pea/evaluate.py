@@ -8,6 +8,10 @@ Systems (rows of the table; docs/evaluation.md explains each figure):
 - `untrained`   the exact initialisation training started from (same seed, same config)
 - `linear_map`  the student encoder through a least-squares linear map to the teacher's conditioning,
                 fit in closed form on the training split
+- `diffusion_only` (optional, `evaluate.diffusion_only_baseline`) the adapter trained with the diffusion loss
+                alone, no distillation (the flow trains it beside the PEA adapter)
+- `dictionary`  (optional, `evaluate.dictionary_baseline`) the target prompt translated word by word into
+                English with the synthetic lexicon, then the teacher: the paper's translation baseline in miniature
 
 Figures (columns):
 - `rel_error`   held-out parallel pairs, UNet-output space: the same latents, noise and timesteps go
@@ -16,9 +20,12 @@ Figures (columns):
 - `image_mse`   held-out pairs, image space: the stock pipeline at fixed seeds; pixel MSE to the teacher's image
 - `clip_<set>`  CLIPScore (torchmetrics) of each system's images for the prompt set's target-language prompts,
                 with the multilingual CLIP the spec names (`evaluate.clip_model`)
+- `judge`       (toy world, `evaluate.judge`) share of images, over every distinct held-out prompt and
+                `evaluate.judge_seeds` seeds each, whose count, colour, shape and position the attribute judge
+                (pea.toy) reads as the prompt says; `judge_<attribute>` per attribute
 
-Grids (PNG): English teacher | PEA trained | untrained | linear map, at the same seeds, each row captioned in
-the target language and in English.
+Grids (PNG): English teacher | PEA trained | untrained | [diffusion only | dictionary |] linear map, at the same
+seeds, each row captioned in the target language and in English.
 """
 
 from __future__ import annotations
@@ -37,13 +44,16 @@ from PIL import Image, ImageDraw, ImageFont
 
 from pea import models
 from pea.adapter import PEAAdapter
+from pea.corpus.synthetic import ENGLISH
 from pea.distill import Conditioning, sdxl_time_ids
 from pea.embed import EmbedResult
-from pea.pipeline import generate
-from pea.spec import LanguageSpec, ModelRef, StudentSpec, home
+from pea.pipeline import draw, generate
+from pea.spec import LanguageSpec, ModelRef, StudentSpec, SyntheticCaptions, home
 from pea.table import TrainingTable, load_table
 
-SYSTEMS = ("teacher_en", "trained", "untrained", "linear_map")
+SYSTEMS = ("teacher_en", "trained", "untrained", "linear_map")  # always in the table
+ORDER = ("teacher_en", "trained", "untrained", "diffusion_only", "dictionary", "linear_map")
+JUDGED = ("all_right", "count", "color", "shape", "position")
 
 
 @dataclass(frozen=True)
@@ -61,6 +71,8 @@ class Evaluation:
     embedded: EmbedResult | None = None
     adapter_dir: Path | None = None
     clip_model: str | None = None
+    systems: tuple[str, ...] = SYSTEMS  # the table's rows, in ORDER
+    judge: dict[str, dict[str, float]] = field(default_factory=dict)  # {system: {all_right, count, ...}}
 
     @property
     def improvement(self) -> float:
@@ -73,15 +85,20 @@ class Evaluation:
         out |= {f"image_mse_{k}": v for k, v in self.image_mse.items()}
         for name, scores in self.clip_score.items():
             out |= {f"clip_{name}_{k}": v for k, v in scores.items()}
+        out |= {f"judge_{k}": v["all_right"] for k, v in self.judge.items()}
+        if self.judge.get("teacher_en", {}).get("all_right"):
+            out["judge_trained_vs_teacher"] = self.judge["trained"]["all_right"] / self.judge["teacher_en"]["all_right"]
         return out
 
     def rows(self) -> list[dict[str, object]]:
         """The table: one row per system, NaN where a figure does not apply."""
         rows = []
-        for system in SYSTEMS:
-            row: dict[str, object] = {"system": system,
-                                      "rel_error": 0.0 if system == "teacher_en" else self.relative_error.get(system),
-                                      "image_mse": 0.0 if system == "teacher_en" else self.image_mse.get(system)}
+        for system in self.systems:
+            row: dict[str, object] = {"system": system}
+            if self.judge:
+                row |= {("judge" if k == "all_right" else f"judge_{k}"): self.judge[system][k] for k in JUDGED}
+            row |= {"rel_error": 0.0 if system == "teacher_en" else self.relative_error.get(system),
+                    "image_mse": 0.0 if system == "teacher_en" else self.image_mse.get(system)}
             row |= {f"clip_{name}": scores.get(system) for name, scores in self.clip_score.items()}
             rows.append(row)
         return rows
@@ -131,6 +148,34 @@ class LinearMap(torch.nn.Module):
         tokens = states @ self.w_tokens[:-1] + self.w_tokens[-1]
         pooled = states.mean(dim=1) @ self.w_pooled[:-1] + self.w_pooled[-1] if self.has_pooled else None
         return tokens, pooled
+
+
+def word_by_word(text: str, captions: SyntheticCaptions) -> str:
+    """The target prompt translated word by word into English with the synthetic lexicon, kept in the target's
+    word order (what a dictionary, not a translation model, gives). Longest match first; words the lexicon lacks
+    (particles, glue) are dropped. Space-separated languages match whole words (else a word's longest lexicon
+    prefix), others match characters."""
+    lexicon: dict[str, str] = {}
+    for slot in ("counts", "colors", "shapes", "positions"):
+        for key, word in getattr(captions, slot).items():
+            lexicon.setdefault(word.strip(), getattr(ENGLISH, slot)[key])
+    spaced = " " in text.strip() or any(" " in w for w in lexicon)
+    units = [u.strip(".,;:!?\"'()") for u in text.split()] if spaced else list(text)
+    glue = " " if spaced else ""
+    longest = max(len(w.split()) if spaced else len(w) for w in lexicon)
+    out, i = [], 0
+    while i < len(units):
+        for j in range(min(len(units), i + longest), i, -1):
+            if (english := lexicon.get(glue.join(units[i:j]))) is not None:
+                out.append(english)
+                i = j
+                break
+        else:  # an inflected or agglutinated word (Korean 왼쪽에 = 왼쪽 + 에): its longest lexicon prefix, if any
+            stems = [w for w in lexicon if spaced and " " not in w and units[i].startswith(w)]
+            if stems:
+                out.append(lexicon[max(stems, key=len)])
+            i += 1
+    return " ".join(out)
 
 
 # --- UNet-output agreement ----------------------------------------------------------------------------------------
@@ -308,27 +353,49 @@ def _mse(a: list[Image.Image], b: list[Image.Image]) -> float:
 
 
 def _draw(spec: LanguageSpec, pipe, student, adapters: dict[str, torch.nn.Module], prompts: list[tuple[str, str]],
-          seeds: list[int]) -> dict[str, list[Image.Image]]:
+          seeds: list[int], chunk: int = 64) -> dict[str, list[Image.Image]]:
+    """Every system's image for each (target, english) prompt at its seed, in chunks of `chunk` prompts."""
     cfg, size = spec.evaluate, spec.corpus.image_size
     call = {"num_inference_steps": cfg.inference_steps, "guidance_scale": cfg.guidance_scale, "height": size,
             "width": size}
-    english = [e for _, e in prompts]
+    english = {"teacher_en": [e for _, e in prompts]}
+    if cfg.dictionary_baseline:
+        english["dictionary"] = [word_by_word(t, spec.synthetic_captions) for t, _ in prompts]
     target = [t for t, _ in prompts]
+    images: dict[str, list[Image.Image]] = {name: [] for name in [*english, *adapters]}
     with torch.no_grad():
-        images = {"teacher_en": pipe(prompt=english, negative_prompt=[""] * len(english),
-                                     generator=[torch.Generator().manual_seed(s) for s in seeds], **call).images}
-        for name, adapter in adapters.items():
-            images[name] = generate(pipe, adapter, student, target, seeds, **call)
+        for start in range(0, len(prompts), chunk):
+            part = slice(start, start + chunk)
+            for name, texts in english.items():
+                images[name] += draw(pipe, prompt=texts[part], negative_prompt=[""] * len(texts[part]),
+                                     generator=[torch.Generator().manual_seed(s) for s in seeds[part]], **call)
+            for name, adapter in adapters.items():
+                images[name] += generate(pipe, adapter, student, target[part], seeds[part], **call)
     return images
 
 
-HEADER = {"teacher_en": "English teacher", "trained": "PEA", "untrained": "untrained", "linear_map": "linear map"}
+def judge_systems(spec: LanguageSpec, pipe, student, adapters: dict[str, torch.nn.Module],
+                  heldout: TrainingTable) -> dict[str, dict[str, float]]:
+    """The attribute judge over every distinct held-out prompt, `evaluate.judge_seeds` seeds each."""
+    from pea.toy import Judge, judge_score, scene_of, to_tensor
+
+    judge = Judge.load(Path(spec.evaluate.judge))
+    prompts = sorted(set(zip(heldout.captions, heldout.captions_en)))
+    prompts = [p for p in prompts for _ in range(spec.evaluate.judge_seeds)]
+    seeds = [spec.evaluate.seed + 1000 + i for i in range(len(prompts))]  # not the grid's seeds
+    drawn = _draw(spec, pipe, student, adapters, prompts, seeds)
+    scenes = [scene_of(e) for _, e in prompts]
+    return {name: judge_score(judge, to_tensor(images), scenes).as_dict() for name, images in drawn.items()}
+
+
+HEADER = {"teacher_en": "English teacher", "trained": "PEA", "untrained": "untrained", "linear_map": "linear map",
+          "diffusion_only": "diffusion only", "dictionary": "dictionary"}
 
 
 def evaluate(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, adapter_dir: Path,
-             out_dir: Path) -> Evaluation:
+             out_dir: Path, baselines: dict[str, Path] | None = None) -> Evaluation:
     """Every system of the table on the held-out pairs and the prompt sets; writes evaluation.json, evaluation.csv
-    and the grids into `out_dir`."""
+    and the grids into `out_dir`. `baselines` adds other trained adapters as rows ({"diffusion_only": dir})."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = spec.evaluate
@@ -336,6 +403,12 @@ def evaluate(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, adapte
     trained = PEAAdapter.from_pretrained(adapter_dir).eval()
     linear = LinearMap.fit(load_table(spec, pairs_path, embedded, "train"), cfg.linear_map_rows, cfg.seed)
     adapters = {"trained": trained, "untrained": untrained_like(trained, spec.train.seed), "linear_map": linear}
+    for name, folder in (baselines or {}).items():
+        if name not in ORDER or name in SYSTEMS:
+            raise ValueError(f"baseline {name!r} is not one of {[s for s in ORDER if s not in SYSTEMS]}")
+        adapters[name] = PEAAdapter.from_pretrained(folder).eval()
+    extra = [s for s in ORDER if s in adapters or (s == "dictionary" and cfg.dictionary_baseline)]
+    systems = tuple(s for s in ORDER if s in SYSTEMS or s in extra)
     relative = relative_errors(spec, heldout, adapters)
 
     pipe = models.load_pipeline(spec.teacher)
@@ -344,9 +417,10 @@ def evaluate(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, adapte
     seeds = [cfg.seed + i for i in range(n)]
     pairs = list(zip(heldout.captions[:n], heldout.captions_en[:n]))
     images = _draw(spec, pipe, student, adapters, pairs, seeds)
-    image_mse = {name: _mse(images[name], images["teacher_en"]) for name in adapters}
-    grid, missing = write_grid([[images[s][i] for s in SYSTEMS] for i in range(n)], pairs,
-                               [HEADER[s] for s in SYSTEMS], out_dir / "grid.png")
+    image_mse = {name: _mse(images[name], images["teacher_en"]) for name in images if name != "teacher_en"}
+    grid, missing = write_grid([[images[s][i] for s in systems] for i in range(n)], pairs,
+                               [HEADER[s] for s in systems], out_dir / "grid.png")
+    judged = judge_systems(spec, pipe, student, adapters, heldout) if cfg.judge else {}
 
     clip_ref = ModelRef(id=cfg.clip_model, revision=cfg.clip_revision)
     clip, grids, prompt_sets = {}, {}, {}
@@ -355,15 +429,16 @@ def evaluate(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, adapte
         seeds = [cfg.seed + i for i in range(len(prompts))]
         drawn = _draw(spec, pipe, student, adapters, prompts, seeds)
         targets = [t for t, _ in prompts]
-        clip[name] = {system: clip_scores(clip_ref, drawn[system], targets) for system in SYSTEMS}
+        clip[name] = {system: clip_scores(clip_ref, drawn[system], targets) for system in systems}
         k = min(cfg.grid_prompts, len(prompts))
-        grids[name], more = write_grid([[drawn[s][i] for s in SYSTEMS] for i in range(k)], prompts[:k],
-                                       [HEADER[s] for s in SYSTEMS], out_dir / f"grid-{name}.png")
+        grids[name], more = write_grid([[drawn[s][i] for s in systems] for i in range(k)], prompts[:k],
+                                       [HEADER[s] for s in systems], out_dir / f"grid-{name}.png")
         missing += more
         prompt_sets[name] = prompts
 
     evaluation = Evaluation(len(heldout), relative, image_mse, grid, out_dir / "evaluation.json", clip, grids,
-                            out_dir / "evaluation.csv", Path(pairs_path), embedded, Path(adapter_dir), cfg.clip_model)
+                            out_dir / "evaluation.csv", Path(pairs_path), embedded, Path(adapter_dir), cfg.clip_model,
+                            systems, judged)
     rows = evaluation.rows()
     with open(tmp := out_dir / ".evaluation.csv.tmp", "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -375,7 +450,7 @@ def evaluate(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, adapte
               "grid": str(grid), "grids": {k: str(v) for k, v in grids.items()},
               "grid_captions": [{"en": e, spec.language: t} for t, e in pairs],
               "prompt_sets": {k: [{"en": e, spec.language: t} for t, e in v] for k, v in prompt_sets.items()},
-              "captions_without_font": sorted(set(missing))}
+              "judge": judged, "captions_without_font": sorted(set(missing))}
     _write_atomic(evaluation.report, json.dumps(report, ensure_ascii=False, indent=2))
     return evaluation
 
