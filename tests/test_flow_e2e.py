@@ -1,5 +1,7 @@
 """The whole `pea` flow on the embedded default, twice, in an isolated lake and MLflow store."""
 
+from pathlib import Path
+
 import mlflow
 import pytest
 import torch
@@ -12,8 +14,9 @@ from pea.spec import load_spec
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """zh twice, then zh with an SDXL teacher in a lake of its own, all under one Prefect harness
-    (Prefect's process-wide services stay bound to the first temporary server they meet)."""
+    """zh twice, zh on the toy profile (same lake: the corpus comes from cache), then zh with an SDXL teacher in
+    a lake of its own, all under one Prefect harness (Prefect's process-wide services stay bound to the first
+    temporary server they meet)."""
     root = tmp_path_factory.mktemp("e2e")
     patch = pytest.MonkeyPatch()
     try:
@@ -21,12 +24,13 @@ def runs(tmp_path_factory):
             patch.setenv("PEA_LAKE", str(root / "lake"))
             patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/tracking/mlflow.db")
             first, second = pea("zh", "embedded"), pea("zh", "embedded")
+            toy = pea("zh", "embedded,toy", steps=40)
             patch.setenv("PEA_LAKE", str(root / "lake-sdxl"))
             patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/tracking-sdxl/mlflow.db")
             sdxl = pea("zh", "embedded,sdxl", steps=60)
             patch.setenv("PEA_LAKE", str(root / "lake"))
             patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/tracking/mlflow.db")
-            yield {"first": first, "second": second, "sdxl": sdxl}
+            yield {"first": first, "second": second, "sdxl": sdxl, "toy": toy}
     finally:
         patch.undo()
 
@@ -85,3 +89,22 @@ def test_the_flow_runs_an_sdxl_teacher_when_the_spec_says_so(runs):
     mlflow.set_tracking_uri(summary["model"]["tracking_uri"])
     out = mlflow.pyfunc.load_model(summary["model"]["uri"]).predict(["左边有一个红色的圆形"])
     assert out["prompt_embeds"].shape == (1, 16, 64) and out["pooled_prompt_embeds"].shape == (1, 32)
+
+
+@pytest.mark.e2e
+def test_the_toy_profile_prints_the_comparison_table_with_every_baseline(runs, capsys):
+    toy = runs["toy"]
+    assert toy["cached"][:2] == ["acquire", "filter_pairs"]  # same corpus as the embedded runs
+    table = {row["system"]: row for row in toy["table"]}
+    assert list(table) == ["teacher_en", "trained", "untrained", "diffusion_only", "dictionary", "linear_map"]
+    # The shipped teacher draws held-out prompts right (toy.json: 0.97 over every caption); 40 steps of
+    # distillation already beat the untrained adapter, which draws one fixed picture.
+    assert table["teacher_en"]["judge"] >= 0.8
+    assert table["trained"]["judge"] > table["untrained"]["judge"]
+    assert table["trained"]["rel_error"] < table["untrained"]["rel_error"]
+    assert (Path(toy["trained"]["adapter"]).parent / "diffusion-only" / "adapter" / "config.json").is_file()
+    # Trained for the toy teacher, it cannot be compared with the random teacher's champion: not promoted.
+    assert toy["model"]["champion"] is None
+    print_summary(toy)
+    out = capsys.readouterr().out
+    assert "held-out comparison" in out and "diffusion_only" in out and "as many held-out prompts right" in out
