@@ -76,8 +76,14 @@ def distill_loss(unet: UNet2DConditionModel, noisy_latents: torch.Tensor, timest
     """One batch of the objective. Gradients reach only the student conditioning (the adapter's output).
 
     `diffusion_everywhere` applies the diffusion loss to every sample instead of KD (an ablation);
-    otherwise it applies where `native` is 1, as in the paper.
+    otherwise it applies where `native` is 1, as in the paper. It never needs the teacher, so its pass is
+    skipped (the KD terms are then reported as NaN: not computed).
     """
+    if diffusion_everywhere:
+        eps_student = unet(noisy_latents, timesteps, **student.unet_kwargs(unet.dtype)).sample
+        diffusion = _per_sample_mse(eps_student, target)
+        unused = torch.full((), float("nan"))
+        return LossTerms(diffusion.mean(), diffusion.mean(), unused, unused)
     with torch.no_grad(), unet_features(unet) as teacher_maps:
         eps_teacher = unet(noisy_latents, timesteps, **teacher.unet_kwargs(unet.dtype)).sample
     with unet_features(unet) as student_maps:
