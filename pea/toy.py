@@ -1,6 +1,6 @@
 """The toy world's trained English teacher and its attribute judge: pictures that mean something on a CPU.
 
-    .venv/bin/python -m pea.toy                 # ~10 min on 2 CPU cores; rewrites data/toy/{teacher,judge}
+    .venv/bin/python -m pea.toy                 # ~32 min at --threads 1; rewrites data/toy/{teacher,judge}
     .venv/bin/python -m pea.toy --check         # score the shipped teacher with the shipped judge (~30 s)
 
 The embedded default's random tiny teacher draws noise. This one is trained, by the code below, on the
