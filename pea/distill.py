@@ -91,6 +91,6 @@ def distill_loss(unet: UNet2DConditionModel, noisy_latents: torch.Tensor, timest
     diffusion = _per_sample_mse(eps_student, target)
     output_kd = _per_sample_mse(eps_student, eps_teacher)
     feature_kd = sum(_per_sample_mse(s, t) for s, t in zip(student_maps, teacher_maps, strict=True))
-    m = torch.ones_like(diffusion) if diffusion_everywhere else native.float()
+    m = native.float()
     per_sample = m * diffusion + (1 - m) * (output_weight * output_kd + feature_weight * feature_kd)
     return LossTerms(per_sample.mean(), diffusion.mean(), output_kd.mean(), feature_kd.mean())

@@ -78,13 +78,12 @@ def labels(scenes: list[Scene]) -> torch.Tensor:
 
 def render_batch(scenes: list[Scene], seeds: list[int], size: int = IMAGE_SIZE) -> torch.Tensor:
     """Rendered scenes as a float tensor in [-1, 1], (N, 3, size, size)."""
-    pixels = np.stack([np.asarray(render(s, size, seed), dtype=np.float32) for s, seed in zip(scenes, seeds)])
-    return torch.from_numpy(pixels).permute(0, 3, 1, 2) / 127.5 - 1.0
+    return to_tensor(render(s, size, seed) for s, seed in zip(scenes, seeds))
 
 
 def to_tensor(images) -> torch.Tensor:
     """PIL images as a float tensor in [-1, 1]."""
-    pixels = np.stack([np.asarray(i.convert("RGB"), dtype=np.float32) for i in images])
+    pixels = np.stack([np.asarray(image.convert("RGB"), dtype=np.float32) for image in images])
     return torch.from_numpy(pixels).permute(0, 3, 1, 2) / 127.5 - 1.0
 
 
