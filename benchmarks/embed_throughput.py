@@ -3,10 +3,11 @@
 The stage (pea.embed.embed) reads the pairs and raw shards, hashes, finds what is missing, runs the
 teacher text encoder, the student encoder and the VAE encoder in batches, and writes Parquet tensor
 stores. The bare forward runs the same three encoders on the same distinct inputs and keeps nothing.
-Measured in one run on the tiny embedded-default models (best of two alternating runs each; both
-include loading the models).
+Measured in one run on the tiny embedded-default models (best of --repeats alternating runs each;
+both include loading the models). With these tiny encoders the forward pass of 2,000 rows lasts about
+a second, so a run of that size swings +-15 % with the machine's load: the default is 8,000 rows.
 
-    python benchmarks/embed_throughput.py [--rows 2000]
+    python benchmarks/embed_throughput.py [--rows 8000] [--repeats 3] [--threads 1]
 
 Last line: ratio_vs_bare_forward=<bare seconds / stage seconds> (1.0 = the stage costs nothing extra).
 """
@@ -25,13 +26,18 @@ os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", DO_NOT_TRACK="1"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=2000)
+    parser.add_argument("--rows", type=int, default=8000)
+    parser.add_argument("--repeats", type=int, default=3, help="alternating runs of each side; the best counts")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     args = parser.parse_args()
 
     import numpy as np
     import pyarrow.parquet as pq
     import torch
     from PIL import Image
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from pea import models
     from pea.corpus.synthetic import all_scenes, write_pairs
@@ -65,16 +71,16 @@ def main() -> None:
                 x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1
                 vae.encode(x).latent_dist.mean
 
-    # Alternate the two, twice, and keep each one's best: the first call of either pays imports.
+    # Alternate the two and keep each one's best: the first call of either pays imports.
     bare_s = stage_s = float("inf")
-    for attempt in range(2):
+    for attempt in range(args.repeats):
         start = time.perf_counter()
         bare()
         bare_s = min(bare_s, time.perf_counter() - start)
         start = time.perf_counter()
         result = embed(spec, work / f"lake-{attempt}", pairs)
         stage_s = min(stage_s, time.perf_counter() - start)
-    rerun = embed(spec, work / "lake-1", pairs)
+    rerun = embed(spec, work / "lake-0", pairs)
     print(f"{args.rows} rows: {len(english)} distinct English captions, {len(target)} target captions, "
           f"{len(images)} images")
     print(f"bare forward  {bare_s:7.2f} s")
