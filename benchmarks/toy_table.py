@@ -1,6 +1,6 @@
 """The comparison table of the toy world (#8, docs/results.md) for every shipped language, one after another.
 
-    .venv/bin/python benchmarks/toy_table.py                   # all languages, ~12 min each (measured at 1 thread)
+    .venv/bin/python benchmarks/toy_table.py                   # all languages, ~16 min each (measured at 1 thread beside a second job)
     .venv/bin/python benchmarks/toy_table.py --languages zh ja
 
 Each language runs the stages of the main job (`--profile embedded,toy`) in a scratch lake: acquire the
