@@ -76,9 +76,10 @@ def main() -> None:
         os.environ["PEA_LAKE"] = str(lake)
         for language in languages:
             judged, per_seed, seconds = run_language(language, lake, args.seeds)
-            judged["trained"]["all_right"] = statistics.fmean(per_seed)
-            ratios[language] = judged["trained"]["all_right"] / judged["teacher_en"]["all_right"]
-            rows.append(f"| {language} | " + " | ".join(f"{judged[s]['all_right']:.3f}" for s in systems)
+            # The PEA cell is the mean over training seeds; `judged` itself stays the first seed's evaluation.
+            cells = {s: judged[s]["all_right"] for s in systems} | {"trained": statistics.fmean(per_seed)}
+            ratios[language] = cells["trained"] / cells["teacher_en"]
+            rows.append(f"| {language} | " + " | ".join(f"{cells[s]:.3f}" for s in systems)
                         + f" | {ratios[language]:.2f} | {seconds / 60:.1f} |")
             seed_rows.append(f"| {language} | " + " | ".join(f"{v:.3f}" for v in per_seed)
                              + f" | {statistics.pstdev(per_seed):.3f} |")
