@@ -33,7 +33,7 @@ def _generate(args) -> None:
     import torch
 
     from pea.adapter import PEAAdapter
-    from pea.models import load_pipeline, load_student
+    from pea.models import device, load_pipeline, load_student
     from pea.pipeline import generate
     from pea.registry import fetch_adapter
     from pea.spec import StudentSpec, TeacherSpec, load_spec, validate_language
@@ -42,7 +42,7 @@ def _generate(args) -> None:
     uri = args.model_uri or f"models:/pea-adapter-{args.language}@champion"
     with tempfile.TemporaryDirectory() as tmp:
         adapter_dir, tags = fetch_adapter(uri, Path(tmp))
-        adapter = PEAAdapter.from_pretrained(adapter_dir).eval()
+        adapter = PEAAdapter.from_pretrained(adapter_dir).eval().to(device())
     spec = load_spec(args.language, args.profile)
     none = lambda v: None if v in (None, "None") else v  # noqa: E731 — tags store None as text
     teacher = TeacherSpec(id=tags["teacher_id"], revision=none(tags.get("teacher_revision")), kind=spec.teacher.kind)

@@ -80,14 +80,14 @@ def distill_loss(unet: UNet2DConditionModel, noisy_latents: torch.Tensor, timest
     skipped (the KD terms are then reported as NaN: not computed).
     """
     if diffusion_everywhere:
-        eps_student = unet(noisy_latents, timesteps, **student.unet_kwargs(unet.dtype)).sample
+        eps_student = unet(noisy_latents.to(unet.dtype), timesteps, **student.unet_kwargs(unet.dtype)).sample
         diffusion = _per_sample_mse(eps_student, target)
         unused = torch.full((), float("nan"))
         return LossTerms(diffusion.mean(), diffusion.mean(), unused, unused)
     with torch.no_grad(), unet_features(unet) as teacher_maps:
-        eps_teacher = unet(noisy_latents, timesteps, **teacher.unet_kwargs(unet.dtype)).sample
+        eps_teacher = unet(noisy_latents.to(unet.dtype), timesteps, **teacher.unet_kwargs(unet.dtype)).sample
     with unet_features(unet) as student_maps:
-        eps_student = unet(noisy_latents, timesteps, **student.unet_kwargs(unet.dtype)).sample
+        eps_student = unet(noisy_latents.to(unet.dtype), timesteps, **student.unet_kwargs(unet.dtype)).sample
     diffusion = _per_sample_mse(eps_student, target)
     output_kd = _per_sample_mse(eps_student, eps_teacher)
     feature_kd = sum(_per_sample_mse(s, t) for s, t in zip(student_maps, teacher_maps, strict=True))

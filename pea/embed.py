@@ -183,7 +183,7 @@ def embed(spec: LanguageSpec, lake: Path, pairs_path: Path) -> EmbedResult:
             if vae is None:  # a pixel-space teacher denoises the image itself
                 return {"latents": x}
             # The distribution's mean, not a sample: deterministic and reusable by every run.
-            return {"latents": vae.encode(x).latent_dist.mean * vae.config.scaling_factor}
+            return {"latents": vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mean * vae.config.scaling_factor}
         return encode
 
     computed, reused = {}, {}

@@ -197,14 +197,16 @@ def relative_errors(spec: LanguageSpec, table: TrainingTable, adapters: dict[str
     for t in spec.evaluate.timesteps:
         for rows in torch.arange(len(table)).split(32):
             timesteps = torch.full((len(rows),), t)
-            time_ids = sdxl_time_ids(size, size, len(rows)) if spec.teacher.kind == "sdxl" else None
-            noisy = scheduler.add_noise(table.latents[rows].float(), noise[rows], timesteps)
-            pooled = None if table.teacher_pooled is None else table.teacher_pooled[rows]
-            teacher = Conditioning(table.teacher[rows], pooled, time_ids)
+            time_ids = sdxl_time_ids(size, size, len(rows)).to(unet.device) if spec.teacher.kind == "sdxl" else None
+            noisy = scheduler.add_noise(table.latents[rows].float(), noise[rows], timesteps).to(unet.device)
+            timesteps = timesteps.to(unet.device)
+            pooled = None if table.teacher_pooled is None else table.teacher_pooled[rows].to(unet.device)
+            teacher = Conditioning(table.teacher[rows].to(unet.device), pooled, time_ids)
             eps_teacher = unet(noisy, timesteps, **teacher.unet_kwargs(unet.dtype)).sample
             reference += eps_teacher.pow(2).sum().item()
             for name, adapter in adapters.items():
-                student = Conditioning(*adapter(states.get(name, table.student)[rows].float()), time_ids)
+                rows_states = states.get(name, table.student)[rows].float().to(adapter.device)
+                student = Conditioning(*adapter(rows_states), time_ids)
                 eps = unet(noisy, timesteps, **student.unet_kwargs(unet.dtype)).sample
                 errors[name] += (eps - eps_teacher).pow(2).sum().item()
     return {name: err / reference for name, err in errors.items()}
@@ -407,6 +409,7 @@ def evaluate(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, adapte
         if name not in ORDER or name in SYSTEMS:
             raise ValueError(f"baseline {name!r} is not one of {[s for s in ORDER if s not in SYSTEMS]}")
         adapters[name] = PEAAdapter.from_pretrained(folder).eval()
+    adapters = {name: adapter.to(models.device()) for name, adapter in adapters.items()}
     extra = [s for s in ORDER if s in adapters or (s == "dictionary" and cfg.dictionary_baseline)]
     systems = tuple(s for s in ORDER if s in SYSTEMS or s in extra)
     relative = relative_errors(spec, heldout, adapters)

@@ -25,6 +25,23 @@ from transformers import (AutoModel, AutoTokenizer, BertConfig, BertModel, BertT
 from pea.spec import ModelRef, StudentSpec, TeacherSpec
 
 
+def device() -> torch.device:
+    """Where models run: $PEA_DEVICE if set (cpu, cuda, cuda:1, mps), else this process's GPU when there is one
+    (cuda:$LOCAL_RANK, so each rank under the deepspeed launcher takes its own), else the CPU."""
+    wanted = os.environ.get("PEA_DEVICE", "").strip()
+    if wanted:
+        try:
+            chosen = torch.device(wanted)
+        except RuntimeError as e:
+            raise ValueError(f"PEA_DEVICE={wanted!r} is not a torch device ({e}); use cpu, cuda, cuda:N or mps") from None
+        if chosen.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"PEA_DEVICE={wanted!r} but torch sees no CUDA device; unset it or set PEA_DEVICE=cpu")
+        return chosen
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
 def _kwargs(ref: ModelRef) -> dict:
     return {"revision": ref.revision, "use_safetensors": True}
 
@@ -90,7 +107,7 @@ def load_teacher_text(ref: TeacherSpec) -> TeacherText:
     for name in ("text_encoder", "text_encoder_2"):
         if getattr(pipe, name, None) is not None:
             _frozen(getattr(pipe, name))
-    return TeacherText(pipe, ref.kind)
+    return TeacherText(pipe.to(device()), ref.kind)
 
 
 def load_pipeline(ref: TeacherSpec) -> DiffusionPipeline:
@@ -103,15 +120,16 @@ def load_pipeline(ref: TeacherSpec) -> DiffusionPipeline:
         if isinstance(module, torch.nn.Module):
             _frozen(module)
     pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return pipe.to(device())
 
 
 def load_vae(ref: TeacherSpec) -> AutoencoderKL:
-    return _frozen(AutoencoderKL.from_pretrained(ref.id, subfolder="vae", **_kwargs(ref)))
+    return _frozen(AutoencoderKL.from_pretrained(ref.id, subfolder="vae", **_kwargs(ref))).to(device())
 
 
-def load_unet(ref: TeacherSpec) -> UNet2DConditionModel:
-    return _frozen(UNet2DConditionModel.from_pretrained(ref.id, subfolder="unet", **_kwargs(ref)))
+def load_unet(ref: TeacherSpec, dtype: torch.dtype = torch.float32) -> UNet2DConditionModel:
+    unet = UNet2DConditionModel.from_pretrained(ref.id, subfolder="unet", torch_dtype=dtype, **_kwargs(ref))
+    return _frozen(unet).to(device())
 
 
 def load_noise_scheduler(ref: TeacherSpec) -> DDPMScheduler:
@@ -128,7 +146,7 @@ def load_student(ref: StudentSpec) -> StudentEncoder:
     elif getattr(model, "decoder", None) is not None:  # T5 / mT5: keep the encoder
         model = model.get_encoder()
     tokenizer = AutoTokenizer.from_pretrained(ref.id, revision=ref.revision)
-    return StudentEncoder(tokenizer, _frozen(model), ref.max_length, ref.padding, ref.truncation)
+    return StudentEncoder(tokenizer, _frozen(model).to(device()), ref.max_length, ref.padding, ref.truncation)
 
 
 def _tree_digest(root: Path) -> str:

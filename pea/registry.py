@@ -158,8 +158,8 @@ def score(spec: LanguageSpec, evaluation: Evaluation, adapter_dirs: dict[str, Pa
         raise ValueError("this Evaluation does not say which pairs and stores it was computed on; evaluate again "
                          "with pea.evaluate.evaluate (it records pairs_path and embedded)")
     students = students or {}
-    adapters = {k: ev.PEAAdapter.from_pretrained(p).eval() for k, p in adapter_dirs.items()}
-    adapters["untrained"] = ev.untrained_like(next(iter(adapters.values())), spec.train.seed)
+    adapters = {k: ev.PEAAdapter.from_pretrained(p).eval().to(models.device()) for k, p in adapter_dirs.items()}
+    adapters["untrained"] = ev.untrained_like(next(iter(adapters.values())), spec.train.seed).to(models.device())
     if spec.evaluate.promotion_metric == "rel_error":
         table = load_table(spec, evaluation.pairs_path, evaluation.embedded, "heldout")
         states = {k: models.load_student(s).encode(table.captions) for k, s in students.items() if s != spec.student}

@@ -20,11 +20,11 @@ from mlflow.pyfunc import PythonModel
 class AdapterModel(PythonModel):
     def load_context(self, context) -> None:
         from pea.adapter import PEAAdapter
-        from pea.models import load_student
+        from pea.models import device, load_student
         from pea.spec import StudentSpec
 
         cfg = context.model_config
-        self.adapter = PEAAdapter.from_pretrained(context.artifacts["adapter"]).eval()
+        self.adapter = PEAAdapter.from_pretrained(context.artifacts["adapter"]).eval().to(device())
         self.student = load_student(StudentSpec(id=cfg["student_id"], revision=cfg["student_revision"],
                                                 max_length=cfg["student_max_length"]))
 
@@ -37,7 +37,7 @@ class AdapterModel(PythonModel):
             model_input = model_input.iloc[:, 0]
         prompts = [str(p) for p in (model_input if not isinstance(model_input, str) else [model_input])]
         kwargs = prompt_kwargs(self.adapter, self.student, prompts)
-        return {k: v.float().numpy() for k, v in kwargs.items() if not k.startswith("negative_")}
+        return {k: v.float().cpu().numpy() for k, v in kwargs.items() if not k.startswith("negative_")}
 
 
 mlflow.models.set_model(AdapterModel())

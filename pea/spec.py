@@ -248,7 +248,7 @@ class FilterSpec(Strict):
 
 # Always forwarded to every rank (the launcher's own children inherit the whole environment; remote nodes
 # get only what `.deepspeed_env` lists): where the project, lake and caches are, and MLflow's settings.
-FORWARDED_ENV = ("PEA_HOME", "PEA_LAKE", "PEA_RESULTS", "PYTHONPATH", "HF_HOME", "HF_HUB_OFFLINE",
+FORWARDED_ENV = ("PEA_HOME", "PEA_LAKE", "PEA_RESULTS", "PEA_DEVICE", "PYTHONPATH", "HF_HOME", "HF_HUB_OFFLINE",
                  "TRANSFORMERS_OFFLINE", "TORCH_EXTENSIONS_DIR", "MLFLOW_*")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\*?$")
 

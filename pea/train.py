@@ -87,6 +87,9 @@ class TrainResult:
 RESULT_FILE = "train_result.json"
 
 
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def ds_config(cfg: TrainSpec, world_size: int = 1) -> dict:
     """The DeepSpeed config for a spec's training section (the reference defaults live in TrainSpec)."""
     return {
@@ -191,6 +194,9 @@ def _export(engine, zero_stage: int, run_dir: Path, adapter_dir: Path) -> None:
 def train(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, run_dir: Path) -> TrainResult:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(home() / ".cache" / "torch_extensions"))
     _single_process_env()
+    # DeepSpeed picks its accelerator once, at import (DS_ACCELERATOR, else whatever it detects): name the
+    # kind pea.models.device() chose, so PEA_DEVICE=cpu keeps training off a GPU that is present.
+    os.environ.setdefault("DS_ACCELERATOR", models.device().type)
     import deepspeed  # after the environment: it reads both at import and initialize
     from transformers import get_polynomial_decay_schedule_with_warmup
 
@@ -202,7 +208,9 @@ def train(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, run_dir: 
     if not Path(pairs_path).is_file():
         raise FileNotFoundError(f"pairs table {pairs_path} does not exist; run the filter and embed stages first")
     table: TrainingTable = load_table(spec, pairs_path, embedded, "train")
-    unet = models.load_unet(spec.teacher)
+    # Under bf16/fp16 the frozen UNet is held in that precision too, as diffusers' training examples hold their
+    # frozen models: it is nearly all of a step's FLOPs, and in fp32 it would run on a GPU's slowest path.
+    unet = models.load_unet(spec.teacher, PRECISIONS[cfg.precision])
     noise_scheduler = models.load_noise_scheduler(spec.teacher)
     if table.teacher.shape[-1] != unet.config.cross_attention_dim:
         raise ValueError(f"teacher conditioning width {table.teacher.shape[-1]} does not match the UNet's "
@@ -220,6 +228,11 @@ def train(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, run_dir: 
     config = ds_config(cfg, world)
     engine, _, _, _ = deepspeed.initialize(model=adapter, optimizer=optimizer, lr_scheduler=schedule, config=config)
     dtype = next(engine.module.parameters()).dtype
+    # DeepSpeed put the adapter on this rank's accelerator; the frozen UNet joins it there. The table stays
+    # in host memory and each micro-batch is copied over (a real corpus's latents outgrow a GPU).
+    device = engine.device
+    unet.to(device)
+    student_empty, teacher_empty = table.student_empty.to(device), table.teacher_empty.to(device)
 
     checkpoints = run_dir / "checkpoints"
     history_path = run_dir / "history.jsonl"
@@ -233,7 +246,7 @@ def train(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, run_dir: 
 
     batches = _Batches(len(table), cfg.micro_batch_size, cfg.seed, engine.global_rank, world)
     size = spec.corpus.image_size
-    time_ids = sdxl_time_ids(size, size, cfg.micro_batch_size) if spec.teacher.kind == "sdxl" else None
+    time_ids = sdxl_time_ids(size, size, cfg.micro_batch_size).to(device) if spec.teacher.kind == "sdxl" else None
     accum = cfg.gradient_accumulation_steps
     from tqdm.auto import tqdm
     bar = tqdm(range(start, cfg.steps), desc="train adapter", unit="step", initial=start, total=cfg.steps,
@@ -243,22 +256,24 @@ def train(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, run_dir: 
         for micro in range(accum):
             i = step * accum + micro
             idx = batches.indices(i)
-            latents = table.latents[idx]
-            noise, timesteps, drop = _draws(cfg, i, batches.positions(), latents.shape[1:],
-                                            noise_scheduler.config.num_train_timesteps)
+            latents = table.latents[idx].to(device)
+            # Drawn on the host from seeded generators, so every device and process layout sees the same draws.
+            noise, timesteps, drop = (t.to(device) for t in _draws(cfg, i, batches.positions(), latents.shape[1:],
+                                                                   noise_scheduler.config.num_train_timesteps))
             noisy = noise_scheduler.add_noise(latents, noise, timesteps)
             # Caption dropout swaps the token context for that of "" on both sides; the pooled vector is
             # kept (METHOD.md). The adapter sees the empty caption as one extra row of the same batch.
-            states = torch.cat([table.student[idx], table.student_empty[None]]).to(dtype)
+            states = torch.cat([table.student[idx].to(device), student_empty[None]]).to(dtype)
             tokens, pooled = engine(states)
             student = Conditioning(torch.where(drop, tokens[-1:], tokens[:-1]),
                                    None if pooled is None else pooled[:-1], time_ids)
-            teacher = Conditioning(torch.where(drop, table.teacher_empty, table.teacher[idx]),
-                                   None if table.teacher_pooled is None else table.teacher_pooled[idx], time_ids)
+            teacher = Conditioning(torch.where(drop, teacher_empty, table.teacher[idx].to(device)),
+                                   None if table.teacher_pooled is None else table.teacher_pooled[idx].to(device),
+                                   time_ids)
             # The diffusion loss's target is what the teacher predicts: ε (SD 1.5, SDXL) or v (v-prediction).
             target = (noise if noise_scheduler.config.prediction_type == "epsilon"
                       else noise_scheduler.get_velocity(latents, noise, timesteps))
-            terms = distill_loss(unet, noisy, timesteps, target, teacher, student, table.native[idx],
+            terms = distill_loss(unet, noisy, timesteps, target, teacher, student, table.native[idx].to(device),
                                  cfg.output_kd_weight, cfg.feature_kd_weight, cfg.diffusion_loss == "all")
             engine.backward(terms.total)
             engine.step()

@@ -93,3 +93,19 @@ def test_truncation_off_refuses_a_caption_longer_than_max_length(zoo_dir):
     assert student.encode(["左边"]).shape == (1, 6, 64)
     with pytest.raises(ValueError, match="longer than student.max_length=6"):
         student.encode(["左边有一个红色的圆形"])
+
+
+def test_the_device_follows_pea_device_and_refuses_one_torch_cannot_use(monkeypatch):
+    from pea.models import device
+
+    monkeypatch.delenv("PEA_DEVICE", raising=False)
+    assert device() == (torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu"))
+    monkeypatch.setenv("PEA_DEVICE", "cpu")
+    assert device() == torch.device("cpu")
+    monkeypatch.setenv("PEA_DEVICE", "gpu0")
+    with pytest.raises(ValueError, match="PEA_DEVICE='gpu0' is not a torch device.*cpu, cuda, cuda:N or mps"):
+        device()
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("PEA_DEVICE", "cuda")
+        with pytest.raises(ValueError, match="torch sees no CUDA device; unset it or set PEA_DEVICE=cpu"):
+            device()
