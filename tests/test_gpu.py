@@ -1,5 +1,6 @@
-"""On a CUDA device the stages run there (PEA_DEVICE unset: pea.models.device() picks the GPU) and agree with the
-CPU. Skipped where torch sees no GPU, as in CI; run on a GPU machine with `pytest tests/test_gpu.py -s`.
+"""On a CUDA device the stages run there (PEA_DEVICE unset: pea.models.device() picks the GPU; that choice is
+tested in test_models.py) and agree with the CPU. Skipped where torch sees no GPU, as in CI; run on a GPU machine
+with `pytest tests/test_gpu.py -s`.
 
 TF32 is switched off on both sides (NVIDIA_TF32_OVERRIDE=0 for subprocesses, the torch flags in this one), so
 what is left between the devices is summation order."""
@@ -16,7 +17,6 @@ import pytest
 import torch
 from PIL import Image
 
-from pea import models
 from pea.corpus.synthetic import all_scenes, write_pairs
 from pea.embed import STORE_DTYPES, EmbedResult, embed, open_stores
 from pea.spec import load_spec
@@ -25,10 +25,13 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _no_tf32(monkeypatch):
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+@pytest.fixture(scope="module", autouse=True)
+def _no_tf32():
+    """Module-wide, so that it covers the module-scoped `lakes` (embedding) as well as the tests."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+        patch.setattr(torch.backends.cudnn, "allow_tf32", False)
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -49,13 +52,6 @@ def lakes(tmp_path_factory, zoo_dir) -> dict[str, Path]:
             del os.environ["PEA_DEVICE"]
         lakes[device] = lake
     return lakes
-
-
-def test_the_default_device_is_the_gpu_and_pea_device_overrides_it(monkeypatch):
-    monkeypatch.delenv("PEA_DEVICE", raising=False)
-    assert models.device() == torch.device("cuda", 0)
-    monkeypatch.setenv("PEA_DEVICE", "cpu")
-    assert models.device() == torch.device("cpu")
 
 
 def test_embedding_on_the_gpu_stores_what_the_cpu_stores(lakes):
