@@ -33,14 +33,14 @@ from pathlib import Path
 
 import duckdb
 import numpy as np
-import pyarrow as pa
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
 from pea import models
 from pea.spec import LanguageSpec
-from pea.store import TensorStore, key_digest, text_hash
+from pea.store import FORMAT as STORE_FORMAT
+from pea.store import TensorStore, connect, key_digest
 
 @dataclass(frozen=True)
 class EmbedResult:
@@ -53,10 +53,12 @@ class EmbedResult:
 
 
 def store_keys(spec: LanguageSpec) -> dict[str, dict]:
-    teacher = models.model_key(spec.teacher)
+    """What each store's tensors depend on: the model, its settings and the store's on-disk format."""
+    teacher = {**models.model_key(spec.teacher), "format": STORE_FORMAT}
     return {
         "teacher": {"role": "teacher-conditioning", "kind": spec.teacher.kind, **teacher},
-        "student": {"role": "student-states", "max_length": spec.student.max_length, **models.model_key(spec.student)},
+        "student": {"role": "student-states", "max_length": spec.student.max_length, "format": STORE_FORMAT,
+                    **models.model_key(spec.student)},
         "latents": {"role": "pixels" if spec.teacher.pixel_space else "vae-latents",
                     "image_size": spec.corpus.image_size, "resize": "center_crop", **teacher},
     }
@@ -103,18 +105,8 @@ def _fill(store: TensorStore, batches: Iterator[tuple[list[str], list]], total: 
     del encode  # reference counting frees the model now; a gc.collect() here cost 0.25 s per call
 
 
-def _arrow_text_hash(texts: pa.Array) -> pa.Array:
-    # store.text_hash in Python (not DuckDB's own Unicode functions), so the addresses are exactly the
-    # ones every reader computes.
-    return pa.array([text_hash(t) for t in texts.to_pylist()], pa.string())
-
-
 def _connect(spill: Path) -> duckdb.DuckDBPyConnection:
-    con = duckdb.connect(config={"memory_limit": DUCKDB_MEMORY_LIMIT, "preserve_insertion_order": False,
-                                 "temp_directory": str(spill)})
-    con.create_function("pea_text_hash", _arrow_text_hash, [duckdb.sqltype("VARCHAR")], duckdb.sqltype("VARCHAR"),
-                        type="arrow")
-    return con
+    return connect(spill, DUCKDB_MEMORY_LIMIT)
 
 
 def _missing(con: duckdb.DuckDBPyConnection, inputs: str, store: TensorStore) -> tuple[str, int, int]:

@@ -49,6 +49,8 @@ from pea.distill import Conditioning, sdxl_time_ids
 from pea.embed import EmbedResult
 from pea.pipeline import draw, generate
 from pea.spec import LanguageSpec, ModelRef, StudentSpec, SyntheticCaptions, home
+from pea.reader import ShardStream
+from pea.shards import Shards, pack
 from pea.table import TrainingTable, load_table
 
 SYSTEMS = ("teacher_en", "trained", "untrained", "linear_map")  # always in the table
@@ -113,9 +115,10 @@ def untrained_like(adapter: PEAAdapter, seed: int) -> PEAAdapter:
 
 class LinearMap(torch.nn.Module):
     """The student's per-token states through one affine map into the teacher's token space (and, for SDXL,
-    the token mean through a second into its pooled vector). Fit by least squares on the training split:
-    token counts differ between the two encoders, so the fit pairs each caption's mean student state with
-    its mean teacher token (the map is affine, so the mean of its outputs is the map of the mean)."""
+    the token mean through a second into its pooled vector). Fit by least squares on a bounded sample of the
+    training split (the first `max_rows` rows of its seeded stream): token counts differ between the two
+    encoders, so the fit pairs each caption's mean student state with its mean teacher token (the map is
+    affine, so the mean of its outputs is the map of the mean)."""
 
     def __init__(self, tokens: torch.Tensor, pooled: torch.Tensor | None, student_dim: int):
         super().__init__()
@@ -124,16 +127,28 @@ class LinearMap(torch.nn.Module):
         self.has_pooled = pooled is not None
         self.config = types.SimpleNamespace(student_dim=student_dim)  # what pea.pipeline checks
 
+    @staticmethod
+    def sample(shards: Shards, max_rows: int, seed: int) -> dict[str, torch.Tensor]:
+        """Per-row means of a bounded sample: {"student": (n, d), "teacher": (n, dim)[, "pooled": (n, p)]}, read
+        in batches from the training stream; memory O(max_rows × widths), never the tensors of the split."""
+        micro = min(256, shards.rows, max_rows)
+        parts: dict[str, list[torch.Tensor]] = {"student": [], "teacher": [], "pooled": []}
+        with ShardStream(shards, micro, seed, partitions=1) as stream:
+            for step in range(-(-min(max_rows, shards.rows) // micro)):
+                batch = stream.batch(step)
+                parts["student"].append(batch.student.float().mean(dim=1))
+                parts["teacher"].append(batch.teacher.float().mean(dim=1))
+                if batch.teacher_pooled is not None:
+                    parts["pooled"].append(batch.teacher_pooled.float())
+        return {k: torch.cat(v)[:max_rows] for k, v in parts.items() if v}
+
     @classmethod
-    def fit(cls, table: TrainingTable, max_rows: int, seed: int) -> LinearMap:
-        rows = torch.randperm(len(table), generator=torch.Generator().manual_seed(seed))[:max_rows]
-        x = table.student[rows].float().mean(dim=1)
-        x = torch.cat([x, torch.ones(len(x), 1)], dim=1)
-        tokens = torch.linalg.lstsq(x, table.teacher[rows].float().mean(dim=1), driver="gelsd").solution
-        pooled = None
-        if table.teacher_pooled is not None:
-            pooled = torch.linalg.lstsq(x, table.teacher_pooled[rows].float(), driver="gelsd").solution
-        return cls(tokens, pooled, table.student.shape[-1]).eval()
+    def fit(cls, shards: Shards, max_rows: int, seed: int) -> LinearMap:
+        sample = cls.sample(shards, max_rows, seed)
+        x = torch.cat([sample["student"], torch.ones(len(sample["student"]), 1)], dim=1)
+        tokens = torch.linalg.lstsq(x, sample["teacher"], driver="gelsd").solution
+        pooled = torch.linalg.lstsq(x, sample["pooled"], driver="gelsd").solution if "pooled" in sample else None
+        return cls(tokens, pooled, x.shape[1] - 1).eval()
 
     @property
     def device(self) -> torch.device:
@@ -401,9 +416,9 @@ def evaluate(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, adapte
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = spec.evaluate
-    heldout = load_table(spec, pairs_path, embedded, "heldout")
+    heldout = load_table(spec, pairs_path, embedded, "heldout").with_english()
     trained = PEAAdapter.from_pretrained(adapter_dir).eval()
-    linear = LinearMap.fit(load_table(spec, pairs_path, embedded, "train"), cfg.linear_map_rows, cfg.seed)
+    linear = LinearMap.fit(pack(spec, pairs_path, embedded).train, cfg.linear_map_rows, cfg.seed)
     adapters = {"trained": trained, "untrained": untrained_like(trained, spec.train.seed), "linear_map": linear}
     for name, folder in (baselines or {}).items():
         if name not in ORDER or name in SYSTEMS:

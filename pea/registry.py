@@ -27,6 +27,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import torch
 from mlflow import MlflowClient
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
@@ -161,8 +162,14 @@ def score(spec: LanguageSpec, evaluation: Evaluation, adapter_dirs: dict[str, Pa
     adapters = {k: ev.PEAAdapter.from_pretrained(p).eval().to(models.device()) for k, p in adapter_dirs.items()}
     adapters["untrained"] = ev.untrained_like(next(iter(adapters.values())), spec.train.seed).to(models.device())
     if spec.evaluate.promotion_metric == "rel_error":
-        table = load_table(spec, evaluation.pairs_path, evaluation.embedded, "heldout")
-        states = {k: models.load_student(s).encode(table.captions) for k, s in students.items() if s != spec.student}
+        table = load_table(spec, evaluation.pairs_path, evaluation.embedded, "heldout").with_english()
+        chunk = spec.embed.batch_size  # an encoder never sees the whole held-out sample in one batch
+        states = {}
+        for key, ref in students.items():
+            if ref != spec.student:
+                encoder = models.load_student(ref)
+                states[key] = torch.cat([encoder.encode(table.captions[i:i + chunk])
+                                         for i in range(0, len(table), chunk)])
         return ev.relative_errors(spec, table, adapters, states)
     cfg = spec.evaluate
     pipe = models.load_pipeline(spec.teacher)

@@ -304,6 +304,22 @@ class EmbedSpec(Strict):
     batch_size: int = Field(64, ge=1)
 
 
+class DataSpec(Strict):
+    """How training reads its packed shards (pea.shards, pea.reader). A resume with a different world size is
+    exact while `partitions` stays the same and the new world size divides it."""
+
+    row_group_rows: int = Field(256, ge=1, description="rows per Parquet row group of the packed shards: the unit "
+                                "the reader shuffles and fetches (256 SD 1.5 rows ≈ 79 MB)")
+    partitions: int | None = Field(None, ge=1, description="canonical streams the global batch is drawn from, "
+                                   "each from its own row groups; rank r reads only its partitions' row groups. The "
+                                   "world size must divide it and each rank's micro-batch must split evenly over "
+                                   "its partitions. None: the world size (the order then changes with it)")
+    shuffle_row_groups: int = Field(4, ge=1, description="row groups shuffled together in one partition (the "
+                                    "shuffle buffer); host memory per rank ≈ partitions/world × (1 + prefetch) × "
+                                    "this × row_group_rows × bytes per row")
+    prefetch: int = Field(1, ge=0, description="shuffle windows per partition read ahead in background threads")
+
+
 class TrainSpec(Strict):
     hidden_dim: int = Field(2048, ge=1, description="adapter inner width h")
     steps: int = Field(50_000, ge=1)
@@ -326,6 +342,7 @@ class TrainSpec(Strict):
     seed: int = 0
     launcher: LauncherSpec = Field(LauncherSpec(), description="processes and nodes; more than one process runs "
                                    "under the deepspeed launcher")
+    data: DataSpec = DataSpec()
 
 
     @model_validator(mode="after")
@@ -334,8 +351,25 @@ class TrainSpec(Strict):
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be fewer than steps ({self.steps})")
         return self
 
+    @model_validator(mode="after")
+    def _partitions_fit_the_layout(self) -> TrainSpec:
+        self.partitions_for(self.launcher.world_size)
+        return self
+
+    def partitions_for(self, world: int) -> int:
+        """The reader's partitions for `world` processes; refused unless each rank gets a whole number of
+        partitions and an equal share of its micro-batch from each."""
+        partitions = self.data.partitions or world
+        if partitions % world or self.micro_batch_size % (partitions // world):
+            raise ValueError(f"train.data.partitions={partitions} does not fit {world} process(es) with "
+                             f"micro_batch_size={self.micro_batch_size}: the world size must divide the partitions "
+                             "and the micro-batch must split evenly over each rank's partitions")
+        return partitions
+
 class EvaluateSpec(Strict):
     heldout_percent: int = Field(10, ge=1, le=50, description="share of pairs held out, chosen by hash")
+    heldout_rows: int = Field(512, ge=1, description="held-out pairs evaluation and promotion score: the lowest "
+                              "pair hashes first, so the sample is the same in every run")
     timesteps: list[int] = Field(default_factory=lambda: [100, 400, 700, 900])
     grid_prompts: int = Field(4, ge=1)
     inference_steps: int = Field(25, ge=1)
@@ -348,7 +382,8 @@ class EvaluateSpec(Strict):
     prompt_sets: list[str] = Field(default_factory=lambda: ["general", "culture"], description="files "
                                    "data/prompts/<language>/<name>.txt of `target<TAB>english` lines")
     prompts_per_set: int | None = Field(None, ge=1, description="use the first N prompts of each set; None: all")
-    linear_map_rows: int = Field(20_000, ge=2, description="training pairs the least-squares baseline is fit on")
+    linear_map_rows: int = Field(4096, ge=2, description="training pairs the least-squares baseline is fit on (the "
+                                 "first rows of the seeded training stream)")
     judge: str | None = Field(None, description="an attribute judge (pea.toy, e.g. '{data}/toy/judge'): score "
                               "whether each system draws what held-out synthetic prompts name; None: no judge")
     judge_seeds: int = Field(4, ge=1, description="images per held-out prompt and system for the judge")

@@ -2,10 +2,13 @@
 
 One store holds one kind of tensor made by one model under one setting (its *key*, recorded in
 `store.json`); rows are addressed by the hash of their input (a normalized caption, an image hash),
-so whatever is already stored is never computed again, by any language or any rerun. Tensors are
-Arrow fixed-shape tensor columns in float16, or bfloat16 kept as its raw 16-bit pattern (Arrow has
-no bfloat16). Each part is written under a temp name and renamed, so a killed writer loses at most
-the part in flight and never leaves a partial one visible.
+so whatever is already stored is never computed again, by any language or any rerun. Each tensor is
+one fixed-size binary cell of its raw little-endian float16 or bfloat16 bytes (Arrow and DuckDB have
+no bfloat16, and DuckDB reads Arrow's float16 tensors as float32 lists), with its shape and dtype in
+the Parquet field metadata: DuckDB then joins the stores into training shards (pea.shards) by copying
+bytes, and every reader decodes a column with one `np.frombuffer`. Each part is written under a temp
+name and renamed, so a killed writer loses at most the part in flight and never leaves a partial one
+visible.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import torch
 
-ARROW_DTYPES = {"float16": pa.float16(), "bfloat16": pa.int16()}
+FORMAT = 2  # 1: Arrow fixed-shape tensor columns; 2: raw 16-bit bytes per cell (part of every store key)
+TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def text_hash(text: str) -> str:
@@ -36,6 +40,26 @@ def text_hash(text: str) -> str:
 
 def key_digest(key: dict) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def pair_hash(caption_en: str, caption: str) -> str:
+    """The address of a caption pair: what decides its held-out split (pea.table) and the evaluation sample."""
+    return text_hash(caption_en + "\n" + caption)
+
+
+def connect(spill: Path, memory_limit: str = "1GB") -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection bounded by `memory_limit` (spilling to `spill` beyond it, created only if needed)
+    with the store's hashes as SQL functions: `pea_text_hash(text)`, `pea_pair_hash(caption_en, caption)`.
+    They run text_hash itself (not DuckDB's Unicode functions), one Arrow batch per call, so SQL and Python
+    compute the same addresses."""
+    con = duckdb.connect(config={"memory_limit": memory_limit, "preserve_insertion_order": False,
+                                 "temp_directory": str(spill)})
+    text = duckdb.sqltype("VARCHAR")
+    con.create_function("pea_text_hash", lambda t: pa.array([text_hash(x) for x in t.to_pylist()], pa.string()),
+                        [text], text, type="arrow")
+    con.create_function("pea_pair_hash", lambda e, t: pa.array(
+        [pair_hash(a, b) for a, b in zip(e.to_pylist(), t.to_pylist())], pa.string()), [text, text], text, type="arrow")
+    return con
 
 
 class StoreMismatch(ValueError):
@@ -80,18 +104,15 @@ class TensorStore:
         return {row[0] for row in rows}
 
     def write(self, hashes: list[str], tensors: dict[str, torch.Tensor]) -> Path:
-        """Store one row per hash; each named tensor (first dim = rows) becomes a tensor column."""
-        columns = {"hash": pa.array(hashes, pa.string())}
+        """Store one row per hash; each named tensor (first dim = rows) becomes a binary tensor column."""
+        fields, arrays = [pa.field("hash", pa.string())], [pa.array(hashes, pa.string())]
         for name, tensor in tensors.items():
-            tensor = tensor.detach().cpu()
-            if self.dtype == "bfloat16":
-                array = tensor.to(torch.bfloat16).view(torch.int16).numpy()
-            else:
-                array = tensor.to(torch.float16).numpy()
-            columns[name] = pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(array))
+            array, field = encode_tensor(name, tensor, self.dtype)
+            fields.append(field)
+            arrays.append(array)
         name = f"part-{uuid.uuid4().hex}.parquet"
         tmp = self.root / f".{name}.tmp"
-        pq.write_table(pa.table(columns), tmp)
+        pq.write_table(pa.Table.from_arrays(arrays, schema=pa.schema(fields)), tmp)
         os.replace(tmp, self.root / name)
         return self.root / name
 
@@ -105,11 +126,44 @@ class TensorStore:
             raise KeyError(f"{len(missing)} of {len(set(hashes))} inputs are missing from store {self.root}; "
                            "run the embed stage first")
         rows = pa.array([position[h] for h in hashes])
-        out = {}
-        for name in found.column_names:
-            if name == "hash":
-                continue
-            array = found.column(name).combine_chunks().take(rows).to_numpy_ndarray()
-            tensor = torch.from_numpy(np.array(array))  # a writable copy
-            out[name] = (tensor.view(torch.bfloat16) if self.dtype == "bfloat16" else tensor).float()
-        return out
+        return {f.name: decode_tensor(found.column(f.name).combine_chunks().take(rows), f).float()
+                for f in found.schema if f.name != "hash"}
+
+
+def encode_tensor(name: str, tensor: torch.Tensor, dtype: str) -> tuple[pa.Array, pa.Field]:
+    """(rows, *shape) → one fixed-size binary cell per row holding its raw `dtype` bytes, and the field
+    that records the shape and dtype."""
+    tensor = tensor.detach().to("cpu", TORCH_DTYPES[dtype]).contiguous()
+    rows, shape = tensor.shape[0], tuple(tensor.shape[1:])
+    raw = tensor.view(torch.int16).numpy()  # numpy has no bfloat16: carry the 16-bit patterns
+    width = raw[:1].nbytes if rows else int(np.prod(shape)) * 2
+    array = pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), rows, [None, pa.py_buffer(raw)])
+    return array, pa.field(name, pa.binary(width), metadata={"shape": json.dumps(shape), "dtype": dtype})
+
+
+def tensor_meta(field: pa.Field) -> tuple[tuple[int, ...], str]:
+    meta = field.metadata or {}
+    if b"shape" not in meta:
+        raise ValueError(f"column {field.name!r} carries no tensor shape; it was not written by pea.store")
+    return tuple(json.loads(meta[b"shape"])), meta[b"dtype"].decode()
+
+
+def decode_tensor(array: pa.Array, field: pa.Field | None = None, shape: tuple[int, ...] | None = None,
+                  dtype: str | None = None) -> torch.Tensor:
+    """A binary column of raw 16-bit tensors (fixed-size, or variable binary as DuckDB writes it) → a
+    (rows, *shape) tensor in its stored dtype, without a per-row Python loop."""
+    if field is not None:
+        shape, dtype = tensor_meta(field)
+    array = array.combine_chunks() if isinstance(array, pa.ChunkedArray) else array
+    n = len(array)
+    width = int(np.prod(shape)) * 2
+    if pa.types.is_fixed_size_binary(array.type):
+        data = np.frombuffer(array.buffers()[1], np.uint8, n * width, array.offset * width)
+    else:  # variable binary: one contiguous data buffer when every cell has the same width
+        offsets = np.frombuffer(array.buffers()[1], np.int64 if pa.types.is_large_binary(array.type) else np.int32,
+                                n + 1, array.offset)
+        if n and (np.diff(offsets) != width).any():
+            raise ValueError(f"a tensor cell is not {width} bytes ({shape} in {dtype}); the shard is corrupt")
+        data = np.frombuffer(array.buffers()[2], np.uint8, n * width, int(offsets[0]) if n else 0)
+    raw = torch.from_numpy(data.copy()).view(torch.int16)  # a writable copy
+    return raw.view(TORCH_DTYPES[dtype]).reshape(n, *shape)

@@ -1,40 +1,47 @@
-"""The training table: pairs ⋈ teacher conditioning ⋈ student states ⋈ latents, split by hash.
+"""The held-out table that evaluation scores, the split rule, and the pairs' fingerprint.
 
 A pair is held out when the hash of its caption pair falls in the spec's held-out share, so the split
 is deterministic, stable across reruns and languages, and no held-out prompt is ever trained on.
-This version materialises one split in memory (rows × (77×768 + L×d + latent) × 2 bytes in fp16);
-a streaming, per-rank reader replaces it when tables outgrow one machine.
+Training never materialises its split: it streams packed shards (pea.shards, pea.reader). Evaluation
+holds a bounded sample in memory: the pack's held-out split, at most `evaluate.heldout_rows` pairs.
 """
 
 from __future__ import annotations
 
 import hashlib
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import duckdb
+import pyarrow.parquet as pq
 import torch
 
 from pea.embed import EmbedResult
 from pea.spec import LanguageSpec
-from pea.store import TensorStore, text_hash
+from pea.store import connect, decode_tensor, pair_hash
 
 Split = Literal["train", "heldout"]
 
 
 def data_fingerprint(pairs_path: Path) -> str:
-    """A digest of the pairs' content (image hashes and captions), independent of file layout."""
-    digest = hashlib.sha256()
-    for row in duckdb.connect().execute(
-            "SELECT image_sha256, caption_en, caption FROM read_parquet($p) ORDER BY ALL", {"p": str(pairs_path)}
-    ).fetchall():
-        digest.update("\x1f".join(row).encode() + b"\x1e")
-    return digest.hexdigest()[:16]
+    """A digest of the pairs' content (image hashes and captions), independent of file layout and row order,
+    computed inside DuckDB: the count, the XOR and the sum of each row's MD5 (a duplicated row changes the
+    sum even where the XORs cancel)."""
+    spill = Path(pairs_path).parent / f".duckdb-{uuid.uuid4().hex}.tmp"
+    con = connect(spill)
+    try:
+        row = con.execute("""SELECT count(*), bit_xor(md5_number(r)), sum(md5_number_lower(r)::HUGEINT)
+            FROM (SELECT concat_ws(chr(31), image_sha256, caption_en, caption) AS r FROM read_parquet($p))""",
+                          {"p": str(pairs_path)}).fetchall()[0]
+    finally:
+        con.close()
+    return hashlib.sha256(repr(row).encode()).hexdigest()[:16]
 
 
 def is_heldout(caption_en: str, caption: str, percent: int) -> bool:
-    return int(text_hash(caption_en + "\n" + caption)[:8], 16) % 100 < percent
+    """The split rule (pea.shards applies the same one in SQL)."""
+    return int(pair_hash(caption_en, caption)[:8], 16) % 100 < percent
 
 
 @dataclass
@@ -52,25 +59,35 @@ class TrainingTable:
     def __len__(self) -> int:
         return len(self.captions)
 
+    def with_english(self) -> TrainingTable:
+        """The rows that have an English caption: a native-only row (caption_en '') has nothing of the teacher's
+        to be compared with but its unconditional output, so evaluation and promotion never score it."""
+        keep = [i for i, en in enumerate(self.captions_en) if en.strip()]
+        if not keep:
+            raise ValueError("no held-out pair has an English caption, so nothing can be compared with the teacher; "
+                             "add parallel (caption_en) rows to the corpus")
+        rows = torch.tensor(keep)
+        return TrainingTable([self.captions_en[i] for i in keep], [self.captions[i] for i in keep],
+                             self.teacher[rows], None if self.teacher_pooled is None else self.teacher_pooled[rows],
+                             self.student[rows], self.latents[rows], self.native[rows], self.teacher_empty,
+                             self.student_empty)
 
-def load_table(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, split: Split) -> TrainingTable:
-    rows = duckdb.connect().execute(
-        "SELECT caption_en, caption, image_sha256, native FROM read_parquet($p) ORDER BY key", {"p": str(pairs_path)}
-    ).fetchall()
-    rows = [r for r in rows if is_heldout(r[0], r[1], spec.evaluate.heldout_percent) == (split == "heldout")]
-    if not rows:
-        raise ValueError(f"the {split} split of {pairs_path} is empty; acquire more pairs or change "
-                         "evaluate.heldout_percent in the spec")
-    teacher, student, latents = (TensorStore.open(root) for root in
-                                 (embedded.teacher_store, embedded.student_store, embedded.latent_store))
-    en, tgt, img, native = ([r[i] for r in rows] for i in range(4))
-    conditioning = teacher.read([text_hash(c) for c in en])
+
+def load_table(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, split: Split = "heldout"
+               ) -> TrainingTable:
+    """The held-out sample in memory (packing the shards first if needed); bounded by evaluate.heldout_rows."""
+    from pea.shards import pack
+
+    if split != "heldout":
+        raise ValueError("only the held-out split is loaded whole; training streams its split (pea.reader)")
+    shards = pack(spec, pairs_path, embedded).heldout
+    fs, root = shards.filesystem()
+    table = pq.read_table(f"{root}/{shards.files[0]}", filesystem=fs)
+    tensors = {name: decode_tensor(table.column(name), shape=shape, dtype=dtype).float()
+               for name, (shape, dtype) in shards.tensors.items()}
+    empty = shards.empty()
     return TrainingTable(
-        captions_en=en, captions=tgt,
-        teacher=conditioning["tokens"], teacher_pooled=conditioning.get("pooled"),
-        student=student.read([text_hash(c) for c in tgt])["states"],
-        latents=latents.read(img)["latents"],
-        native=torch.tensor(native, dtype=torch.float32),
-        teacher_empty=teacher.read([text_hash("")])["tokens"][0],
-        student_empty=student.read([text_hash("")])["states"][0],
-    )
+        captions_en=table.column("caption_en").to_pylist(), captions=table.column("caption").to_pylist(),
+        teacher=tensors["teacher"], teacher_pooled=tensors.get("teacher_pooled"), student=tensors["student"],
+        latents=tensors["latents"], native=torch.tensor(table.column("native").to_pylist(), dtype=torch.float32),
+        teacher_empty=empty["teacher"], student_empty=empty["student"])

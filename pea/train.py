@@ -55,7 +55,8 @@ from pea.adapter import PEAAdapter
 from pea.distill import Conditioning, distill_loss, sdxl_time_ids
 from pea.embed import EmbedResult, open_stores
 from pea.spec import FORWARDED_ENV, PACKAGE_ROOT, LanguageSpec, TrainSpec, home, lake_root, load_spec
-from pea.table import TrainingTable, load_table
+from pea.reader import ShardStream
+from pea.shards import pack
 
 
 @dataclass(frozen=True)
@@ -112,28 +113,6 @@ def _single_process_env() -> None:
     if "RANK" in os.environ:
         return
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-
-
-class _Batches:
-    """Micro-batch `i` of rank `r`: a slice of a permutation seeded by (seed, epoch); pure in `i`."""
-
-    def __init__(self, n: int, micro: int, seed: int, rank: int, world: int):
-        if n < micro * world:
-            raise ValueError(f"{n} training rows cannot fill one micro-batch of {micro} on {world} process(es); "
-                             "lower train.micro_batch_size or acquire more pairs")
-        self.n, self.micro, self.seed, self.rank, self.world = n, micro, seed, rank, world
-        self.per_epoch = n // (micro * world)
-
-    def positions(self) -> range:
-        """Where this rank's rows sit in the global batch: one process with the same global batch sees
-        the same rows at the same positions, so per-position random draws match across layouts."""
-        return range(self.rank * self.micro, (self.rank + 1) * self.micro)
-
-    def indices(self, i: int) -> torch.Tensor:
-        epoch, slot = divmod(i, self.per_epoch)
-        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
-        start = (slot * self.world + self.rank) * self.micro
-        return perm[start:start + self.micro]
 
 
 def _draws(cfg: TrainSpec, micro_step: int, positions: range, latent_shape: torch.Size, timesteps: int
@@ -205,21 +184,20 @@ def train(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, run_dir: 
     # DeepSpeed unpickles its own checkpoints (torch.load with weights_only=False): it only ever reads
     # them from this run directory, which this code creates, owner-only, and never from user input.
     run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if not Path(pairs_path).is_file():
-        raise FileNotFoundError(f"pairs table {pairs_path} does not exist; run the filter and embed stages first")
-    table: TrainingTable = load_table(spec, pairs_path, embedded, "train")
+    # Packed once per content key (the flow's pack task, or the first rank here); every rank streams its share.
+    shards = pack(spec, pairs_path, embedded).train
+    shapes = {name: shape for name, (shape, _) in shards.tensors.items()}
     # Under bf16/fp16 the frozen UNet is held in that precision too, as diffusers' training examples hold their
     # frozen models: it is nearly all of a step's FLOPs, and in fp32 it would run on a GPU's slowest path.
     unet = models.load_unet(spec.teacher, PRECISIONS[cfg.precision])
     noise_scheduler = models.load_noise_scheduler(spec.teacher)
-    if table.teacher.shape[-1] != unet.config.cross_attention_dim:
-        raise ValueError(f"teacher conditioning width {table.teacher.shape[-1]} does not match the UNet's "
+    if shapes["teacher"][-1] != unet.config.cross_attention_dim:
+        raise ValueError(f"teacher conditioning width {shapes['teacher'][-1]} does not match the UNet's "
                          f"cross_attention_dim {unet.config.cross_attention_dim}; re-embed with this teacher")
 
     torch.manual_seed(cfg.seed)  # the untrained baseline in pea.evaluate starts from this same init
-    adapter = PEAAdapter(kind=spec.teacher.kind, student_dim=table.student.shape[-1], hidden_dim=cfg.hidden_dim,
-                         token_dim=table.teacher.shape[-1],
-                         pooled_dim=None if table.teacher_pooled is None else table.teacher_pooled.shape[-1])
+    adapter = PEAAdapter(kind=spec.teacher.kind, student_dim=shapes["student"][-1], hidden_dim=cfg.hidden_dim,
+                         token_dim=shapes["teacher"][-1], pooled_dim=shapes.get("teacher_pooled", (None,))[-1])
     optimizer = torch.optim.AdamW(adapter.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
                                   weight_decay=cfg.weight_decay)
     schedule = get_polynomial_decay_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps,
@@ -228,11 +206,11 @@ def train(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, run_dir: 
     config = ds_config(cfg, world)
     engine, _, _, _ = deepspeed.initialize(model=adapter, optimizer=optimizer, lr_scheduler=schedule, config=config)
     dtype = next(engine.module.parameters()).dtype
-    # DeepSpeed put the adapter on this rank's accelerator; the frozen UNet joins it there. The table stays
-    # in host memory and each micro-batch is copied over (a real corpus's latents outgrow a GPU).
+    # DeepSpeed put the adapter on this rank's accelerator; the frozen UNet joins it there. The reader keeps its
+    # windows in host memory and each micro-batch is copied over.
     device = engine.device
     unet.to(device)
-    student_empty, teacher_empty = table.student_empty.to(device), table.teacher_empty.to(device)
+    empty = {name: tensor.to(device) for name, tensor in shards.empty().items()}
 
     checkpoints = run_dir / "checkpoints"
     history_path = run_dir / "history.jsonl"
@@ -244,7 +222,11 @@ def train(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, run_dir: 
     history = [h for h in (json.loads(line) for line in history_path.read_text().splitlines())
                if h["step"] <= start] if history_path.is_file() and start else []
 
-    batches = _Batches(len(table), cfg.micro_batch_size, cfg.seed, engine.global_rank, world)
+    data = ShardStream(shards, cfg.micro_batch_size, cfg.seed, engine.global_rank, world, cfg.partitions_for(world),
+                       cfg.data.shuffle_row_groups, cfg.data.prefetch)
+    # Where this rank's rows sit in the global batch: one process with the same global batch sees the same rows
+    # at the same positions, so per-position random draws match across layouts.
+    positions = range(engine.global_rank * cfg.micro_batch_size, (engine.global_rank + 1) * cfg.micro_batch_size)
     size = spec.corpus.image_size
     time_ids = sdxl_time_ids(size, size, cfg.micro_batch_size).to(device) if spec.teacher.kind == "sdxl" else None
     accum = cfg.gradient_accumulation_steps
@@ -255,29 +237,29 @@ def train(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, run_dir: 
     for step in bar:
         for micro in range(accum):
             i = step * accum + micro
-            idx = batches.indices(i)
-            latents = table.latents[idx].to(device)
+            batch = data.batch(i)
+            latents = batch.latents.to(device, torch.float32)
             # Drawn on the host from seeded generators, so every device and process layout sees the same draws.
-            noise, timesteps, drop = (t.to(device) for t in _draws(cfg, i, batches.positions(), latents.shape[1:],
+            noise, timesteps, drop = (t.to(device) for t in _draws(cfg, i, positions, latents.shape[1:],
                                                                    noise_scheduler.config.num_train_timesteps))
             noisy = noise_scheduler.add_noise(latents, noise, timesteps)
             # Caption dropout swaps the token context for that of "" on both sides; the pooled vector is
             # kept (METHOD.md). The adapter sees the empty caption as one extra row of the same batch.
-            states = torch.cat([table.student[idx].to(device), student_empty[None]]).to(dtype)
+            states = torch.cat([batch.student.to(device, torch.float32), empty["student"][None]]).to(dtype)
             tokens, pooled = engine(states)
             student = Conditioning(torch.where(drop, tokens[-1:], tokens[:-1]),
                                    None if pooled is None else pooled[:-1], time_ids)
-            teacher = Conditioning(torch.where(drop, teacher_empty, table.teacher[idx].to(device)),
-                                   None if table.teacher_pooled is None else table.teacher_pooled[idx].to(device),
+            teacher = Conditioning(torch.where(drop, empty["teacher"], batch.teacher.to(device, torch.float32)),
+                                   None if batch.teacher_pooled is None else batch.teacher_pooled.to(device, torch.float32),
                                    time_ids)
             # The diffusion loss's target is what the teacher predicts: ε (SD 1.5, SDXL) or v (v-prediction).
             target = (noise if noise_scheduler.config.prediction_type == "epsilon"
                       else noise_scheduler.get_velocity(latents, noise, timesteps))
-            terms = distill_loss(unet, noisy, timesteps, target, teacher, student, table.native[idx].to(device),
+            terms = distill_loss(unet, noisy, timesteps, target, teacher, student, batch.native.to(device),
                                  cfg.output_kd_weight, cfg.feature_kd_weight, cfg.diffusion_loss == "all")
             engine.backward(terms.total)
             engine.step()
-            seen += len(idx)
+            seen += len(batch)
         record = {"step": step + 1, "loss": float(terms.total.detach()), **{k: v for k, v in terms.floats().items()
                   if k != "total"}, "lr": schedule.get_last_lr()[0],
                   "samples_per_s": seen * world / (time.perf_counter() - tick)}
@@ -292,6 +274,7 @@ def train(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, run_dir: 
                 os.replace(tmp, history_path)
             engine.save_checkpoint(str(checkpoints), tag=f"step{step + 1:08d}", client_state={"step": step + 1})
 
+    data.close()
     adapter_dir = run_dir / "adapter"
     _export(engine, cfg.zero_stage, run_dir, adapter_dir)
     if engine.global_rank == 0:

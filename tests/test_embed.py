@@ -5,7 +5,7 @@ from pea.corpus.synthetic import ENGLISH, all_scenes, caption, write_pairs
 from pea.embed import embed, open_stores
 from pea.spec import load_spec
 from pea.store import StoreMismatch, TensorStore, text_hash
-from pea.table import load_table
+from pea.shards import pack
 
 
 def test_embeddings_are_computed_once_and_shared_across_languages(tmp_path, zoo_dir, monkeypatch):
@@ -42,8 +42,9 @@ def test_stored_tensors_are_what_the_models_produce(tmp_path, zoo_dir):
     fresh = models.load_teacher_text(zh.teacher).encode(english)["tokens"]
     assert stored.shape == (8, 77, 32)
     torch.testing.assert_close(stored, fresh, atol=2e-3, rtol=2e-3)  # stored in float16
-    table = load_table(zh, tmp_path / "pairs-zh.parquet", result, "train")
-    assert table.student.shape[1:] == (zh.student.max_length, 64) and table.latents.shape[1:] == (4, 8, 8)
+    shards = pack(zh, tmp_path / "pairs-zh.parquet", result).train
+    assert shards.tensors["student"] == ((zh.student.max_length, 64), "float16")
+    assert shards.tensors["latents"] == ((4, 8, 8), "float16")
 
 
 def test_stores_refuse_other_models_or_settings(tmp_path, zoo_dir):

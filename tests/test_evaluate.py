@@ -11,6 +11,7 @@ from PIL import Image
 
 from pea import evaluate as ev
 from pea.spec import ModelRef, available_languages
+from pea.shards import pack
 from pea.table import load_table
 
 
@@ -77,16 +78,19 @@ def test_agreement_is_measured_with_the_same_noise_every_time(trained_sd15):
     assert first["a"] == again["b"]
 
 
-def test_linear_map_is_the_least_squares_fit(trained_sd15):
+def test_linear_map_is_the_least_squares_fit_on_a_bounded_sample(trained_sd15):
     t = trained_sd15
-    table = load_table(t.spec, t.pairs, t.embedded, "train")
-    linear = ev.LinearMap.fit(table, max_rows=len(table), seed=0)
-    x = torch.cat([table.student.float().mean(1), torch.ones(len(table), 1)], 1)
-    residual = x @ linear.w_tokens - table.teacher.float().mean(1)
+    shards = pack(t.spec, t.pairs, t.embedded).train
+    sample = ev.LinearMap.sample(shards, max_rows=40, seed=0)
+    assert len(sample["student"]) == len(sample["teacher"]) == 40 < shards.rows  # a sample, not the split
+    linear = ev.LinearMap.fit(shards, max_rows=40, seed=0)
+    x = torch.cat([sample["student"], torch.ones(40, 1)], 1)
+    residual = x @ linear.w_tokens - sample["teacher"]
     # Normal equations: the residual is orthogonal to every regressor.
     assert (x.T @ residual).abs().max() < 1e-3 * residual.abs().sum()
-    tokens, pooled = linear(table.student[:2])
-    assert tokens.shape == (2, table.student.shape[1], table.teacher.shape[-1]) and pooled is None
+    student_shape, _ = shards.tensors["student"]
+    tokens, pooled = linear(torch.randn(2, *student_shape))
+    assert tokens.shape == (2, student_shape[0], shards.tensors["teacher"][0][-1]) and pooled is None
 
 
 def test_every_shipped_language_has_both_prompt_sets_with_english_references():

@@ -190,7 +190,7 @@ def test_multi_node_command_and_forwarded_environment(lake, tmp_path, monkeypatc
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node-0 slots=8\nnode-1 slots=8\n")
     spec = _spec(lake, launcher={"num_gpus": 8, "num_nodes": 2, "hostfile": str(hostfile), "master_addr": "node-0",
-                                 "multinode_runner": "slurm", "forward_env": ["NCCL_*"]})
+                                 "multinode_runner": "slurm", "forward_env": ["NCCL_*"]}, data={"partitions": 16})
     command = launch_command(spec, tmp_path / "pairs.parquet", _stores(spec, lake), tmp_path / "run")
     assert Path(command[0]).name == "deepspeed"
     assert command[1:13] == ["--num_gpus", "8", "--num_nodes", "2", "--hostfile", str(hostfile), "--launcher", "slurm",

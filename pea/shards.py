@@ -1,0 +1,225 @@
+"""Training shards: the joined rows that training and evaluation read, packed once after embed.
+
+    pack(spec, pairs_path, embedded) -> Packed      # Packed.train, Packed.heldout: Shards
+
+A row is one pair joined with its tensors: pairs ⋈ teacher conditioning (+ pooled) ⋈ student states ⋈
+latents, with the native flag and both captions. DuckDB writes them in one out-of-core join under a memory
+limit, spilling to disk beyond it; the tensors are raw 16-bit bytes in the stores (pea.store), so the join
+copies bytes and never decodes a tensor. Nothing here holds more than DuckDB's memory limit, whatever the
+corpus size.
+
+- `train/`: Parquet files of row groups of `train.data.row_group_rows` rows; a row group is the unit the
+  streaming reader (pea.reader) shuffles and reads. Their order on disk is DuckDB's (parallel writers), fixed
+  once written: a pack is immutable, so every run and every resume of the same key reads the same files.
+- `heldout/`: a bounded, deterministic sample of the held-out pairs (at most `evaluate.heldout_rows`, the
+  lowest pair hashes first), what evaluation and promotion score.
+- `empty.safetensors`: the teacher's and the student's encodings of "" (caption dropout, guidance).
+- `index.json`: the key, the tensors' shapes and dtypes, every file's row-group sizes. Written last, inside
+  a temp folder that is then renamed: a pack without it is never seen.
+
+The folder is `<pairs dir>/shards/<key>/`, the key a digest of the pairs' content, the stores' keys and the
+split settings, so a rerun or a run with other training settings reuses it, and new pairs or a new model
+make a new pack. The reader opens files through pyarrow's or fsspec's filesystems, so a pack copied to
+object storage (`s3://…`, `gs://…`) is read by the same code as a local one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import fsspec
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import torch
+from safetensors.torch import load, save_file
+
+from pea.embed import EmbedResult
+from pea.spec import LanguageSpec
+from pea.store import TensorStore, connect, key_digest, tensor_meta, text_hash
+
+FORMAT = 1  # bump when the layout of a pack changes
+TENSORS = {"teacher": ("teacher", "tokens"), "teacher_pooled": ("teacher", "pooled"),
+           "student": ("student", "states"), "latents": ("latents", "latents")}
+
+
+@dataclass(frozen=True)
+class Shards:
+    """One split of a pack, as its index.json describes it."""
+
+    root: str                                   # a local path or an fsspec/pyarrow URL
+    rows: int
+    files: tuple[str, ...]                      # relative to root
+    row_groups: tuple[tuple[int, ...], ...]     # rows of each row group, per file
+    tensors: dict[str, tuple[tuple[int, ...], str]]  # column -> (shape, dtype)
+
+    @classmethod
+    def open(cls, root: str | Path, split: str) -> Shards:
+        """A split of a complete pack at `root` (local path or URL)."""
+        fs, path = fsspec.core.url_to_fs(str(root))
+        index_path = f"{path.rstrip('/')}/index.json"
+        if not fs.exists(index_path):
+            raise FileNotFoundError(f"{root} is not a complete pack of training shards (no index.json); "
+                                    "run the pack stage (pea.shards.pack) after embed")
+        with fs.open(index_path, "r") as f:
+            index = json.load(f)
+        part = index["splits"][split]
+        return cls(str(root).rstrip("/") + "/" + split, part["rows"], tuple(f["path"] for f in part["files"]),
+                   tuple(tuple(f["row_groups"]) for f in part["files"]),
+                   {k: (tuple(v["shape"]), v["dtype"]) for k, v in index["tensors"].items()})
+
+    def filesystem(self) -> tuple[pafs.FileSystem, str]:
+        """pyarrow's own filesystem for local paths, s3:// and gs://; any other fsspec URL through fsspec."""
+        try:
+            return pafs.FileSystem.from_uri(self.root if "://" in self.root else os.path.abspath(self.root))
+        except pa.ArrowInvalid:  # a scheme pyarrow has no filesystem for (memory://, hf://, ...)
+            fs, path = fsspec.core.url_to_fs(self.root)
+            return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+    def empty(self) -> dict[str, torch.Tensor]:
+        """{"teacher": the teacher's tokens for "", "student": the student's states for ""} in float32."""
+        fs, path = fsspec.core.url_to_fs(self.root.rsplit("/", 1)[0] + "/empty.safetensors")
+        with fs.open(path, "rb") as f:
+            return load(f.read())
+
+
+@dataclass(frozen=True)
+class Packed:
+    root: Path
+    train: Shards
+    heldout: Shards
+
+
+def pack_key(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult) -> dict:
+    from pea.table import data_fingerprint
+
+    stores = {name: TensorStore.open(root).key for name, root in
+              (("teacher", embedded.teacher_store), ("student", embedded.student_store),
+               ("latents", embedded.latent_store))}
+    return {"format": FORMAT, "pairs": data_fingerprint(pairs_path), "stores": stores,
+            "heldout_percent": spec.evaluate.heldout_percent, "heldout_rows": spec.evaluate.heldout_rows,
+            "row_group_rows": spec.train.data.row_group_rows}
+
+
+DUCKDB_MEMORY_LIMIT = "1GB"  # beyond it the join spills to <pack>.tmp/spill
+ROW_GROUPS_PER_FILE = 8     # 8 × 256 SD 1.5 rows ≈ 630 MB per file: few files, each still a cheap retry
+
+
+def _parts(root: Path) -> str:
+    parts = TensorStore.open(root).parts()
+    if not parts:
+        raise FileNotFoundError(f"store {root} is empty; run the embed stage first")
+    return "[" + ", ".join("'" + p.replace("'", "''") + "'" for p in parts) + "]"
+
+
+def _write(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, out: Path) -> dict:
+    con = connect(out / "spill", DUCKDB_MEMORY_LIMIT)
+    try:
+        con.execute("""CREATE TEMP TABLE pairs AS SELECT key, caption_en, caption, native, image_sha256,
+                pea_text_hash(caption_en) AS teacher_hash, pea_text_hash(caption) AS student_hash,
+                pea_pair_hash(caption_en, caption) AS pair_hash
+            FROM read_parquet($p)""", {"p": str(pairs_path)})
+        heldout = f"('0x' || pair_hash[1:8])::BIGINT % 100 < {spec.evaluate.heldout_percent}"
+        pooled = "t.pooled AS teacher_pooled, " if "pooled" in _columns(embedded.teacher_store) else ""
+        select = f"""SELECT p.key, p.caption_en, p.caption, p.native, p.pair_hash, t.tokens AS teacher, {pooled}
+                s.states AS student, l.latents
+            FROM pairs p JOIN read_parquet({_parts(embedded.teacher_store)}) t ON t.hash = p.teacher_hash
+            JOIN read_parquet({_parts(embedded.student_store)}) s ON s.hash = p.student_hash
+            JOIN read_parquet({_parts(embedded.latent_store)}) l ON l.hash = p.image_sha256"""
+        counts = dict(con.execute(f"SELECT {heldout}, count(*) FROM pairs GROUP BY ALL").fetchall())
+        # The train split streamed from the join in Arrow batches (DuckDB cannot write row groups under 2,048
+        # rows, the reader's unit); the held-out sample sorted by pair hash (a bounded top-N).
+        written = {"train": _write_row_groups(con.sql(f"{select} WHERE NOT {heldout}").to_arrow_reader(
+            spec.train.data.row_group_rows), out / "train", spec.train.data.row_group_rows)}
+        (out / "heldout").mkdir()
+        written["heldout"] = con.execute(
+            f"COPY ({select} WHERE {heldout} ORDER BY p.pair_hash, p.key LIMIT {spec.evaluate.heldout_rows}) "
+            f"TO '{out / 'heldout' / 'data_0.parquet'}' (FORMAT parquet, COMPRESSION uncompressed)").fetchall()[0][0]
+    finally:
+        con.close()
+        shutil.rmtree(out / "spill", ignore_errors=True)
+    expected = {"train": counts.get(False, 0), "heldout": min(counts.get(True, 0), spec.evaluate.heldout_rows)}
+    for split in ("train", "heldout"):
+        if written[split] != expected[split]:
+            raise KeyError(f"{expected[split] - written[split]} {split} pairs of {pairs_path} have no tensors in "
+                           "the stores; run the embed stage for these pairs first")
+        if not written[split]:
+            raise ValueError(f"the {split} split of {pairs_path} is empty; acquire more pairs or change "
+                             "evaluate.heldout_percent in the spec")
+    return {split: {"rows": written[split], "files": [
+        {"path": f.name, "row_groups": [md.row_group(i).num_rows for i in range(md.num_row_groups)]}
+        for f in sorted((out / split).glob("*.parquet")) if (md := pq.read_metadata(f)).num_rows]}
+        for split in ("train", "heldout")}
+
+
+def _write_row_groups(batches: pa.RecordBatchReader, folder: Path, rows: int) -> int:
+    """Row groups of exactly `rows` rows (the last may be shorter), ROW_GROUPS_PER_FILE to a file."""
+    folder.mkdir()
+    pending: list[pa.RecordBatch] = []
+    writer, files, groups, total = None, 0, 0, 0
+
+    def emit(table: pa.Table) -> None:
+        nonlocal writer, files, groups
+        if writer is None:
+            writer = pq.ParquetWriter(folder / f"data_{files:06d}.parquet", table.schema, compression="none")
+        writer.write_table(table, row_group_size=rows)
+        groups += 1
+        if groups == ROW_GROUPS_PER_FILE:
+            writer.close()
+            writer, files, groups = None, files + 1, 0
+
+    for batch in batches:
+        pending.append(batch)
+        total += batch.num_rows
+        buffered = pa.Table.from_batches(pending)
+        while buffered.num_rows >= rows:
+            emit(buffered.slice(0, rows))
+            buffered = buffered.slice(rows)
+        pending = buffered.to_batches()
+    if pending and (rest := pa.Table.from_batches(pending)).num_rows:
+        emit(rest)
+    if writer is not None:
+        writer.close()
+    return total
+
+
+def _columns(store_root: Path) -> set[str]:
+    return set(pq.read_schema(TensorStore.open(store_root).parts()[0]).names)
+
+
+def pack(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult) -> Packed:
+    """Pack the pairs' training and held-out rows once (reused while the key holds)."""
+    pairs_path = Path(pairs_path)
+    if not pairs_path.is_file():
+        raise FileNotFoundError(f"pairs table {pairs_path} does not exist; run the filter and embed stages first")
+    key = pack_key(spec, pairs_path, embedded)
+    root = pairs_path.parent / "shards" / key_digest(key)
+    if not (root / "index.json").is_file():
+        tmp = root.with_name(f".{root.name}-{uuid.uuid4().hex[:8]}.tmp")
+        tmp.mkdir(parents=True)
+        try:
+            splits = _write(spec, pairs_path, embedded, tmp)
+            tensors = {}
+            for name, (store, column) in TENSORS.items():
+                schema = pq.read_schema(TensorStore.open(getattr(embedded, f"{store}_store" if store != "latents"
+                                                                 else "latent_store")).parts()[0])
+                if column in schema.names:
+                    shape, dtype = tensor_meta(schema.field(column))
+                    tensors[name] = {"shape": list(shape), "dtype": dtype}
+            empty = {"teacher": TensorStore.open(embedded.teacher_store).read([text_hash("")])["tokens"][0],
+                     "student": TensorStore.open(embedded.student_store).read([text_hash("")])["states"][0]}
+            save_file(empty, tmp / "empty.safetensors")
+            (tmp / "index.json").write_text(json.dumps({"key": key, "tensors": tensors, "splits": splits}, indent=1))
+            try:
+                os.rename(tmp, root)
+            except OSError:  # another process (a rank) packed the same key first: its pack is the one
+                if not (root / "index.json").is_file():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return Packed(root, Shards.open(root, "train"), Shards.open(root, "heldout"))
