@@ -72,7 +72,9 @@ def _filter_key(_: TaskRunContext, p: dict[str, Any]) -> str:
 
 def _embed_key(_: TaskRunContext, p: dict[str, Any]) -> str:
     spec: LanguageSpec = p["spec"]
-    return _digest("embed", lake=p["lake"], stores=embed_stage.store_keys(spec), embed=_dump(spec.embed),
+    # The worker layout changes how, not what: the same stores whatever embed.launcher says.
+    return _digest("embed", lake=p["lake"], stores=embed_stage.store_keys(spec),
+                   embed=spec.embed.model_dump(mode="json", exclude={"launcher"}),
                    data=data_fingerprint(p["pairs"]))
 
 
@@ -119,7 +121,8 @@ def filter_pairs(spec: LanguageSpec, lake: Path) -> filter_stage.FilterResult:
 
 @task(cache_key_fn=_embed_key, persist_result=True)
 def embed(spec: LanguageSpec, lake: Path, pairs: Path) -> embed_stage.EmbedResult:
-    return embed_stage.embed(spec, lake, pairs)
+    # In this process for one worker; under the deepspeed launcher for spec embed.launcher's workers.
+    return embed_stage.launch(spec, lake, pairs)
 
 
 @task(cache_key_fn=_per_flow_run_key("train"), persist_result=True)
