@@ -103,3 +103,37 @@ def test_an_image_of_another_size_is_refused_by_name(tmp_path, zoo_dir):
     with pytest.raises(ValueError, match=r"image '0000003' of .*raw-zh.parquet .* is 32x24 pixels, not "
                                          r"corpus.image_size 32x32.*corpus.resize_mode to center_crop or border"):
         embed(zh, tmp_path / "lake", pairs)
+
+
+def test_a_worker_killed_mid_part_loses_only_that_part(tmp_path, zoo_dir, monkeypatch):
+    from pea import models
+
+    zh = load_spec("zh", profile="embedded", zoo_dir=zoo_dir)
+    zh = zh.model_copy(update={"embed": zh.embed.model_copy(update={"text_batch_size": 4})})
+    monkeypatch.setattr("pea.embed.ROWS_PER_PART", 8)
+    pairs = write_pairs(tmp_path, zh, all_scenes()[:24])
+    load_student = models.load_student
+    calls = []
+
+    def dies_on_the_fourth_batch(ref):
+        student = load_student(ref)
+        encode = student.encode
+
+        def encode_or_die(captions):
+            calls.append(len(captions))
+            if len(calls) == 4:  # 12 rows encoded, one part of 8 written, 4 rows in flight
+                raise KeyboardInterrupt("killed")
+            return encode(captions)
+        student.encode = encode_or_die
+        return student
+    monkeypatch.setattr("pea.models.load_student", dies_on_the_fourth_batch)
+    with pytest.raises(KeyboardInterrupt):
+        embed(zh, tmp_path / "lake", pairs)
+    student = open_stores(zh, tmp_path / "lake")["student"]
+    assert _rows(student) == (8, 8)
+
+    monkeypatch.setattr("pea.models.load_student", load_student)
+    rerun = embed(zh, tmp_path / "lake", pairs)
+    assert rerun.computed == {"teacher": 0, "student": 25 - 8, "latents": 24}
+    assert rerun.reused == {"teacher": 25, "student": 8, "latents": 0}
+    assert _rows(student) == (25, 25)
