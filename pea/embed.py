@@ -194,7 +194,7 @@ def embed(spec: LanguageSpec, lake: Path, pairs_path: Path, worker: int = 0, wor
     pairs = _literal(str(pairs_path))
     # The distinct inputs of each store in this worker's bucket, with one representative text or image
     # location per hash.
-    mine = f"{bucket('hash', workers)} = {int(worker)}"
+    mine = f"{bucket('hash', workers)} = {int(worker)}" if workers > 1 else "true"  # one worker: every hash
     for name, column in (("teacher", "caption_en"), ("student", "caption")):
         con.execute(f"""CREATE TEMP TABLE {name}_inputs AS
             SELECT pea_text_hash(text) AS hash, any_value(text) AS text
