@@ -55,7 +55,7 @@ def main() -> None:
     english = sorted({r["caption_en"] for r in table} | {""})
     target = sorted({r["caption"] for r in table} | {""})
     images = [raw[r["key"]] for r in table]
-    size = spec.embed.batch_size
+    size, image_size = spec.embed.text_batch_size, spec.embed.image_batch_size
 
     def bare() -> None:
         teacher, student = models.load_teacher_text(spec.teacher), models.load_student(spec.student)
@@ -65,9 +65,9 @@ def main() -> None:
                 teacher.encode(english[i:i + size])
             for i in range(0, len(target), size):
                 student.encode(target[i:i + size])
-            for i in range(0, len(images), size):
+            for i in range(0, len(images), image_size):
                 arrays = [np.asarray(Image.open(io.BytesIO(b)).convert("RGB"), np.float32)
-                          for b in images[i:i + size]]
+                          for b in images[i:i + image_size]]
                 x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1
                 vae.encode(x).latent_dist.mean
 

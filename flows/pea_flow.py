@@ -31,7 +31,9 @@ from pydantic import Field
 
 from pea import embed as embed_stage
 from pea import evaluate as evaluate_stage
-from pea import ops, registry, train as train_stage
+from pea import ops, registry
+from pea import shards as shards_stage
+from pea import train as train_stage
 from pea.corpus import acquire as acquire_stage
 from pea.corpus import filter as filter_stage
 from pea.embedded import prepare_zoo
@@ -72,8 +74,14 @@ def _filter_key(_: TaskRunContext, p: dict[str, Any]) -> str:
 
 def _embed_key(_: TaskRunContext, p: dict[str, Any]) -> str:
     spec: LanguageSpec = p["spec"]
-    return _digest("embed", lake=p["lake"], stores=embed_stage.store_keys(spec), embed=_dump(spec.embed),
+    # The worker layout changes how, not what: the same stores whatever embed.launcher says.
+    return _digest("embed", lake=p["lake"], stores=embed_stage.store_keys(spec),
+                   embed=spec.embed.model_dump(mode="json", exclude={"launcher"}),
                    data=data_fingerprint(p["pairs"]))
+
+
+def _pack_key(_: TaskRunContext, p: dict[str, Any]) -> str:
+    return _digest("pack", key=shards_stage.pack_key(p["spec"], p["pairs"], p["embedded"]))
 
 
 def _per_flow_run_key(stage: str) -> Callable[[TaskRunContext, dict[str, Any]], str]:
@@ -119,7 +127,14 @@ def filter_pairs(spec: LanguageSpec, lake: Path) -> filter_stage.FilterResult:
 
 @task(cache_key_fn=_embed_key, persist_result=True)
 def embed(spec: LanguageSpec, lake: Path, pairs: Path) -> embed_stage.EmbedResult:
-    return embed_stage.embed(spec, lake, pairs)
+    # In this process for one worker; under the deepspeed launcher for spec embed.launcher's workers.
+    return embed_stage.launch(spec, lake, pairs)
+
+
+@task(cache_key_fn=_pack_key, persist_result=True)
+def pack(spec: LanguageSpec, pairs: Path, embedded: embed_stage.EmbedResult) -> shards_stage.Packed:
+    """Join the pairs with their tensors into the training shards every rank streams (and the held-out sample)."""
+    return shards_stage.pack(spec, pairs, embedded)
 
 
 @task(cache_key_fn=_per_flow_run_key("train"), persist_result=True)
@@ -206,8 +221,8 @@ def pea(language: Annotated[str, Field(pattern=LANGUAGE_CODE.pattern, descriptio
     spec = load_language(language, profile, overrides)
     lake = lake_root()
     storage = results_root(lake)
-    stages = {t.name: t.with_options(result_storage=storage) for t in (acquire, filter_pairs, embed, train, train_diffusion_only,
-                                                                        evaluate, register)}
+    stages = {t.name: t.with_options(result_storage=storage) for t in (acquire, filter_pairs, embed, pack, train,
+                                                                        train_diffusion_only, evaluate, register)}
     with get_client(sync_client=True) as client:
         client.upsert_global_concurrency_limit_by_name(language_limit(spec.language), 1)
     print(f"waiting for any other run of {spec.language} to finish (concurrency limit "
@@ -224,6 +239,7 @@ def pea(language: Annotated[str, Field(pattern=LANGUAGE_CODE.pattern, descriptio
             table=[{"reason": k, "rows": v} for k, v in
                    {"rows in": filtered.rows_in, **filtered.dropped, "rows out": filtered.rows_out}.items()])
         embedded = _run(stages["embed"], spec, lake, filtered.pairs_path, **run)
+        packed = _run(stages["pack"], spec, filtered.pairs_path, embedded, **run)
         run_dir = _run_dir(lake, spec.language)
         trained = _run(stages["train"], spec, filtered.pairs_path, embedded, run_dir, **run)
         baselines = {}
@@ -255,6 +271,8 @@ def pea(language: Annotated[str, Field(pattern=LANGUAGE_CODE.pattern, descriptio
                      "seconds": round(acquired.seconds, 1)},
         "filtered": {"rows_in": filtered.rows_in, "rows_out": filtered.rows_out, "dropped": filtered.dropped},
         "embedded": {"computed": embedded.computed, "reused": embedded.reused, "seconds": round(embedded.seconds, 1)},
+        "packed": {"train_rows": packed.train.rows, "heldout_rows": packed.heldout.rows,
+                   "row_groups": sum(len(g) for g in packed.train.row_groups), "root": str(packed.root)},
         "trained": {"steps": trained.steps, "final_loss": round(trained.final_loss, 5),
                     "samples_per_s": round(trained.samples_per_s, 1), "adapter": str(trained.adapter_dir)},
         "evaluation": {"heldout_pairs": evaluation.heldout_pairs,
@@ -282,6 +300,10 @@ def print_summary(summary: dict) -> None:
     table.add_row("filtered", f"{f['rows_out']} of {f['rows_in']} rows kept; dropped {json.dumps(dropped)}")
     table.add_row("embedded", f"computed {json.dumps(summary['embedded']['computed'])}, reused "
                               f"{json.dumps(summary['embedded']['reused'])} ({summary['embedded']['seconds']} s)")
+    if "packed" in summary:
+        p = summary["packed"]
+        table.add_row("packed", f"{p['train_rows']} training rows in {p['row_groups']} row groups, "
+                                f"{p['heldout_rows']} held-out rows scored ({p['root']})")
     if summary.get("cached"):
         table.add_row("from cache", ", ".join(summary["cached"]) + " (finished in an earlier run; not redone)")
     table.add_row("trained", f"{summary['trained']['steps']} steps, final loss {summary['trained']['final_loss']}, "

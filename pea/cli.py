@@ -61,7 +61,7 @@ def _eval(args) -> None:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from pea.embed import embed
+    from pea.embed import launch
     from pea.evaluate import evaluate, format_table
     from pea.registry import fetch_adapter, resolve, tracking_uri
     from pea.spec import lake_root, load_spec
@@ -82,7 +82,7 @@ def _eval(args) -> None:
         if tags.get(f"{role}_id") not in (None, ref.id):
             raise SystemExit(f"{uri} was trained with {role} {tags[f'{role}_id']} but the spec for {spec.language} "
                              f"(profile {args.profile}) names {ref.id}; pass the --profile it was trained with")
-    embedded = embed(spec, lake, Path(pairs))  # computes only rows the stores lack
+    embedded = launch(spec, lake, Path(pairs))  # embed.launcher's workers compute only rows the stores lack
     out = args.out or lake / spec.language / "eval" / f"{version.name}-v{version.version}"
     with tempfile.TemporaryDirectory() as tmp:
         adapter_dir, _ = fetch_adapter(uri, Path(tmp))

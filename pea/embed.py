@@ -1,6 +1,7 @@
 """Precompute everything frozen once: teacher English conditioning, student hidden states, VAE latents.
 
-    embed(spec, lake, pairs_path) -> EmbedResult
+    embed(spec, lake, pairs_path, worker=0, workers=1) -> EmbedResult   # one worker's slice
+    launch(spec, lake, pairs_path) -> EmbedResult    # what the flow's embed task calls: embed.launcher's workers
 
 Each goes to a content-addressed `TensorStore` keyed by the model (id, revision or content digest)
 and its settings, addressed by the normalized caption's or the image's hash:
@@ -13,17 +14,31 @@ dropout and guidance need it.
 What is missing is computed in DuckDB, never in Python: the distinct caption hashes (or image hashes)
 of the pairs table, anti-joined with the `hash` column of the store's Parquet parts; images are joined
 to their raw shards in the same query. Memory is bounded independently of the corpus size:
-- Python holds one batch of inputs (embed.batch_size captions or image blobs, streamed from DuckDB
+- Python holds one batch of inputs (embed.text_batch_size captions or embed.image_batch_size image
+  blobs, streamed from DuckDB
   as Arrow record batches), that batch's encoder output, and at most one part of encoded rows waiting
   to be written (ROWS_PER_PART rows in the store's 16-bit dtype: 121 MB for SD 1.5 conditioning,
   1,024 × 77 × 768 × 2 B; 1,024 × 4 × 64 × 64 × 2 B = 34 MB of latents at 512 px), plus the models;
 - DuckDB holds the distinct input hashes and the stores' hash index (about 100 B a row) within
   DUCKDB_MEMORY_LIMIT, spilling to `<lake>/.duckdb-*.tmp/` beyond it (removed at the end).
+
+Many workers, exactly once: worker i of n takes only the inputs whose bucket, the first 32 bits of the
+(hex sha256) hash modulo n, is i, so the slices are disjoint whatever each worker has already written,
+and together they leave the stores as one worker does (encoders see fixed-shape rows, so a row's
+tensor does not depend on its batch). `launch` runs embed.launcher's layout through the `deepspeed`
+launcher (pea.launcher, as training does); each rank reads RANK / WORLD_SIZE and embeds its bucket:
+    deepspeed --num_gpus 8 --module pea.embed --language zh [--profile embedded] [--lake L] [--pairs P]
+A killed worker loses at most the part it was filling; a rerun computes only what is still missing.
+Images must all be corpus.image_size square (corpus.resize_mode center_crop or border): another size
+is refused with an error naming the image, never stacked.
 """
 
 from __future__ import annotations
 
+import argparse
 import io
+import json
+import os
 import shutil
 import time
 import uuid
@@ -37,8 +52,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from pea import models
-from pea.spec import LanguageSpec
+from pea import launcher, models
+from pea.spec import LanguageSpec, lake_root, load_spec
 from pea.store import FORMAT as STORE_FORMAT
 from pea.store import TensorStore, connect, key_digest
 
@@ -124,8 +139,27 @@ def _missing(con: duckdb.DuckDBPyConnection, inputs: str, store: TensorStore) ->
     return query, missing, total - missing
 
 
+def bucket(column: str, workers: int) -> str:
+    """SQL for the worker (0 .. workers-1) that owns a row: the first 32 bits of its hex hash modulo
+    `workers`. Stable (a function of the hash alone) and the same in every process and DuckDB version."""
+    return f"(('0x' || substr({column}, 1, 8))::UBIGINT % {int(workers)})"
+
+
 def _literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
+
+
+def _pixels(image: dict, size: int) -> np.ndarray:
+    """An image row (hash, key, raw_file, data) as size x size x 3 floats; any other size is refused, as the
+    latents store's key promises that size and a batch can only stack one."""
+    pixels = np.asarray(Image.open(io.BytesIO(image["data"])).convert("RGB"), dtype=np.float32)
+    if pixels.shape[:2] != (size, size):
+        raise ValueError(
+            f"image {image['key']!r} of {image['raw_file']} (sha256 {image['hash']}) is {pixels.shape[1]}x"
+            f"{pixels.shape[0]} pixels, not corpus.image_size {size}x{size}: embed stacks one size only. Set "
+            "corpus.resize_mode to center_crop or border in the spec (keep_ratio and no keep other sizes) and "
+            "acquire and filter again")
+    return pixels
 
 
 def _batches(con: duckdb.DuckDBPyConnection, query: str, column: str, size: int
@@ -136,27 +170,31 @@ def _batches(con: duckdb.DuckDBPyConnection, query: str, column: str, size: int
             yield batch.column("hash").to_pylist(), batch.column(column).to_pylist()
 
 
-def embed(spec: LanguageSpec, lake: Path, pairs_path: Path) -> EmbedResult:
+def embed(spec: LanguageSpec, lake: Path, pairs_path: Path, worker: int = 0, workers: int = 1) -> EmbedResult:
+    """Compute the missing rows whose hash bucket is `worker` (of `workers`); the defaults: all of them."""
     started = time.perf_counter()
+    if not 0 <= worker < workers:
+        raise ValueError(f"worker {worker} of {workers} does not exist; workers are numbered 0 to {workers - 1}")
     if not Path(pairs_path).is_file():
         raise FileNotFoundError(f"pairs table {pairs_path} does not exist; run the filter stage first")
     if spec.corpus.output_format != "parquet":
         raise ValueError(f"embed reads images from Parquet shards, but corpus.output_format is "
                          f"{spec.corpus.output_format!r}; set corpus.output_format: parquet in the spec")
     stores = open_stores(spec, lake)
-    size = spec.embed.batch_size
     spill = Path(lake) / f".duckdb-{uuid.uuid4().hex}.tmp"  # only created if DuckDB spills; removed below
     con = _connect(spill)
     pairs = _literal(str(pairs_path))
-    # The distinct inputs of each store, with one representative text or image location per hash.
+    # The distinct inputs of each store in this worker's bucket, with one representative text or image
+    # location per hash.
+    mine = f"{bucket('hash', workers)} = {int(worker)}" if workers > 1 else "true"  # one worker: every hash
     for name, column in (("teacher", "caption_en"), ("student", "caption")):
         con.execute(f"""CREATE TEMP TABLE {name}_inputs AS
             SELECT pea_text_hash(text) AS hash, any_value(text) AS text
             FROM (SELECT {column} AS text FROM read_parquet({pairs}) WHERE {column} IS NOT NULL UNION ALL SELECT '')
-            GROUP BY hash""")
+            GROUP BY hash HAVING {mine}""")
     con.execute(f"""CREATE TEMP TABLE latents_inputs AS
         SELECT image_sha256 AS hash, min(key) AS key, arg_min(raw_file, key) AS raw_file
-        FROM read_parquet({pairs}) GROUP BY image_sha256""")
+        FROM read_parquet({pairs}) GROUP BY image_sha256 HAVING {mine}""")
 
     def teacher_encoder():
         return models.load_teacher_text(spec.teacher).encode
@@ -169,8 +207,8 @@ def embed(spec: LanguageSpec, lake: Path, pairs_path: Path) -> EmbedResult:
         vae = None if spec.teacher.pixel_space else models.load_vae(spec.teacher)
 
         @torch.no_grad()
-        def encode(blobs: list[bytes]) -> dict[str, torch.Tensor]:
-            pixels = [np.asarray(Image.open(io.BytesIO(b)).convert("RGB"), dtype=np.float32) for b in blobs]
+        def encode(images: list[dict]) -> dict[str, torch.Tensor]:
+            pixels = [_pixels(image, spec.corpus.image_size) for image in images]
             x = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2) / 127.5 - 1.0
             if vae is None:  # a pixel-space teacher denoises the image itself
                 return {"latents": x}
@@ -182,18 +220,103 @@ def embed(spec: LanguageSpec, lake: Path, pairs_path: Path) -> EmbedResult:
     try:
         for name, load in (("teacher", teacher_encoder), ("student", student_encoder)):
             query, computed[name], reused[name] = _missing(con, f"{name}_inputs", stores[name])
-            _fill(stores[name], _batches(con, query, "text", size), computed[name], load, name)
+            _fill(stores[name], _batches(con, query, "text", spec.embed.text_batch_size), computed[name], load, name)
         query, computed["latents"], reused["latents"] = _missing(con, "latents_inputs", stores["latents"])
         if computed["latents"]:
             raw_files = [row[0] for row in con.execute(f"SELECT DISTINCT raw_file FROM ({query})").fetchall()]
             # One pass over the raw shards' key and image columns, joined to the missing images (the smaller
             # side, hashed); img2dataset names the image column after its encode format.
-            images = f"""SELECT m.hash, r.{spec.corpus.encode_format} AS data FROM ({query}) m
+            images = f"""SELECT m.hash, {{'hash': m.hash, 'key': m.key, 'raw_file': m.raw_file,
+                                          'data': r.{spec.corpus.encode_format}}} AS image FROM ({query}) m
                 JOIN read_parquet([{', '.join(_literal(f) for f in raw_files)}], filename = true) r
                   ON r.key = m.key AND r.filename = m.raw_file"""
-            _fill(stores["latents"], _batches(con, images, "data", size), computed["latents"], vae_encoder, "latents")
+            _fill(stores["latents"], _batches(con, images, "image", spec.embed.image_batch_size), computed["latents"],
+                  vae_encoder, "latents")
     finally:
         con.close()
         shutil.rmtree(spill, ignore_errors=True)
     return EmbedResult(stores["teacher"].root, stores["student"].root, stores["latents"].root,
                        computed, reused, time.perf_counter() - started)
+
+
+def _total(results: list[EmbedResult], field_name: str) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for result in results:
+        for name, count in getattr(result, field_name).items():
+            out[name] = out.get(name, 0) + count
+    return out
+
+
+def launch(spec: LanguageSpec, lake: Path, pairs_path: Path) -> EmbedResult:
+    """Embed with embed.launcher's workers: in this process for one, under the deepspeed launcher otherwise.
+    The result sums every worker's counts (each rank writes its own to a scratch folder in the lake)."""
+    layout = spec.embed.launcher
+    if layout.world_size == 1:
+        return embed(spec, lake, pairs_path)
+    started = time.perf_counter()
+    lake, pairs_path = Path(lake).resolve(), Path(pairs_path).resolve()
+    if not pairs_path.is_file():
+        raise FileNotFoundError(f"pairs table {pairs_path} does not exist; run the filter stage first")
+    # In the lake, which every node sees at the same path; owner-only, as it may hold .deepspeed_env.
+    work = lake / f".embed-{uuid.uuid4().hex}"
+    work.mkdir(mode=0o700, parents=True)
+    try:
+        (work / "spec.json").write_text(spec.model_dump_json(indent=2))
+        command = [*launcher.deepspeed_command(layout, "pea.embed", "embed.launcher"), "--spec",
+                   str(work / "spec.json"), "--lake", str(lake), "--pairs", str(pairs_path), "--result-dir", str(work)]
+        launcher.run(command, layout, work)
+        results = [_read_result(p) for p in sorted(work.glob("rank-*.json"))]
+        if len(results) != layout.world_size:
+            raise launcher.LaunchError(f"{len(results)} of {layout.world_size} embed workers reported a result "
+                                       f"in {work}; rerun the stage (it computes only what is still missing)")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    first = results[0]
+    return EmbedResult(first.teacher_store, first.student_store, first.latent_store, _total(results, "computed"),
+                       _total(results, "reused"), time.perf_counter() - started)
+
+
+def _write_result(result: EmbedResult, path: Path) -> None:
+    fields = {"teacher_store": str(result.teacher_store), "student_store": str(result.student_store),
+              "latent_store": str(result.latent_store), "computed": result.computed, "reused": result.reused,
+              "seconds": result.seconds}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(fields, indent=2))
+    os.replace(tmp, path)
+
+
+def _read_result(path: Path) -> EmbedResult:
+    fields = json.loads(path.read_text())
+    return EmbedResult(Path(fields["teacher_store"]), Path(fields["student_store"]), Path(fields["latent_store"]),
+                       fields["computed"], fields["reused"], fields["seconds"])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--language", help="load data/languages/<language>.yaml (with --profile)")
+    which.add_argument("--spec", type=Path, help="a validated spec as JSON (what launch() writes)")
+    parser.add_argument("--profile")
+    parser.add_argument("--lake", type=Path, help="default $PEA_LAKE or the project's data/lake")
+    parser.add_argument("--pairs", type=Path, help="pairs table; default <lake>/<language>/pairs/pairs.parquet")
+    parser.add_argument("--result-dir", type=Path, help="write this rank's counts to <dir>/rank-<RANK>.json")
+    parser.add_argument("--local_rank", type=int, default=0, help="set by the deepspeed launcher")
+    args = parser.parse_args(argv)
+    spec = LanguageSpec.model_validate_json(args.spec.read_text()) if args.spec else load_spec(args.language,
+                                                                                               args.profile)
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
+        # CPU workers on one machine share its cores; torch would give each all of them and thrash.
+        local = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local))
+    lake = args.lake or lake_root()
+    pairs = args.pairs or lake / spec.language / "pairs" / "pairs.parquet"
+    result = embed(spec, lake, pairs, worker=rank, workers=world)
+    if args.result_dir is not None:
+        _write_result(result, args.result_dir / f"rank-{rank}.json")
+    print(f"embed worker {rank} of {world}: computed {result.computed}, reused {result.reused} "
+          f"in {result.seconds:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

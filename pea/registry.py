@@ -163,7 +163,7 @@ def score(spec: LanguageSpec, evaluation: Evaluation, adapter_dirs: dict[str, Pa
     adapters["untrained"] = ev.untrained_like(next(iter(adapters.values())), spec.train.seed).to(models.device())
     if spec.evaluate.promotion_metric == "rel_error":
         table = load_table(spec, evaluation.pairs_path, evaluation.embedded, "heldout").with_english()
-        chunk = spec.embed.batch_size  # an encoder never sees the whole held-out sample in one batch
+        chunk = spec.embed.text_batch_size  # an encoder never sees the whole held-out sample in one batch
         states = {}
         for key, ref in students.items():
             if ref != spec.student:

@@ -254,8 +254,9 @@ ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\*?$")
 
 
 class LauncherSpec(Strict):
-    """How many processes train one adapter. One process (the default) trains inside the calling process;
-    more are started through the `deepspeed` launcher (pea.train.launch): num_gpus per node times num_nodes."""
+    """How many processes train one adapter (train.launcher) or embed (embed.launcher). One process (the
+    default) runs inside the calling process; more are started through the `deepspeed` launcher
+    (pea.launcher, from pea.train.launch / pea.embed.launch): num_gpus per node times num_nodes."""
 
     num_gpus: int = Field(1, ge=1, le=1024, description="processes per node, one per GPU (deepspeed --num_gpus); "
                           "on a CPU-only machine, processes (gloo)")
@@ -301,7 +302,23 @@ class LauncherSpec(Strict):
 
 class EmbedSpec(Strict):
     dtype: Literal["float16", "bfloat16"] = "float16"
-    batch_size: int = Field(64, ge=1)
+    text_batch_size: int = Field(64, ge=1, description="captions per teacher / student encoder call")
+    image_batch_size: int = Field(64, ge=1, description="images per VAE encoder call (the heavier one: at 1024 px "
+                                  "a batch of 64 needs tens of GB)")
+    launcher: LauncherSpec = Field(LauncherSpec(), description="workers: one (the default) embeds in the calling "
+                                   "process; more run under the deepspeed launcher (pea.embed.launch), each "
+                                   "computing the missing rows of its own hash bucket")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_batch_size(cls, data: Any) -> Any:
+        # The former single `batch_size` still reads: it sets whichever of the two is not given.
+        if isinstance(data, dict) and "batch_size" in data:
+            data = dict(data)
+            size = data.pop("batch_size")
+            data.setdefault("text_batch_size", size)
+            data.setdefault("image_batch_size", size)
+        return data
 
 
 class DataSpec(Strict):

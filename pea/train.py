@@ -13,8 +13,9 @@ every rank runs
         --module pea.train --spec <run_dir>/spec.json --run-dir <run_dir> --pairs <pairs.parquet> \
         --stores <teacher store> <student store> <latent store>
 
-then the TrainResult is read back from `<run_dir>/train_result.json` (written by rank 0). A failure
-raises LaunchError naming the command and its exit code. The environment is forwarded: the
+then the TrainResult is read back from `<run_dir>/train_result.json` (written by rank 0). The launch
+itself is pea.launcher's, shared with the embed stage: a failure raises LaunchError naming the command
+and its exit code. The environment is forwarded: the
 launcher's local ranks inherit it; for several nodes the variables of spec.FORWARDED_ENV plus
 `train.launcher.forward_env` are written (owner-only) to `<run_dir>/.deepspeed_env`, which the
 launcher exports on every node (it runs with the run directory as its working directory).
@@ -34,29 +35,27 @@ each rank reads its own slice of every shuffled batch sequence.
 from __future__ import annotations
 
 import argparse
-import collections
 import dataclasses
-import fnmatch
 import json
 import os
 import shlex
 import shutil
-import socket
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from pea import models
+from pea import launcher, models
 from pea.adapter import PEAAdapter
 from pea.distill import Conditioning, distill_loss, sdxl_time_ids
 from pea.embed import EmbedResult, open_stores
-from pea.spec import FORWARDED_ENV, PACKAGE_ROOT, LanguageSpec, TrainSpec, home, lake_root, load_spec
+from pea.launcher import LaunchError, deepspeed_command, write_deepspeed_env  # noqa: F401 (part of this API)
+from pea.launcher import forwarded_env as _forwarded_env  # noqa: F401 (kept for callers of the old name)
+from pea.launcher import free_port as _free_port
 from pea.reader import ShardStream
 from pea.shards import pack
+from pea.spec import LanguageSpec, TrainSpec, home, lake_root, load_spec
 
 
 @dataclass(frozen=True)
@@ -291,53 +290,10 @@ def train(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, run_dir: 
     return result
 
 
-class LaunchError(RuntimeError):
-    """The deepspeed launcher (or a rank under it) failed; the message names the command and exit code."""
-
-
-def _forwarded_env(patterns: list[str]) -> dict[str, str]:
-    """The variables of this environment that match FORWARDED_ENV or `patterns` (a trailing * is a prefix)."""
-    wanted = [*FORWARDED_ENV, *patterns]
-    return {k: v for k, v in os.environ.items() if any(fnmatch.fnmatchcase(k, p) for p in wanted)}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def write_deepspeed_env(run_dir: Path, env: dict[str, str]) -> Path:
-    """`<run_dir>/.deepspeed_env`: DeepSpeed's multi-node runners export each KEY=VALUE line of the
-    .deepspeed_env in their working directory on every node. It may hold tokens (MLFLOW_TRACKING_TOKEN),
-    so it is owner-only, in the owner-only run directory. Values spanning lines cannot be written."""
-    path = Path(run_dir) / ".deepspeed_env"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write("".join(f"{k}={v}\n" for k, v in sorted(env.items()) if "\n" not in v))
-    os.chmod(path, 0o600)  # O_CREAT's mode applies only to a new file
-    return path
-
-
 def launch_command(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, run_dir: Path) -> list[str]:
     """The `deepspeed` command line that trains `spec` with its train.launcher layout into `run_dir`."""
-    layout = spec.train.launcher
-    launcher = Path(sys.executable).with_name("deepspeed")  # the launcher of this environment's DeepSpeed
-    command = [str(launcher) if launcher.is_file() else "deepspeed", "--num_gpus", str(layout.num_gpus)]
-    if layout.hostfile is not None:
-        hostfile = Path(layout.hostfile) if Path(layout.hostfile).is_absolute() else home() / layout.hostfile
-        if not hostfile.is_file():
-            raise FileNotFoundError(f"train.launcher.hostfile {hostfile} does not exist")
-        command += ["--num_nodes", str(layout.num_nodes), "--hostfile", str(hostfile)]
-        if layout.num_nodes > 1:
-            command += ["--launcher", layout.multinode_runner]
-    if layout.master_addr is not None:
-        command += ["--master_addr", layout.master_addr]
-    port = layout.master_port or (_free_port() if layout.num_nodes == 1 else None)
-    if port is not None:
-        command += ["--master_port", str(port)]
-    return [*command, "--module", "pea.train", "--spec", str(Path(run_dir) / "spec.json"),
-            "--run-dir", str(run_dir), "--pairs", str(pairs_path),
+    return [*deepspeed_command(spec.train.launcher, "pea.train", "train.launcher"),
+            "--spec", str(Path(run_dir) / "spec.json"), "--run-dir", str(run_dir), "--pairs", str(pairs_path),
             "--stores", str(embedded.teacher_store), str(embedded.student_store), str(embedded.latent_store)]
 
 
@@ -354,32 +310,9 @@ def launch(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, run_dir:
     os.replace(tmp, run_dir / "spec.json")
     (run_dir / RESULT_FILE).unlink(missing_ok=True)  # only a result this launch writes counts
 
-    forwarded = {**_forwarded_env(layout.forward_env), "PEA_HOME": str(home()), "PEA_LAKE": str(lake_root()),
-                 "PYTHONPATH": os.pathsep.join(p for p in (str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")) if p)}
-    # The launcher sets the torch.distributed variables of each rank; ours (from an in-process run) must not leak.
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(forwarded)
-    if layout.num_nodes > 1:
-        write_deepspeed_env(run_dir, forwarded)
-
-    shown = shlex.join(command)
-    print(f"launching {layout.world_size} processes: {shown}", flush=True)
-    tail: collections.deque[str] = collections.deque(maxlen=30)
-    with subprocess.Popen(command, cwd=run_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, errors="replace", bufsize=1) as proc:
-        try:
-            for line in proc.stdout:  # streamed as it comes (a Prefect task logs it with log_prints)
-                print(line, end="", flush=True)
-                tail.append(line)
-        except BaseException:  # interrupted or cancelled: do not leave the ranks running
-            proc.terminate()
-            raise
-        code = proc.wait()
-    if code != 0:
-        raise LaunchError(f"{shown} exited with code {code}; its last lines:\n" + "".join(tail))
+    launcher.run(command, layout, run_dir)
     if not (run_dir / RESULT_FILE).is_file():
-        raise LaunchError(f"{shown} exited with code 0 but wrote no {run_dir / RESULT_FILE}")
+        raise LaunchError(f"{shlex.join(command)} exited with code 0 but wrote no {run_dir / RESULT_FILE}")
     return TrainResult.read(run_dir / RESULT_FILE)
 
 

@@ -57,28 +57,38 @@ def test_stores_refuse_other_models_or_settings(tmp_path, zoo_dir):
 
 
 def test_embed_streams_batches_and_writes_bounded_parts(tmp_path, zoo_dir, monkeypatch):
-    """Memory is bounded by a batch and a part: the encoders never see more than embed.batch_size inputs
-    at once, and no part holds more than ROWS_PER_PART rows plus one batch."""
+    """Memory is bounded by a batch and a part: the text encoders never see more than embed.text_batch_size
+    inputs at once, the VAE never more than embed.image_batch_size, and no part holds more than
+    ROWS_PER_PART rows plus one batch."""
     import pyarrow.parquet as pq
 
     from pea import models
 
     zh = load_spec("zh", profile="embedded", zoo_dir=zoo_dir)
-    zh = zh.model_copy(update={"embed": zh.embed.model_copy(update={"batch_size": 5})})
+    zh = zh.model_copy(update={"embed": zh.embed.model_copy(update={"text_batch_size": 5, "image_batch_size": 3})})
     monkeypatch.setattr("pea.embed.ROWS_PER_PART", 8)
     seen: list[int] = []
-    load_student = models.load_student
+    images: list[int] = []
+    load_student, load_vae = models.load_student, models.load_vae
 
     def counting(ref):
         student = load_student(ref)
         encode = student.encode
         student.encode = lambda captions: (seen.append(len(captions)), encode(captions))[1]
         return student
+
+    def counting_vae(ref):
+        vae = load_vae(ref)
+        encode = vae.encode
+        vae.encode = lambda x: (images.append(len(x)), encode(x))[1]
+        return vae
     monkeypatch.setattr("pea.models.load_student", counting)
+    monkeypatch.setattr("pea.models.load_vae", counting_vae)
 
     result = embed(zh, tmp_path / "lake", write_pairs(tmp_path, zh, all_scenes()[:24]))
     assert result.computed == {"teacher": 25, "student": 25, "latents": 24}
     assert max(seen) <= 5 and sum(seen) == 25
-    for store in (result.teacher_store, result.student_store, result.latent_store):
+    assert max(images) <= 3 and sum(images) == 24
+    for store, batch in ((result.teacher_store, 5), (result.student_store, 5), (result.latent_store, 3)):
         rows = [pq.read_metadata(p).num_rows for p in TensorStore.open(store).parts()]
-        assert sum(rows) in (24, 25) and max(rows) <= 8 + 5 - 1 and len(rows) == 3
+        assert sum(rows) in (24, 25) and max(rows) <= 8 + batch - 1 and len(rows) == 3

@@ -1,0 +1,103 @@
+"""Embed scale-out: 2 workers under the deepspeed launcher vs 1 in-process worker, same missing set.
+
+Both sides start from an empty lake over the same synthetic pairs (pea.corpus.synthetic.write_pairs,
+the embedded profile's tiny zoo), so each computes every row. One worker is pea.embed.embed in this
+process, as the flow runs embed.launcher's default; two are pea.embed.launch with embed.launcher
+num_gpus 2 (CPU processes here), each taking its hash bucket. Each side gets the same cores: one worker
+uses them all, each of two workers half (pea.embed.main sizes its threads by the launcher's
+LOCAL_SIZE unless OMP_NUM_THREADS is set). Afterwards every hash's stored bytes are compared.
+
+    python benchmarks/embed_scale.py [--rows 8000] [--workers 2]
+
+Prints the wall time of each side, each launched worker's own embed time (without process start and
+imports), and last: workers_speedup=<one worker's seconds / the workers' wall seconds>.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", DO_NOT_TRACK="1", TRANSFORMERS_VERBOSITY="error",
+                  TOKENIZERS_PARALLELISM="false")
+
+
+class _Tee(io.StringIO):
+    def write(self, text: str) -> int:
+        sys.__stdout__.write(text)
+        return super().write(text)
+
+
+def _identical(a, b) -> int:
+    """How many rows both stores hold, after checking they hold the same hashes with the same bits."""
+    import torch
+
+    hashes = sorted(a.hashes())
+    if hashes != sorted(b.hashes()):
+        raise SystemExit(f"stores {a.root} and {b.root} hold different hashes")
+    for start in range(0, len(hashes), 1024):
+        chunk = hashes[start:start + 1024]
+        left, right = a.read(chunk), b.read(chunk)
+        for name in left:
+            if not torch.equal(left[name].view(torch.int32), right[name].view(torch.int32)):
+                raise SystemExit(f"{a.root} and {b.root} differ in {name!r} for some of rows {start}-{start + 1023}")
+    return len(hashes)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=8000)
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+
+    import torch
+
+    from pea.corpus.synthetic import all_scenes, write_pairs
+    from pea.embed import embed, launch
+    from pea.embedded import prepare_zoo
+    from pea.spec import LanguageSpec, load_spec
+    from pea.store import TensorStore
+
+    cores = len(os.sched_getaffinity(0))
+    work = Path(tempfile.mkdtemp(prefix="pea-bench-scale-"))
+    prepare_zoo(work / "zoo", image_size=32)
+    spec = load_spec("zh", "embedded", zoo_dir=work / "zoo")
+    scenes = (all_scenes() * (args.rows // len(all_scenes()) + 1))[: args.rows]
+    pairs = write_pairs(work, spec, scenes)
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", cores)))
+    start = time.perf_counter()
+    one = embed(spec, work / "one", pairs)
+    one_s = time.perf_counter() - start
+
+    many = LanguageSpec.model_validate(
+        {**spec.model_dump(), "embed": {**spec.embed.model_dump(), "launcher": {"num_gpus": args.workers}}})
+    captured = _Tee()
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(captured):
+        two = launch(many, work / "many", pairs)
+    many_s = time.perf_counter() - start
+    worker_s = [float(s) for s in re.findall(r"embed worker \d+ of \d+: .* in ([0-9.]+) s", captured.getvalue())]
+
+    rows = {name: _identical(TensorStore.open(getattr(one, name)), TensorStore.open(getattr(two, name)))
+            for name in ("teacher_store", "student_store", "latent_store")}
+    if one.computed != two.computed:
+        raise SystemExit(f"one worker computed {one.computed}, {args.workers} computed {two.computed}")
+    print(f"{args.rows} pairs on {cores} cores; computed {one.computed}")
+    print(f"1 worker (in process, {torch.get_num_threads()} threads)  {one_s:7.2f} s")
+    print(f"{args.workers} workers (deepspeed launcher)     {many_s:7.2f} s wall; each worker's embed: "
+          + ", ".join(f"{s:.2f} s" for s in worker_s))
+    print(f"stores identical: every hash's bytes equal ({rows['teacher_store']} teacher, {rows['student_store']} "
+          f"student, {rows['latent_store']} latent rows)")
+    print(f"workers_speedup={one_s / many_s:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Run a pea module on every rank of a LauncherSpec layout through the `deepspeed` launcher.
+
+Shared by training (pea.train.launch) and the embed stage (pea.embed.launch), so both scale out the
+same way: the command is `deepspeed --num_gpus N [--num_nodes M --hostfile H --launcher R]
+[--master_addr A] [--master_port P] --module <module> ...`, run as a subprocess whose output is
+streamed line by line (a Prefect task logs it with log_prints). A failure raises LaunchError naming
+the command, its exit code and the ranks' last lines. The environment is forwarded: the launcher's
+local ranks inherit it; for several nodes the variables of spec.FORWARDED_ENV plus the layout's
+`forward_env` are written (owner-only) to `<workdir>/.deepspeed_env`, which the launcher exports on
+every node (it runs with `workdir` as its working directory).
+"""
+
+from __future__ import annotations
+
+import collections
+import fnmatch
+import os
+import shlex
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from pea.spec import FORWARDED_ENV, PACKAGE_ROOT, LauncherSpec, home, lake_root
+
+# Set by the launcher for each rank; ours (from an in-process run) must not leak into the children.
+DISTRIBUTED_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+class LaunchError(RuntimeError):
+    """The deepspeed launcher (or a rank under it) failed; the message names the command and exit code."""
+
+
+def forwarded_env(patterns: list[str]) -> dict[str, str]:
+    """The variables of this environment that match FORWARDED_ENV or `patterns` (a trailing * is a prefix)."""
+    wanted = [*FORWARDED_ENV, *patterns]
+    return {k: v for k, v in os.environ.items() if any(fnmatch.fnmatchcase(k, p) for p in wanted)}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_deepspeed_env(run_dir: Path, env: dict[str, str]) -> Path:
+    """`<run_dir>/.deepspeed_env`: DeepSpeed's multi-node runners export each KEY=VALUE line of the
+    .deepspeed_env in their working directory on every node. It may hold tokens (MLFLOW_TRACKING_TOKEN),
+    so it is owner-only, in the owner-only run directory. Values spanning lines cannot be written."""
+    path = Path(run_dir) / ".deepspeed_env"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("".join(f"{k}={v}\n" for k, v in sorted(env.items()) if "\n" not in v))
+    os.chmod(path, 0o600)  # O_CREAT's mode applies only to a new file
+    return path
+
+
+def deepspeed_command(layout: LauncherSpec, module: str, section: str) -> list[str]:
+    """`deepspeed <layout's options> --module <module>`; `section` names the spec field in errors."""
+    launcher = Path(sys.executable).with_name("deepspeed")  # the launcher of this environment's DeepSpeed
+    command = [str(launcher) if launcher.is_file() else "deepspeed", "--num_gpus", str(layout.num_gpus)]
+    if layout.hostfile is not None:
+        hostfile = Path(layout.hostfile) if Path(layout.hostfile).is_absolute() else home() / layout.hostfile
+        if not hostfile.is_file():
+            raise FileNotFoundError(f"{section}.hostfile {hostfile} does not exist")
+        command += ["--num_nodes", str(layout.num_nodes), "--hostfile", str(hostfile)]
+        if layout.num_nodes > 1:
+            command += ["--launcher", layout.multinode_runner]
+    if layout.master_addr is not None:
+        command += ["--master_addr", layout.master_addr]
+    port = layout.master_port or (free_port() if layout.num_nodes == 1 else None)
+    if port is not None:
+        command += ["--master_port", str(port)]
+    return [*command, "--module", module]
+
+
+def run(command: list[str], layout: LauncherSpec, workdir: Path) -> None:
+    """Run a launcher command in `workdir`, streaming its output; raise LaunchError unless it exits 0."""
+    forwarded = {**forwarded_env(layout.forward_env), "PEA_HOME": str(home()), "PEA_LAKE": str(lake_root()),
+                 "PYTHONPATH": os.pathsep.join(p for p in (str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")) if p)}
+    env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV}
+    env.update(forwarded)
+    if layout.num_nodes > 1:
+        write_deepspeed_env(workdir, forwarded)
+
+    shown = shlex.join(command)
+    print(f"launching {layout.world_size} processes: {shown}", flush=True)
+    tail: collections.deque[str] = collections.deque(maxlen=30)
+    with subprocess.Popen(command, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, errors="replace", bufsize=1) as proc:
+        try:
+            for line in proc.stdout:  # streamed as it comes
+                print(line, end="", flush=True)
+                tail.append(line)
+        except BaseException:  # interrupted or cancelled: do not leave the ranks running
+            proc.terminate()
+            raise
+        code = proc.wait()
+    if code != 0:
+        raise LaunchError(f"{shown} exited with code {code}; its last lines:\n" + "".join(tail))
