@@ -55,6 +55,16 @@ def write_deepspeed_env(run_dir: Path, env: dict[str, str]) -> Path:
     return path
 
 
+def node_rank() -> int:
+    """This node's index in the hostfile, for multinode_runner no_ssh: $PEA_NODE_RANK."""
+    value = os.environ.get("PEA_NODE_RANK", "")
+    if not value.isdigit():
+        raise ValueError(f"multinode_runner no_ssh starts only this node's ranks and needs PEA_NODE_RANK (this node's "
+                         f"line in the hostfile, from 0), got {value!r}; set it on every node, e.g. from a Kubernetes "
+                         "indexed job's JOB_COMPLETION_INDEX")
+    return int(value)
+
+
 def deepspeed_command(layout: LauncherSpec, module: str, section: str) -> list[str]:
     """`deepspeed <layout's options> --module <module>`; `section` names the spec field in errors."""
     launcher = Path(sys.executable).with_name("deepspeed")  # the launcher of this environment's DeepSpeed
@@ -64,7 +74,9 @@ def deepspeed_command(layout: LauncherSpec, module: str, section: str) -> list[s
         if not hostfile.is_file():
             raise FileNotFoundError(f"{section}.hostfile {hostfile} does not exist")
         command += ["--num_nodes", str(layout.num_nodes), "--hostfile", str(hostfile)]
-        if layout.num_nodes > 1:
+        if layout.num_nodes > 1 and layout.multinode_runner == "no_ssh":
+            command += ["--no_ssh", "--node_rank", str(node_rank())]
+        elif layout.num_nodes > 1:
             command += ["--launcher", layout.multinode_runner]
     if layout.master_addr is not None:
         command += ["--master_addr", layout.master_addr]
@@ -84,7 +96,8 @@ def run(command: list[str], layout: LauncherSpec, workdir: Path) -> None:
         write_deepspeed_env(workdir, forwarded)
 
     shown = shlex.join(command)
-    print(f"launching {layout.world_size} processes: {shown}", flush=True)
+    local = layout.num_gpus if layout.multinode_runner == "no_ssh" else layout.world_size
+    print(f"launching {local} of {layout.world_size} processes: {shown}", flush=True)
     tail: collections.deque[str] = collections.deque(maxlen=30)
     with subprocess.Popen(command, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, errors="replace", bufsize=1) as proc:

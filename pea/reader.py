@@ -74,11 +74,6 @@ class ShardStream:
         self.per_partition = micro_batch // (partitions // world)
         self.mine = range(rank * partitions // world, (rank + 1) * partitions // world)
         self.blocks = [(f, g, n) for f, groups in enumerate(shards.row_groups) for g, n in enumerate(groups)]
-        rows_per_batch = self.per_partition * partitions
-        if shards.rows < rows_per_batch or len(self.blocks) < partitions:
-            raise ValueError(f"{shards.rows} training rows in {len(self.blocks)} row groups cannot fill one global "
-                             f"batch of {rows_per_batch} from {partitions} partitions; lower train.micro_batch_size, "
-                             "train.data.partitions or train.data.row_group_rows, or acquire more pairs")
         self.columns = [*shards.tensors, "native"]
         self._epochs: dict[int, _Epoch] = {}
         self._starts = [0]  # global micro-step at which each epoch starts (grown lazily)
@@ -87,6 +82,7 @@ class ShardStream:
         self._pool = ThreadPoolExecutor(max_workers=min(8, max(1, len(self.mine) * max(prefetch, 1))),
                                         thread_name_prefix="pea-reader")
         self._fs, self._root = shards.filesystem()
+        self._epoch(0)  # refuses a pack too small for this layout now, not at some later step
 
     # --- the plan: pure functions of (seed, epoch, partition, window) --------------------------------------------
 
@@ -98,7 +94,12 @@ class ShardStream:
                 ids = order[p::self.partitions].tolist()  # one int per row group: O(corpus / row_group_rows)
                 windows.append([ids[i:i + self.window] for i in range(0, len(ids), self.window)])
                 ends.append(np.cumsum([sum(self.blocks[b][2] for b in w) for w in windows[-1]]).tolist())
-            batches = min(e_p[-1] for e_p in ends) // self.per_partition
+            batches = min((e_p[-1] if e_p else 0) for e_p in ends) // self.per_partition
+            if not batches:
+                raise ValueError(
+                    f"{self.shards.rows} training rows in {len(self.blocks)} row groups cannot fill one global batch "
+                    f"of {self.per_partition * self.partitions} from {self.partitions} partitions (epoch {e}); lower "
+                    "train.micro_batch_size, train.data.partitions or train.data.row_group_rows, or acquire more pairs")
             self._epochs = {k: v for k, v in self._epochs.items() if k >= e - 1}  # keep two epochs of plan
             self._epochs[e] = _Epoch(windows, ends, batches)
         return self._epochs[e]

@@ -263,9 +263,10 @@ class LauncherSpec(Strict):
     num_nodes: int = Field(1, ge=1, le=4096, description="nodes (deepspeed --num_nodes); more than one needs hostfile")
     hostfile: str | None = Field(None, description="DeepSpeed hostfile (`host slots=N` lines), a path relative to the "
                                  "project home or absolute; needed for num_nodes > 1")
-    multinode_runner: Literal["pdsh", "openmpi", "mvapich", "slurm", "mpich", "impi"] = Field(
-        "pdsh", description="how the launcher starts the other nodes (deepspeed --launcher): pdsh over ssh, or an "
-                            "MPI / slurm runner")
+    multinode_runner: Literal["pdsh", "openmpi", "mvapich", "slurm", "mpich", "impi", "no_ssh"] = Field(
+        "pdsh", description="how the nodes are started: pdsh over ssh or an MPI / slurm runner (deepspeed --launcher) "
+                            "from one node; or no_ssh: every node runs the same launch itself, with its index in the "
+                            "hostfile in $PEA_NODE_RANK (e.g. a Kubernetes indexed job), deepspeed --no_ssh --node_rank")
     master_addr: str | None = Field(None, description="rendezvous host; None: the launcher's choice (this host, or "
                                     "the hostfile's first host)")
     master_port: int | None = Field(None, ge=1024, le=65535, description="rendezvous port; None: a free port on one "
@@ -293,6 +294,8 @@ class LauncherSpec(Strict):
     def _nodes_need_a_hostfile(self) -> LauncherSpec:
         if self.num_nodes > 1 and self.hostfile is None:
             raise ValueError(f"num_nodes={self.num_nodes} needs a hostfile naming the nodes")
+        if self.multinode_runner == "no_ssh" and self.num_nodes > 1 and self.master_addr is None:
+            raise ValueError("multinode_runner no_ssh needs master_addr: every node must name the same rendezvous host")
         return self
 
     @property

@@ -226,6 +226,9 @@ def train(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, run_dir: 
     # Where this rank's rows sit in the global batch: one process with the same global batch sees the same rows
     # at the same positions, so per-position random draws match across layouts.
     positions = range(engine.global_rank * cfg.micro_batch_size, (engine.global_rank + 1) * cfg.micro_batch_size)
+    if world > 1:  # what each rank reads and which settings reached it (names only: values may be secrets)
+        print(f"rank {engine.global_rank}/{world}: partitions {list(data.mine)} of {data.partitions}; environment "
+              f"{sorted(launcher.forwarded_env(cfg.launcher.forward_env))}", flush=True)
     size = spec.corpus.image_size
     time_ids = sdxl_time_ids(size, size, cfg.micro_batch_size).to(device) if spec.teacher.kind == "sdxl" else None
     accum = cfg.gradient_accumulation_steps
@@ -234,6 +237,7 @@ def train(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, run_dir: 
                disable=engine.global_rank != 0, mininterval=2)
     tick, seen = time.perf_counter(), 0
     for step in bar:
+        step_started = time.perf_counter()
         for micro in range(accum):
             i = step * accum + micro
             batch = data.batch(i)
@@ -261,7 +265,8 @@ def train(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, run_dir: 
             seen += len(batch)
         record = {"step": step + 1, "loss": float(terms.total.detach()), **{k: v for k, v in terms.floats().items()
                   if k != "total"}, "lr": schedule.get_last_lr()[0],
-                  "samples_per_s": seen * world / (time.perf_counter() - tick)}
+                  "samples_per_s": seen * world / (time.perf_counter() - tick),
+                  "step_s": time.perf_counter() - step_started}
         history.append(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}")
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
@@ -304,15 +309,23 @@ def launch(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, run_dir:
         return train(spec, pairs_path, embedded, run_dir)
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # see train(): DeepSpeed unpickles what is in here
+    pack(spec, pairs_path, embedded)  # once, here, rather than raced by the ranks
     command = launch_command(spec, Path(pairs_path).resolve(), embedded, run_dir)
     tmp = run_dir / "spec.json.tmp"
     tmp.write_text(spec.model_dump_json(indent=2))
     os.replace(tmp, run_dir / "spec.json")
-    (run_dir / RESULT_FILE).unlink(missing_ok=True)  # only a result this launch writes counts
+    if "--no_ssh" not in command or not launcher.node_rank():  # node 0 clears it; the others wait for it below
+        (run_dir / RESULT_FILE).unlink(missing_ok=True)  # only a result this launch writes counts
 
     launcher.run(command, layout, run_dir)
+    # Rank 0 writes the result; under no_ssh another node's launch ends as soon as its own ranks do, so it waits
+    # for rank 0's file in the run directory every node shares.
+    deadline = time.monotonic() + (120 if "--no_ssh" in command and launcher.node_rank() else 0)
+    while not (run_dir / RESULT_FILE).is_file() and time.monotonic() < deadline:
+        time.sleep(0.5)
     if not (run_dir / RESULT_FILE).is_file():
-        raise LaunchError(f"{shlex.join(command)} exited with code 0 but wrote no {run_dir / RESULT_FILE}")
+        raise LaunchError(f"{shlex.join(command)} exited with code 0 but wrote no {run_dir / RESULT_FILE} (under "
+                          "no_ssh every node must see the same run directory, e.g. a shared volume)")
     return TrainResult.read(run_dir / RESULT_FILE)
 
 

@@ -208,3 +208,33 @@ def test_multi_node_command_and_forwarded_environment(lake, tmp_path, monkeypatc
     assert "MLFLOW_TRACKING_URI=http://mlflow:5000" in lines and "NCCL_DEBUG=INFO" in lines
     assert not any(line.startswith("MULTI=") for line in lines)
     assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_two_nodes_on_loopback_launched_without_ssh_equal_one_process(lake, in_process, tmp_path):
+    """Two "nodes" as a cluster starts them with DeepSpeed's --no_ssh: each runs the same launch (pea.train.launch)
+    with its own PEA_NODE_RANK, against a hostfile naming this machine twice, one CPU rank each. They train the
+    adapter of one process with the same global batch; the forwarded environment reaches both; each node's rank
+    reads its own partition of the shards."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")  # two names: DeepSpeed keys nodes by name
+    spec = _spec(lake, micro_batch_size=8, zero_stage=1, launcher={
+        "num_gpus": 1, "num_nodes": 2, "hostfile": str(hostfile), "multinode_runner": "no_ssh",
+        "master_addr": "127.0.0.1", "master_port": _free_port(), "forward_env": ["PEA_REHEARSAL_*"]})
+    (tmp_path / "spec.json").write_text(spec.model_dump_json())
+    stores = _stores(spec, lake)
+    node = ("import sys; from pathlib import Path; from pea.embed import EmbedResult; from pea.spec import LanguageSpec; "
+            "from pea.train import launch; spec = LanguageSpec.model_validate_json(Path(sys.argv[1]).read_text()); "
+            "print('RESULT', launch(spec, Path(sys.argv[2]), EmbedResult(*map(Path, sys.argv[3:6])), Path(sys.argv[6]))"
+            ".adapter_dir)")
+    args = [str(tmp_path / "spec.json"), str(lake / "zh" / "pairs" / "pairs.parquet"), str(stores.teacher_store),
+            str(stores.student_store), str(stores.latent_store), str(tmp_path / "run")]
+    env = {**_env(lake), "PEA_REHEARSAL_SETTING": "reaches-every-node"}
+    nodes = [subprocess.Popen([sys.executable, "-c", node, *args], env={**env, "PEA_NODE_RANK": str(rank)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    outputs = [proc.communicate(timeout=600)[0] for proc in nodes]
+    for rank, (proc, out) in enumerate(zip(nodes, outputs)):
+        assert proc.returncode == 0, out[-3000:]
+        assert f"--no_ssh --node_rank {rank}" in out and "RESULT " in out
+        line = next(line for line in out.splitlines() if line.startswith(f"rank {rank}/2:"))
+        assert f"partitions [{rank}] of 2" in line and "PEA_REHEARSAL_SETTING" in line
+    assert _max_diff(_adapter(tmp_path / "run"), _adapter(in_process.run_dir)) <= 1e-5
