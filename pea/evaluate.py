@@ -472,6 +472,5 @@ def format_table(evaluation: Evaluation) -> str:
 def student_ref(tags: dict[str, str], spec: LanguageSpec) -> StudentSpec:
     """The student encoder a registered version was trained with (from its lineage tags)."""
     none = lambda v: None if v in (None, "None") else v  # noqa: E731 — tags store None as text
-    return StudentSpec(id=tags.get("student_id", spec.student.id),
-                       revision=none(tags.get("student_revision", spec.student.revision)),
-                       max_length=spec.student.max_length)
+    return spec.student.model_copy(update={"id": tags.get("student_id", spec.student.id),
+                                           "revision": none(tags.get("student_revision", spec.student.revision))})

@@ -26,7 +26,9 @@ class AdapterModel(PythonModel):
         cfg = context.model_config
         self.adapter = PEAAdapter.from_pretrained(context.artifacts["adapter"]).eval().to(device())
         self.student = load_student(StudentSpec(id=cfg["student_id"], revision=cfg["student_revision"],
-                                                max_length=cfg["student_max_length"]))
+                                                variant=cfg.get("student_variant"),
+                                                max_length=cfg["student_max_length"],
+                                                trained_length=cfg.get("student_trained_length")))
 
     def predict(self, context, model_input, params=None) -> dict[str, np.ndarray]:
         from pea.pipeline import prompt_kwargs
