@@ -369,7 +369,8 @@ def _draw(spec: LanguageSpec, pipe, student, adapters: dict[str, torch.nn.Module
         for start in range(0, len(prompts), chunk):
             part = slice(start, start + chunk)
             for name, texts in english.items():
-                images[name] += draw(pipe, prompt=texts[part], negative_prompt=[""] * len(texts[part]),
+                # No negative prompt: the stock rule for an empty one (SDXL may use zeros), as generate() follows.
+                images[name] += draw(pipe, prompt=texts[part], negative_prompt=None,
                                      generator=[torch.Generator().manual_seed(s) for s in seeds[part]], **call)
             for name, adapter in adapters.items():
                 images[name] += generate(pipe, adapter, student, target[part], seeds[part], **call)
