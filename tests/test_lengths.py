@@ -8,7 +8,7 @@ from transformers import BertConfig, BertModel, ChineseCLIPConfig, ChineseCLIPMo
 
 from pea.cli import main
 from pea.models import StudentEncoder, _train_wordpiece_tokenizer, load_student
-from pea.spec import PACKAGE_ROOT, StudentSpec, load_spec
+from pea.spec import PACKAGE_ROOT, SpecError, StudentSpec, load_spec
 
 CAPTIONS = ["左边有一个红色的圆形", "上面有两个蓝色的正方形", "中间有一个绿色的三角形"]
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
@@ -73,6 +73,12 @@ def test_every_shipped_spec_fits_its_student(tmp_path):
     for language in ("zh", "ja", "ko", "ru", "it", "vi"):
         load_spec(language)  # refuses a max_length beyond a known trained length
     assert load_spec("zh").student.max_length == 52
+    (tmp_path / "languages").mkdir()
+    shutil.copytree(PACKAGE_ROOT / "data" / "profiles", tmp_path / "profiles")
+    spec = (PACKAGE_ROOT / "data" / "languages" / "zh.yaml").read_text().replace("max_length: 52", "max_length: 77")
+    (tmp_path / "languages" / "zh.yaml").write_text(spec)  # what zh.yaml said before
+    with pytest.raises(SpecError, match=r"zh.yaml is invalid:\n  student: .*max_length=77 .*trained at .*at most 52"):
+        load_spec("zh", data_dir=tmp_path)
 
 
 def test_pea_validate_checks_a_student_that_is_on_this_machine(tmp_path, monkeypatch, capsys):
