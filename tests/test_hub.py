@@ -67,6 +67,28 @@ def test_a_branch_loads_as_the_commit_it_names_and_the_store_key_follows_upstrea
     torch.testing.assert_close(load_student(pinned).encode(CAPTIONS), before)
 
 
+def _tiny_unet(seed: int):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=8,
+                                norm_num_groups=16)
+
+
+def test_a_teacher_by_hub_id_loads_the_commit_its_branch_names(hub_cache):
+    root = hub_cache / "models--org--tiny-teacher"
+    for commit, seed in ((COMMIT_A, 0), (COMMIT_B, 1)):
+        _tiny_unet(seed).save_pretrained(root / "snapshots" / commit / "unet")
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text(COMMIT_B)
+    ref = TeacherSpec(id="org/tiny-teacher", revision="main")
+    assert model_key(ref) == {"id": "org/tiny-teacher", "revision": COMMIT_B}
+    loaded = load_unet(ref).state_dict()
+    assert all(torch.equal(v, loaded[k]) for k, v in _tiny_unet(1).state_dict().items())
+
+
 def test_a_repo_missing_from_the_offline_cache_is_named_with_the_fix(hub_cache):
     with pytest.raises(ValueError, match=r"org/absent at revision 'main' is not in the Hugging Face cache .*"
                                          r"hf download org/absent --revision main.*40-hex commit"):
@@ -93,12 +115,7 @@ def test_pickled_weights_are_refused_naming_the_repo_and_never_unpickled(tmp_pat
     with pytest.raises(ValueError, match=rf"student {student} has no .safetensors weights.*never loads pickled"):
         load_student(StudentSpec(id=str(student), max_length=8))
 
-    from diffusers import UNet2DConditionModel
-    UNet2DConditionModel(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
-                         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=8,
-                         norm_num_groups=16).save_pretrained(
-        tmp_path / "teacher" / "unet", safe_serialization=False)
+    _tiny_unet(0).save_pretrained(tmp_path / "teacher" / "unet", safe_serialization=False)
     with pytest.raises(ValueError, match=rf"teacher {tmp_path / 'teacher'} has no .safetensors weights"):
         load_unet(TeacherSpec(id=str(tmp_path / "teacher")))
     assert loads == []
