@@ -217,11 +217,13 @@ def promote(spec: LanguageSpec, evaluation: Evaluation, name: str, version: str,
         dirs = {"challenger": adapter_dir}
         students = {}
         if champion is not None and str(champion.version) != version:
-            if (champion.tags.get("teacher_id"), champion.tags.get("teacher_revision")) != \
-                    (spec.teacher.id, str(pinned_revision(spec.teacher.id, spec.teacher.revision))):
+            ours = (spec.teacher.id, str(pinned_revision(spec.teacher.id, spec.teacher.revision)))
+            theirs = (champion.tags.get("teacher_id"), champion.tags.get("teacher_revision"))
+            if theirs != ours:  # a champion tagged with a branch name (before commits were pinned) also lands here
                 tags |= {"promotion.decision": "refused", "promotion.champion_version": str(champion.version),
-                         "promotion.reason": f"the champion was made for teacher {champion.tags.get('teacher_id')}; "
-                                             "a different base model cannot be compared: set the alias by hand"}
+                         "promotion.reason": f"the champion was made for teacher {theirs[0]} at {theirs[1]}, this "
+                                             f"version for {ours[0]} at {ours[1]}; a different base model cannot be "
+                                             "compared: set the alias by hand"}
                 for key, value in tags.items():
                     client.set_model_version_tag(name, version, key, value)
                 return False, tags
