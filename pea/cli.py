@@ -15,10 +15,35 @@ import tempfile
 from pathlib import Path
 
 
-def _validate(args) -> None:
-    from pea.spec import load_spec
+def _student_limits(ref) -> str:
+    """Check max_length against the student's tokenizer and config when they are on this machine (a local
+    directory or the Hugging Face cache); load_student checks them again in any case."""
+    from transformers import AutoConfig, AutoTokenizer
 
-    spec = load_spec(args.language, args.profile)
+    from pea.hub import pinned_revision
+    from pea.lengths import check_max_length
+
+    try:
+        revision = pinned_revision(ref.id, ref.revision) or ref.revision
+        tokenizer = AutoTokenizer.from_pretrained(ref.id, revision=revision)
+        config = AutoConfig.from_pretrained(ref.id, revision=revision)
+    except (OSError, ValueError) as err:
+        return f"student {ref.id}: tokenizer and config not checked, not on this machine ({str(err).splitlines()[0]})"
+    try:
+        check_max_length(ref.id, ref.max_length, ref.trained_length, tokenizer, config)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
+    return f"student {ref.id}{f' at {revision}' if revision else ''}: max_length {ref.max_length} fits its limits"
+
+
+def _validate(args) -> None:
+    from pea.spec import SpecError, load_spec
+
+    try:
+        spec = load_spec(args.language, args.profile)
+    except SpecError as err:
+        raise SystemExit(str(err)) from None
+    print(_student_limits(spec.student))
     print(f"{spec.language} ({spec.name}): teacher {spec.teacher.id}, student {spec.student.id} — valid")
 
 
@@ -36,7 +61,7 @@ def _generate(args) -> None:
     from pea.models import device, load_pipeline, load_student
     from pea.pipeline import generate
     from pea.registry import fetch_adapter
-    from pea.spec import StudentSpec, TeacherSpec, load_spec, validate_language
+    from pea.spec import load_spec, validate_language
 
     validate_language(args.language)
     uri = args.model_uri or f"models:/pea-adapter-{args.language}@champion"
@@ -45,10 +70,11 @@ def _generate(args) -> None:
         adapter = PEAAdapter.from_pretrained(adapter_dir).eval().to(device())
     spec = load_spec(args.language, args.profile)
     none = lambda v: None if v in (None, "None") else v  # noqa: E731 — tags store None as text
-    teacher = TeacherSpec(id=tags["teacher_id"], revision=none(tags.get("teacher_revision")), kind=spec.teacher.kind)
-    student = load_student(StudentSpec(id=tags["student_id"], revision=none(tags.get("student_revision")),
-                                       max_length=spec.student.max_length))
-    pipe = load_pipeline(teacher)
+    # The models the adapter was trained with (commits from its lineage), with the spec's other settings.
+    teacher = spec.teacher.model_copy(update={"id": tags["teacher_id"], "revision": none(tags.get("teacher_revision"))})
+    student = load_student(spec.student.model_copy(update={"id": tags["student_id"],
+                                                           "revision": none(tags.get("student_revision"))}))
+    pipe = load_pipeline(teacher, safety_checker=args.safety_checker)
     size = args.size or spec.corpus.image_size
     with torch.inference_mode():
         image = generate(pipe, adapter, student, [args.prompt], [args.seed], negative_prompt=args.negative_prompt,
@@ -121,6 +147,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--size", type=int)
+    p.add_argument("--safety-checker", action=argparse.BooleanOptionalAction, default=None,
+                   help="SD 1.5: black out images the repo's safety checker flags (default: the spec's "
+                        "teacher.safety_checker, off)")
     p.set_defaults(run=_generate)
     args = parser.parse_args(argv)
     args.run(args)

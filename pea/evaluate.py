@@ -384,7 +384,8 @@ def _draw(spec: LanguageSpec, pipe, student, adapters: dict[str, torch.nn.Module
         for start in range(0, len(prompts), chunk):
             part = slice(start, start + chunk)
             for name, texts in english.items():
-                images[name] += draw(pipe, prompt=texts[part], negative_prompt=[""] * len(texts[part]),
+                # No negative prompt: the stock rule for an empty one (SDXL may use zeros), as generate() follows.
+                images[name] += draw(pipe, prompt=texts[part], negative_prompt=None,
                                      generator=[torch.Generator().manual_seed(s) for s in seeds[part]], **call)
             for name, adapter in adapters.items():
                 images[name] += generate(pipe, adapter, student, target[part], seeds[part], **call)
@@ -487,6 +488,5 @@ def format_table(evaluation: Evaluation) -> str:
 def student_ref(tags: dict[str, str], spec: LanguageSpec) -> StudentSpec:
     """The student encoder a registered version was trained with (from its lineage tags)."""
     none = lambda v: None if v in (None, "None") else v  # noqa: E731 — tags store None as text
-    return StudentSpec(id=tags.get("student_id", spec.student.id),
-                       revision=none(tags.get("student_revision", spec.student.revision)),
-                       max_length=spec.student.max_length)
+    return spec.student.model_copy(update={"id": tags.get("student_id", spec.student.id),
+                                           "revision": none(tags.get("student_revision", spec.student.revision))})

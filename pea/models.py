@@ -2,7 +2,8 @@
 
 The same `from_pretrained` code loads a Hugging Face id (`stable-diffusion-v1-5/...`) or a local
 directory; the tiny offline zoo (`build_tiny_zoo`) is saved in exactly the Hub layouts, so nothing
-downstream knows whether a model is tiny. Weights load from safetensors only.
+downstream knows whether a model is tiny. Weights load from safetensors only, and a Hub revision loads as
+the commit it names now (pea.hub), the same commit `model_key` records.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ from pathlib import Path
 import torch
 from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, DiffusionPipeline, StableDiffusionPipeline,
                        StableDiffusionXLPipeline, UNet2DConditionModel)
-from transformers import (AutoModel, AutoTokenizer, BertConfig, BertModel, BertTokenizerFast,
+from transformers import (AutoConfig, AutoModel, AutoTokenizer, BertConfig, BertModel, BertTokenizerFast,
                           CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, PreTrainedModel)
 
+from pea.hub import pinned_revision, safetensors_only
+from pea.lengths import check_max_length
 from pea.spec import ModelRef, StudentSpec, TeacherSpec
 
 
@@ -43,7 +46,9 @@ def device() -> torch.device:
 
 
 def _kwargs(ref: ModelRef) -> dict:
-    return {"revision": ref.revision, "use_safetensors": True}
+    """Every loader's arguments: the pinned commit (what model_key records), safetensors, the variant."""
+    return {"revision": pinned_revision(ref.id, ref.revision) or ref.revision, "use_safetensors": True,
+            "variant": ref.variant}
 
 
 PIPELINES = {"sd15": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline}
@@ -97,22 +102,36 @@ def _frozen(module: torch.nn.Module) -> torch.nn.Module:
     return module.eval()
 
 
-def _pipeline_kwargs(ref: TeacherSpec) -> dict:
-    extra = {"safety_checker": None, "requires_safety_checker": False} if ref.kind == "sd15" else {}
-    return {**_kwargs(ref), **extra}
+def _pipeline_kwargs(ref: TeacherSpec, safety_checker: bool = False) -> dict:
+    off = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    return {**_kwargs(ref), **(off if ref.kind == "sd15" and not safety_checker else {})}
+
+
+def _load_pipeline(ref: TeacherSpec, safety_checker: bool = False, **parts) -> DiffusionPipeline:
+    with safetensors_only("teacher", ref.id, ref.variant):
+        return PIPELINES[ref.kind].from_pretrained(ref.id, **parts, **_pipeline_kwargs(ref, safety_checker))
 
 
 def load_teacher_text(ref: TeacherSpec) -> TeacherText:
-    pipe = PIPELINES[ref.kind].from_pretrained(ref.id, unet=None, vae=None, **_pipeline_kwargs(ref))
+    pipe = _load_pipeline(ref, unet=None, vae=None)
     for name in ("text_encoder", "text_encoder_2"):
         if getattr(pipe, name, None) is not None:
             _frozen(getattr(pipe, name))
     return TeacherText(pipe.to(device()), ref.kind)
 
 
-def load_pipeline(ref: TeacherSpec) -> DiffusionPipeline:
-    """The whole stock pipeline of the teacher (SD 1.5 or SDXL), everything frozen."""
-    pipe = PIPELINES[ref.kind].from_pretrained(ref.id, **_pipeline_kwargs(ref))
+def load_pipeline(ref: TeacherSpec, safety_checker: bool | None = None) -> DiffusionPipeline:
+    """The whole stock pipeline of the teacher (SD 1.5 or SDXL), everything frozen; with the repo's safety
+    checker when `safety_checker` (default: the spec's teacher.safety_checker) is on."""
+    safety_checker = ref.safety_checker if safety_checker is None else safety_checker
+    if safety_checker and ref.kind != "sd15":
+        raise ValueError(f"teacher {ref.id} is {ref.kind}, which has no safety checker; turn the safety checker off")
+    pipe = _load_pipeline(ref, safety_checker)
+    if safety_checker and (pipe.safety_checker is None or pipe.feature_extractor is None):
+        raise ValueError(f"the safety checker is on but teacher {ref.id} ships no safety_checker/feature_extractor "
+                         "(its model_index.json names none); use a repo that has them (e.g. "
+                         "stable-diffusion-v1-5/stable-diffusion-v1-5), or set teacher.safety_checker: false "
+                         "(pea generate --no-safety-checker)")
     if (pipe.vae_scale_factor == 1) != ref.pixel_space:
         raise ValueError(f"teacher {ref.id} has vae_scale_factor {pipe.vae_scale_factor}, but the spec says "
                          f"teacher.pixel_space: {ref.pixel_space}; set pixel_space: {pipe.vae_scale_factor == 1}")
@@ -124,28 +143,35 @@ def load_pipeline(ref: TeacherSpec) -> DiffusionPipeline:
 
 
 def load_vae(ref: TeacherSpec) -> AutoencoderKL:
-    return _frozen(AutoencoderKL.from_pretrained(ref.id, subfolder="vae", **_kwargs(ref))).to(device())
+    with safetensors_only("teacher", ref.id, ref.variant):
+        return _frozen(AutoencoderKL.from_pretrained(ref.id, subfolder="vae", **_kwargs(ref))).to(device())
 
 
 def load_unet(ref: TeacherSpec, dtype: torch.dtype = torch.float32) -> UNet2DConditionModel:
-    unet = UNet2DConditionModel.from_pretrained(ref.id, subfolder="unet", torch_dtype=dtype, **_kwargs(ref))
+    with safetensors_only("teacher", ref.id, ref.variant):
+        unet = UNet2DConditionModel.from_pretrained(ref.id, subfolder="unet", torch_dtype=dtype, **_kwargs(ref))
     return _frozen(unet).to(device())
 
 
 def load_noise_scheduler(ref: TeacherSpec) -> DDPMScheduler:
     """The training noise schedule: DDPM with the teacher's own betas (scaled-linear for SD)."""
-    return DDPMScheduler.from_pretrained(ref.id, subfolder="scheduler", revision=ref.revision)
+    return DDPMScheduler.from_pretrained(ref.id, subfolder="scheduler", revision=_kwargs(ref)["revision"])
 
 
 def load_student(ref: StudentSpec) -> StudentEncoder:
     """Any transformers encoder with per-token states: plain encoders, or the text tower of a dual
-    encoder (CLIP-style configs with a text_config), or the encoder of an encoder-decoder (T5)."""
-    model = AutoModel.from_pretrained(ref.id, **_kwargs(ref))
+    encoder (CLIP-style configs with a text_config), or the encoder of an encoder-decoder (T5).
+    Refuses a max_length beyond the tokenizer's, the config's or the trained limit (pea.lengths)."""
+    kwargs = _kwargs(ref)
+    tokenizer = AutoTokenizer.from_pretrained(ref.id, revision=kwargs["revision"])
+    check_max_length(ref.id, ref.max_length, ref.trained_length, tokenizer,
+                     AutoConfig.from_pretrained(ref.id, revision=kwargs["revision"]))
+    with safetensors_only("student", ref.id, ref.variant):
+        model = AutoModel.from_pretrained(ref.id, **kwargs)
     if getattr(model, "text_model", None) is not None:  # CLIP, Chinese-CLIP, AltCLIP, ...: keep the text tower
         model = model.text_model
     elif getattr(model, "decoder", None) is not None:  # T5 / mT5: keep the encoder
         model = model.get_encoder()
-    tokenizer = AutoTokenizer.from_pretrained(ref.id, revision=ref.revision)
     return StudentEncoder(tokenizer, _frozen(model).to(device()), ref.max_length, ref.padding, ref.truncation)
 
 
@@ -158,9 +184,12 @@ def _tree_digest(root: Path) -> str:
 
 
 def model_key(ref: ModelRef) -> dict:
-    """What identifies a model's weights for caching and lineage: id + revision, and for a local
-    directory (which has no revision) a digest of its content."""
-    key = {"id": ref.id, "revision": ref.revision}
+    """What identifies a model's weights for caching and lineage: id + the commit its revision names now
+    (so the key changes when upstream moves), and for a local directory (no revision) a digest of its
+    content; the variant when one is set."""
+    key = {"id": ref.id, "revision": pinned_revision(ref.id, ref.revision)}
+    if ref.variant is not None:
+        key["variant"] = ref.variant
     path = Path(ref.id)
     if path.is_dir():
         stamp = path / "pea-zoo.json"

@@ -35,6 +35,7 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, DataType, Schema, TensorSpec
 
 from pea.evaluate import Evaluation
+from pea.hub import pinned_revision
 from pea.spec import LanguageSpec, home
 from pea.table import data_fingerprint
 from pea.train import TrainResult
@@ -122,9 +123,10 @@ def code_version() -> str:
 
 
 def lineage(spec: LanguageSpec, pairs_path: Path) -> dict[str, str]:
-    """What a model version was made from: models, data and code."""
-    return {"language": spec.language, "teacher_id": spec.teacher.id, "teacher_revision": str(spec.teacher.revision),
-            "student_id": spec.student.id, "student_revision": str(spec.student.revision),
+    """What a model version was made from: models (Hub revisions as the commits they name), data and code."""
+    return {"language": spec.language, "teacher_id": spec.teacher.id,
+            "teacher_revision": str(pinned_revision(spec.teacher.id, spec.teacher.revision)),
+            "student_id": spec.student.id, "student_revision": str(pinned_revision(spec.student.id, spec.student.revision)),
             "data_fingerprint": data_fingerprint(pairs_path), "code_version": code_version()}
 
 
@@ -222,11 +224,13 @@ def promote(spec: LanguageSpec, evaluation: Evaluation, name: str, version: str,
         dirs = {"challenger": adapter_dir}
         students = {}
         if champion is not None and str(champion.version) != version:
-            if (champion.tags.get("teacher_id"), champion.tags.get("teacher_revision")) != \
-                    (spec.teacher.id, str(spec.teacher.revision)):
+            ours = (spec.teacher.id, str(pinned_revision(spec.teacher.id, spec.teacher.revision)))
+            theirs = (champion.tags.get("teacher_id"), champion.tags.get("teacher_revision"))
+            if theirs != ours:  # a champion tagged with a branch name (before commits were pinned) also lands here
                 tags |= {"promotion.decision": "refused", "promotion.champion_version": str(champion.version),
-                         "promotion.reason": f"the champion was made for teacher {champion.tags.get('teacher_id')}; "
-                                             "a different base model cannot be compared: set the alias by hand"}
+                         "promotion.reason": f"the champion was made for teacher {theirs[0]} at {theirs[1]}, this "
+                                             f"version for {ours[0]} at {ours[1]}; a different base model cannot be "
+                                             "compared: set the alias by hand"}
                 for key, value in tags.items():
                     client.set_model_version_tag(name, version, key, value)
                 return False, tags
@@ -300,8 +304,10 @@ def register(spec: LanguageSpec, trained: TrainResult, evaluation: Evaluation, a
         with _MODELS:
             info = mlflow.pyfunc.log_model(
                 name="adapter", python_model=str(SERVING_MODEL), artifacts={"adapter": str(trained.adapter_dir)},
-                model_config={"student_id": spec.student.id, "student_revision": spec.student.revision,
-                              "student_max_length": spec.student.max_length, "language": spec.language},
+                model_config={"student_id": spec.student.id,
+                              "student_revision": pinned_revision(spec.student.id, spec.student.revision),
+                              "student_variant": spec.student.variant, "student_max_length": spec.student.max_length,
+                              "student_trained_length": spec.student.trained_length, "language": spec.language},
                 signature=signature(spec, trained), input_example=_input_example(spec),
                 # Stated, not inferred: inference would import the model in a subprocess just to list these.
                 pip_requirements=PIP_REQUIREMENTS, registered_model_name=name)

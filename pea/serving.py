@@ -25,8 +25,10 @@ class AdapterModel(PythonModel):
 
         cfg = context.model_config
         self.adapter = PEAAdapter.from_pretrained(context.artifacts["adapter"]).eval().to(device())
+        # Only the settings that are set: a serving environment with an older pea.spec still loads the model.
+        optional = {k: cfg[f"student_{k}"] for k in ("variant", "trained_length") if cfg.get(f"student_{k}") is not None}
         self.student = load_student(StudentSpec(id=cfg["student_id"], revision=cfg["student_revision"],
-                                                max_length=cfg["student_max_length"]))
+                                                max_length=cfg["student_max_length"], **optional))
 
     def predict(self, context, model_input, params=None) -> dict[str, np.ndarray]:
         from pea.pipeline import prompt_kwargs

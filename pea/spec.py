@@ -52,7 +52,10 @@ class Strict(BaseModel):
 
 class ModelRef(Strict):
     id: str = Field(description="Hugging Face model id or a local directory")
-    revision: str | None = Field(None, description="git revision on the Hub; None for local dirs")
+    revision: str | None = Field(None, description="git revision on the Hub (branch, tag or 40-hex commit), "
+                                 "pinned to the commit it names when the model loads (pea.hub); None for local dirs")
+    variant: str | None = Field(None, description="weights variant to load, e.g. fp16 (model.fp16.safetensors); "
+                                "None: the default weights")
 
 
 class TeacherSpec(ModelRef):
@@ -60,12 +63,34 @@ class TeacherSpec(ModelRef):
     pixel_space: bool = Field(False, description="the UNet denoises pixels in [-1, 1] (the trained toy teacher, "
                               "docs/results.md): its pipeline's VAE does not downsample (vae_scale_factor 1) and is "
                               "never run; images are the pipeline's output_type='latent' result")
+    safety_checker: bool = Field(False, description="SD 1.5 only: load the repo's safety_checker and "
+                                 "feature_extractor, which black out images they flag. Off by default: evaluation "
+                                 "compares every system's raw images at the same seeds (a blacked-out one would "
+                                 "count as the adapter's failure), and the zoo and SDXL ship none. Turn it on (or "
+                                 "`pea generate --safety-checker`) when images go to people")
+
+    @model_validator(mode="after")
+    def _safety_checker_is_sd15(self) -> TeacherSpec:
+        if self.safety_checker and self.kind != "sd15":
+            raise ValueError(f"teacher.safety_checker: {self.kind} pipelines have no safety checker; set it to "
+                             "false and filter images with a separate classifier")
+        return self
 
 
 class StudentSpec(ModelRef):
-    max_length: int = Field(77, ge=4, le=512, description="tokens per caption (77 for SD 1.5, 52 for SDXL in the paper)")
+    max_length: int = Field(77, ge=4, le=512, description="tokens per caption (77 for SD 1.5, 52 for SDXL in the "
+                            "paper); at most the model's limits (pea.lengths), checked again when it loads")
+    trained_length: int | None = Field(None, ge=1, description="tokens the encoder was trained at, when its config "
+                                       "allows more (Chinese-CLIP: 52 of 512); None: pea.lengths.TRAINED_LENGTHS")
     padding: Literal["max_length"] = Field("max_length", description="pad to max_length: pooled = mean over all positions")
     truncation: bool = True
+
+    @model_validator(mode="after")
+    def _fits_the_trained_length(self) -> StudentSpec:
+        from pea.lengths import check_max_length
+
+        check_max_length(self.id, self.max_length, self.trained_length)
+        return self
 
 
 class SyntheticCaptions(Strict):

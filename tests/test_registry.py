@@ -247,3 +247,31 @@ def test_pea_eval_prints_the_table_for_a_registered_version(cycle, trained_sd15,
     with pytest.raises(SystemExit, match="not in the registry"):
         main(["eval", "--language", "zh", "--profile", "embedded", "--model-uri", "models:/pea-adapter-zh/99",
               "--pairs", str(trained_sd15.pairs)])
+
+
+def test_pea_generate_draws_with_a_registered_version_and_the_safety_checker_is_a_flag(cycle, zoo_dir, tmp_path,
+                                                                                       monkeypatch, capsys):
+    from PIL import Image
+
+    from pea.cli import main
+
+    lake = tmp_path / "lake"
+    lake.mkdir()
+    (lake / "zoo").symlink_to(zoo_dir)
+    monkeypatch.setenv("PEA_LAKE", str(lake))
+    args = ["generate", "--language", "zh", "--profile", "embedded", "--model-uri", "models:/pea-adapter-zh/1",
+            "--prompt", "左边有一个红色的圆形", "--steps", "2", "--size", "32", "--out", str(tmp_path / "a.png")]
+    main(args)
+    assert Image.open(tmp_path / "a.png").size == (32, 32) and "models:/pea-adapter-zh/1" in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"teacher .*sd15-teacher ships no safety_checker.*--no-safety-checker"):
+        main(args + ["--safety-checker"])  # the zoo's teacher has none: named, not silently dropped
+
+
+def test_promotion_names_both_teacher_commits_when_they_differ(cycle, trained_sd15, server):
+    spec = _quick(trained_sd15.spec)
+    pinned = spec.model_copy(update={"teacher": spec.teacher.model_copy(update={"id": "org/teacher",
+                                                                                "revision": "0" * 40})})
+    won, tags = registry.promote(pinned, cycle["blend"][1], "pea-adapter-zh", "1", trained_sd15.adapter_dir,
+                                 MlflowClient(server))
+    assert not won and tags["promotion.decision"] == "refused"
+    assert f"at None, this version for org/teacher at {'0' * 40}" in tags["promotion.reason"]
