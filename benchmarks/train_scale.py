@@ -9,7 +9,7 @@ not fit this machine's 24 GB: 40,000 pairs × 618 KB = 24.7 GB.
 
     python benchmarks/train_scale.py [--pairs 4000] [--steps 40] [--batch 8] [--work /path/with/30GB]
 
-Printed last: reader_samples_per_s= (the reader alone, one process, prefetch on), reader_vs_node_demand=
+Printed last: pack_rss_ratio_10x= (the pack's peak RSS at 10·N ÷ at N), reader_samples_per_s= (the reader alone, one process, prefetch on), reader_vs_node_demand=
 (÷ 8 × the 93 samples/s per H100 of docs/performance.md), then rss_ratio_10x= (peak RSS of training at
 10·N ÷ at N; aim ≤ 1.10) and throughput_ratio_10x= (samples/s at 10·N ÷ at N; aim ≥ 0.95).
 """
@@ -45,9 +45,11 @@ def _unet_dir(root: Path) -> Path:
     import torch
 
     torch.manual_seed(0)
+    # Attention only at the 16×16 level: cheap enough on a CPU that the reader's share of a step is visible.
     UNet2DConditionModel(sample_size=64, in_channels=4, out_channels=4, layers_per_block=1,
-                         block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=768,
+                         block_out_channels=(16, 32, 64),
+                         down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+                         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"), cross_attention_dim=768,
                          attention_head_dim=8, norm_num_groups=16).save_pretrained(root / "unet")
     DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                   num_train_timesteps=1000).save_pretrained(root / "scheduler")
@@ -105,7 +107,7 @@ def _spec(lake: Path, args):
 
 
 def child(args) -> None:
-    """In a fresh process: pack, the reader alone, then training; JSON on the last line."""
+    """In a fresh process, one stage: `pack`, or `train` (the reader alone, then training); JSON on the last line."""
     import torch
 
     from pea.embed import EmbedResult
@@ -117,23 +119,24 @@ def child(args) -> None:
     lake = Path(args.lake)
     spec = _spec(lake, args)
     embedded = EmbedResult(*(next((lake / name).iterdir()) for name in ("teacher", "student", "latents")))
+    pairs = lake / "pairs" / "pairs.parquet"
     started = time.perf_counter()
-    packed = pack(spec, lake / "pairs" / "pairs.parquet", embedded)
-    pack_s = time.perf_counter() - started
-    with ShardStream(packed.train, args.batch, seed=1, partitions=1, shuffle_row_groups=4, prefetch=1) as stream:
-        stream.batch(0)
-        started, n = time.perf_counter(), 0
-        for step in range(1, args.reader_batches + 1):
-            n += len(stream.batch(step))
-        reader = n / (time.perf_counter() - started)
-    result = train(spec, lake / "pairs" / "pairs.parquet", embedded, lake / "run")
-    history = [json.loads(line) for line in result.history_path.read_text().splitlines()]
-    timed = history[args.warmup:]
-    rate = len(timed) * args.batch / sum(h["step_s"] for h in timed)  # the timed steps only, reads included
-    shutil.rmtree(lake / "run")
-    print(json.dumps({"pack_s": pack_s, "reader_samples_per_s": reader, "train_samples_per_s": rate,
-                      "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-                      "train_rows": packed.train.rows}))
+    packed = pack(spec, pairs, embedded)
+    out = {"pack_s": time.perf_counter() - started, "train_rows": packed.train.rows}
+    if args.child == "train":
+        with ShardStream(packed.train, args.batch, seed=1, partitions=1, shuffle_row_groups=4, prefetch=1) as stream:
+            stream.batch(0)
+            started, n = time.perf_counter(), 0
+            for step in range(1, args.reader_batches + 1):
+                n += len(stream.batch(step))
+            out["reader_samples_per_s"] = n / (time.perf_counter() - started)
+        result = train(spec, pairs, embedded, lake / "run")
+        timed = [json.loads(line) for line in result.history_path.read_text().splitlines()][args.warmup:]
+        # the timed steps only, their reads included
+        out["train_samples_per_s"] = len(timed) * args.batch / sum(h["step_s"] for h in timed)
+        shutil.rmtree(lake / "run")
+    out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(json.dumps(out))
 
 
 def main() -> None:
@@ -144,7 +147,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--reader-batches", type=int, default=200)
     parser.add_argument("--work", default=str(ROOT / "data" / "lake" / "bench-train-scale"))
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["pack", "train"], help=argparse.SUPPRESS)
     parser.add_argument("--lake", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -156,15 +159,18 @@ def main() -> None:
         write_lake(lake, n)
         print(f"{n} pairs: stores written in {time.perf_counter() - started:.0f} s "
               f"({sum(f.stat().st_size for f in lake.rglob('*.parquet')) / 1e9:.1f} GB with the pairs)", flush=True)
-        out = subprocess.run([sys.executable, __file__, "--child", "--lake", str(lake), "--work", args.work,
-                              "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
-                              "--reader-batches", str(args.reader_batches)],
-                             capture_output=True, text=True, env={**os.environ, "PEA_LAKE": str(lake)})
-        if out.returncode:
-            sys.exit(out.stdout[-3000:] + out.stderr[-3000:])
-        results[n] = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"{n} pairs: {json.dumps(results[n])}", flush=True)
-    small, large = results[args.pairs], results[10 * args.pairs]
+        results[n] = {}
+        for stage in ("pack", "train"):  # separate processes: each peak RSS is its own stage's
+            out = subprocess.run([sys.executable, __file__, "--child", stage, "--lake", str(lake), "--work", args.work,
+                                  "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
+                                  "--reader-batches", str(args.reader_batches)],
+                                 capture_output=True, text=True, env={**os.environ, "PEA_LAKE": str(lake)})
+            if out.returncode:
+                sys.exit(out.stdout[-3000:] + out.stderr[-3000:])
+            results[n][stage] = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"{n} pairs, {stage}: {json.dumps(results[n][stage])}", flush=True)
+    small, large = results[args.pairs]["train"], results[10 * args.pairs]["train"]
+    print(f"pack_rss_ratio_10x={results[10 * args.pairs]['pack']['peak_rss_gb'] / results[args.pairs]['pack']['peak_rss_gb']:.3f}")
     print(f"reader_samples_per_s={large['reader_samples_per_s']:.0f}")
     print(f"reader_vs_node_demand={large['reader_samples_per_s'] / (8 * H100_SD15_SAMPLES_PER_S):.2f}")
     print(f"rss_ratio_10x={large['peak_rss_gb'] / small['peak_rss_gb']:.3f}")

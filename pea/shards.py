@@ -106,7 +106,10 @@ def pack_key(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult) -> dic
             "row_group_rows": spec.train.data.row_group_rows}
 
 
-DUCKDB_MEMORY_LIMIT = "1GB"  # beyond it the join spills to <pack>.tmp/spill
+# DuckDB moves rows in vectors of 2,048: one vector of SD 1.5 pairs is 2,048 × 309 KB ≈ 630 MB, and a join holds a
+# few at once. So the memory limit follows the row size (≈ 3.7 GB for SD 1.5, 7.3 GB for SDXL; 1 GB at least), and
+# never the corpus: beyond it the join spills to <pack>.tmp/spill. Measured: docs/performance.md.
+VECTORS_IN_FLIGHT = 6
 ROW_GROUPS_PER_FILE = 8     # 8 × 256 SD 1.5 rows ≈ 630 MB per file: few files, each still a cheap retry
 
 
@@ -118,7 +121,10 @@ def _parts(root: Path) -> str:
 
 
 def _write(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, out: Path) -> dict:
-    con = connect(out / "spill", DUCKDB_MEMORY_LIMIT)
+    row_bytes = sum(f.type.byte_width for root in (embedded.teacher_store, embedded.student_store,
+                                                   embedded.latent_store)
+                    for f in pq.read_schema(TensorStore.open(root).parts()[0]) if f.name != "hash")
+    con = connect(out / "spill", f"{max(1024, VECTORS_IN_FLIGHT * 2048 * row_bytes // 2**20)}MB")
     try:
         con.execute("""CREATE TEMP TABLE pairs AS SELECT key, caption_en, caption, native, image_sha256,
                 pea_text_hash(caption_en) AS teacher_hash, pea_text_hash(caption) AS student_hash,
