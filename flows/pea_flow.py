@@ -146,8 +146,9 @@ def train(spec: LanguageSpec, pairs: Path, embedded: embed_stage.EmbedResult, ru
 @task(cache_key_fn=_per_flow_run_key("train_diffusion_only"), persist_result=True)
 def train_diffusion_only(spec: LanguageSpec, pairs: Path, embedded: embed_stage.EmbedResult,
                          run_dir: Path) -> train_stage.TrainResult:
-    """The table's diffusion-loss-only baseline (evaluate.diffusion_only_baseline): same data and steps, no KD."""
-    return train_stage.train(ops.with_overrides(spec, train={"diffusion_loss": "all"}), pairs, embedded, run_dir)
+    """The table's diffusion-loss-only baseline (evaluate.diffusion_only_baseline): same data and steps, no KD,
+    and the same process layout as the PEA adapter (train.launcher), through the same launch."""
+    return train_stage.launch(ops.with_overrides(spec, train={"diffusion_loss": "all"}), pairs, embedded, run_dir)
 
 
 @task(cache_key_fn=_per_flow_run_key("evaluate"), persist_result=True)

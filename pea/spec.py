@@ -4,6 +4,10 @@ A spec is the only thing a user writes to add a language. A *profile* (`data/pro
 is a partial spec deep-merged on top, e.g. `embedded` swaps the real model ids for the tiny offline
 zoo and the manifests for the synthetic corpus. Every stage takes the part of the spec it needs.
 
+Here: loading, profiles and merging, the language code, home/lake_root, and what a language is (LanguageSpec,
+its teacher, student and synthetic captions). The per-stage sections (corpus, filter, embed, train and its
+launcher, evaluate) are in pea.spec_sections and are importable from here.
+
     from pea.spec import load_spec
     spec = load_spec("zh", profile="embedded")
 """
@@ -16,7 +20,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+# The per-stage sections live in pea.spec_sections; specs are the project's public API, so every one of them is
+# re-exported here and `from pea.spec import X` keeps working for each (import them from here, not from there).
+from pea.spec_sections import (  # noqa: F401 (re-exported)
+    ENV_NAME, FORWARDED_ENV, MANIFEST_FORMATS, URL_SCHEMES, CleaningSpec, ColumnMapping, CorpusSpec, DataSpec,
+    EmbedSpec, EvaluateSpec, FilterSpec, LanguageIdSpec, LauncherSpec, ManifestSpec, Strict, SyntheticCorpus,
+    TrainSpec,
+)
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 # Short BCP-47: a 2-3 letter primary subtag, then up to two subtags (script/region), e.g. zh, zh-Hant, pt-BR.
@@ -44,10 +56,6 @@ def validate_language(code: str) -> str:
             "use the code of a spec in data/languages/"
         )
     return code
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class ModelRef(Strict):
@@ -108,350 +116,6 @@ class SyntheticCaptions(Strict):
         if missing:
             raise ValueError(f"template must use {{{'}, {'.join(missing)}}}")
         return self
-
-
-class SyntheticCorpus(Strict):
-    size: int = Field(400, ge=10, description="number of good images")
-    seed: int = 0
-
-
-URL_SCHEMES = ("http", "https")  # the only schemes acquire fetches; anything else is dropped and counted
-
-
-class ColumnMapping(Strict):
-    """Which manifest column plays which role. Optional roles left unset are used when the manifest has a
-    column of the role's own name (e.g. `similarity`), and are NULL otherwise; a role that is set must exist."""
-
-    url: str = "url"
-    caption_en: str | None = Field("caption_en", description="the English caption; None: the manifest has none "
-                                                             "(every row is then a native-only target caption)")
-    caption: str | None = Field(None, description="the target-language caption; None: caption_<language>")
-    width: str | None = Field(None, description="image width as the manifest states it (before download)")
-    height: str | None = None
-    similarity: str | None = Field(None, description="image-text similarity (CLIP score), higher is better")
-    punsafe: str | None = Field(None, description="probability that the image is unsafe")
-    pwatermark: str | None = Field(None, description="probability that the image has a watermark")
-    language: str | None = Field(None, description="language code of the row, used with ManifestSpec.languages")
-    native: str | None = Field(None, description="boolean column: the target caption is native-only (not a "
-                                                 "translation paired with caption_en)")
-
-
-MANIFEST_FORMATS = ("parquet", "csv", "tsv", "jsonl")
-
-
-class ManifestSpec(Strict):
-    """One manifest: a local path (relative to the project home) or any fsspec URL (s3://, gs://, https://...)."""
-
-    path: str
-    format: Literal["auto", "parquet", "csv", "tsv", "jsonl"] = Field(
-        "auto", description="auto: from the name (.parquet, .csv, .tsv, .jsonl/.json, each optionally .gz)")
-    columns: ColumnMapping = ColumnMapping()
-    native: bool = Field(False, description="every target caption here is native-only (e.g. LAION's multilingual "
-                                            "TEXT, wukong): the diffusion loss applies to it, per the hybrid rule")
-    languages: list[str] | None = Field(None, description="keep only rows whose language column is one of these "
-                                                          "(before downloading); needs columns.language")
-
-    @field_validator("path")
-    @classmethod
-    def _not_blank(cls, path: str) -> str:
-        if not path.strip():
-            raise ValueError("manifest path is empty")
-        return path
-
-    @model_validator(mode="after")
-    def _languages_need_a_column(self) -> ManifestSpec:
-        if self.languages is not None and self.columns.language is None:
-            raise ValueError("languages needs columns.language (the manifest column that holds the row's language)")
-        return self
-
-
-class CorpusSpec(Strict):
-    manifests: list[ManifestSpec] = Field(default_factory=list, description="one or more manifests, read in order; "
-                                          "a plain string is a path with the default column mapping")
-    synthetic: SyntheticCorpus | None = Field(None, description="generate and serve a synthetic corpus instead")
-    image_size: int = Field(512, ge=8, description="img2dataset's output resolution")
-    resize_mode: Literal["center_crop", "border", "keep_ratio", "keep_ratio_largest", "no"] = "center_crop"
-    encode_format: Literal["png", "jpg", "webp"] = Field("png", description="also the raw shards' image column name")
-    encode_quality: int | None = Field(None, ge=0, le=100, description="jpg/webp 0-100, png 0-9 (zlib level); "
-                                                                       "None: 95 for jpg/webp, 9 for png")
-    output_format: Literal["parquet", "webdataset"] = Field(
-        "parquet", description="parquet: images inside the raw shards (what embed reads); webdataset: .tar shards "
-                               "beside a metadata .parquet, for cluster data loaders")
-    distributor: Literal["multiprocessing", "pyspark", "ray"] = Field(
-        "multiprocessing", description="img2dataset's distributor: pyspark/ray spread shards over a cluster")
-    processes: int = Field(1, ge=1)
-    threads: int = Field(8, ge=1)
-    timeout_s: int = Field(10, ge=1, description="per download, the whole body included (not just each read)")
-    retries: int = Field(0, ge=0)
-    max_download_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="larger bodies are dropped unread")
-    min_image_size: int = Field(0, ge=0, description="img2dataset guard: smaller decoded sides are not stored")
-    max_image_area: int = Field(100_000_000, ge=64, description="img2dataset guard against decompression bombs")
-    rows_per_shard: int = Field(10_000, ge=10)
-
-    @field_validator("manifests", mode="before")
-    @classmethod
-    def _paths_are_manifests(cls, value: Any) -> Any:
-        if isinstance(value, list):
-            return [{"path": m} if isinstance(m, str) else m for m in value]
-        return value
-
-    @field_validator("encode_quality")
-    @classmethod
-    def _quality_in_range(cls, quality: int | None, info: Any) -> int | None:
-        if quality is not None and info.data.get("encode_format") == "png" and quality > 9:
-            raise ValueError("for png, encode_quality is the zlib level 0-9")
-        return quality
-
-    @model_validator(mode="after")
-    def _has_a_source(self) -> CorpusSpec:
-        if not self.manifests and self.synthetic is None:
-            raise ValueError("name at least one manifest, or set synthetic")
-        return self
-
-
-class CleaningSpec(Strict):
-    """How captions are cleaned before any length or language check (the cleaned text is what pairs.parquet holds)."""
-
-    fix_text: bool = Field(True, description="ftfy: repair mojibake, HTML entities, control characters")
-    unicode_form: Literal["NFC", "NFKC"] | None = Field("NFC", description="Unicode normalization of the result")
-    opencc: str | None = Field(None, description="OpenCC conversion of target captions, e.g. t2s (to simplified)")
-    keep_only: str | None = Field(None, description="a regex character class body: target captions that contain "
-                                                    "`keep_only_if` lose every other character (e.g. zh: CJK, digits, "
-                                                    "punctuation)")
-    keep_only_if: str | None = Field(None, description="regex that a caption must contain for keep_only to apply")
-    keep_only_for: Literal["native", "all"] = Field("native", description="which target captions keep_only cleans")
-
-    @field_validator("keep_only", "keep_only_if")
-    @classmethod
-    def _regex_compiles(cls, value: str | None, info: Any) -> str | None:
-        if value is not None:
-            import pyarrow as pa  # the filter runs these with Arrow's RE2, so RE2 must accept them
-            import pyarrow.compute as pc
-
-            pattern = f"[^{value}]" if info.field_name == "keep_only" else value
-            try:
-                pc.replace_substring_regex(pa.array([""]), pattern=pattern, replacement="")
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
-                raise ValueError(f"{value!r} is not a valid RE2 pattern: {err}") from None
-        return value
-
-
-class LanguageIdSpec(Strict):
-    """The target caption must be in the target language, as lingua-language-detector judges it."""
-
-    candidates: list[str] = Field(default_factory=lambda: ["en"], description="ISO 639-1 codes lingua chooses "
-                                  "among besides the target language (the likely confusions)")
-    min_confidence: float = Field(0.5, ge=0, le=1, description="lingua's confidence for the target language")
-    low_accuracy: bool = Field(False, description="lingua's faster low-accuracy mode (less reliable on short text)")
-
-
-class FilterSpec(Strict):
-    min_image_side: int = Field(64, ge=1)
-    max_image_pixels: int | None = Field(None, ge=1, description="original width x height above this: too_large")
-    max_aspect_ratio: float = Field(2.0, ge=1.0)
-    min_caption_chars: int = Field(1, ge=1, description="after cleaning; 0 characters is caption_empty")
-    max_caption_chars: int = Field(300, ge=1)
-    min_text_ratio: float = Field(0.5, ge=0, le=1, description="letters / non-space characters below this: "
-                                                               "caption_not_text")
-    min_similarity: float | None = Field(None, description="where the manifest has similarity")
-    max_punsafe: float | None = Field(None, ge=0, le=1, description="where the manifest has punsafe")
-    max_pwatermark: float | None = Field(None, ge=0, le=1, description="where the manifest has pwatermark")
-    max_images_per_caption_pair: int | None = Field(
-        4, ge=1, description="a caption pair on more distinct images than this is a template/spam duplicate; "
-                             "1 keeps one image per pair; None: no limit")
-    cleaning: CleaningSpec = CleaningSpec()
-    language_id: LanguageIdSpec | None = Field(LanguageIdSpec(), description="None: no language check")
-    where: str | None = Field(None, max_length=2000, description="a custom DuckDB boolean expression over the "
-                              "judged columns (docs/data.md); rows for which it is not true are dropped")
-
-    @model_validator(mode="after")
-    def _lengths_ordered(self) -> FilterSpec:
-        if self.min_caption_chars > self.max_caption_chars:
-            raise ValueError("min_caption_chars is larger than max_caption_chars")
-        return self
-
-
-# Always forwarded to every rank (the launcher's own children inherit the whole environment; remote nodes
-# get only what `.deepspeed_env` lists): where the project, lake and caches are, and MLflow's settings.
-FORWARDED_ENV = ("PEA_HOME", "PEA_LAKE", "PEA_RESULTS", "PEA_DEVICE", "PYTHONPATH", "HF_HOME", "HF_HUB_OFFLINE",
-                 "TRANSFORMERS_OFFLINE", "TORCH_EXTENSIONS_DIR", "MLFLOW_*")
-ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\*?$")
-
-
-class LauncherSpec(Strict):
-    """How many processes train one adapter (train.launcher) or embed (embed.launcher). One process (the
-    default) runs inside the calling process; more are started through the `deepspeed` launcher
-    (pea.launcher, from pea.train.launch / pea.embed.launch): num_gpus per node times num_nodes."""
-
-    num_gpus: int = Field(1, ge=1, le=1024, description="processes per node, one per GPU (deepspeed --num_gpus); "
-                          "on a CPU-only machine, processes (gloo)")
-    num_nodes: int = Field(1, ge=1, le=4096, description="nodes (deepspeed --num_nodes); more than one needs hostfile")
-    hostfile: str | None = Field(None, description="DeepSpeed hostfile (`host slots=N` lines), a path relative to the "
-                                 "project home or absolute; needed for num_nodes > 1")
-    multinode_runner: Literal["pdsh", "openmpi", "mvapich", "slurm", "mpich", "impi", "no_ssh"] = Field(
-        "pdsh", description="how the nodes are started: pdsh over ssh or an MPI / slurm runner (deepspeed --launcher) "
-                            "from one node; or no_ssh: every node runs the same launch itself, with its index in the "
-                            "hostfile in $PEA_NODE_RANK (e.g. a Kubernetes indexed job), deepspeed --no_ssh --node_rank")
-    master_addr: str | None = Field(None, description="rendezvous host; None: the launcher's choice (this host, or "
-                                    "the hostfile's first host)")
-    master_port: int | None = Field(None, ge=1024, le=65535, description="rendezvous port; None: a free port on one "
-                                    "node, 29500 across nodes")
-    forward_env: list[str] = Field(default_factory=list, description="environment variables forwarded to every rank "
-                                   "besides " + ", ".join(FORWARDED_ENV) + "; a trailing * forwards a prefix "
-                                   "(e.g. NCCL_*)")
-
-    @field_validator("forward_env")
-    @classmethod
-    def _env_names(cls, names: list[str]) -> list[str]:
-        for name in names:
-            if not ENV_NAME.fullmatch(name):
-                raise ValueError(f"{name!r} is not an environment variable name (or a prefix ending in *)")
-        return names
-
-    @field_validator("master_addr")
-    @classmethod
-    def _plain_host(cls, host: str | None) -> str | None:
-        if host is not None and not re.fullmatch(r"[A-Za-z0-9_.:-]+", host):
-            raise ValueError(f"{host!r} is not a host name or address")
-        return host
-
-    @model_validator(mode="after")
-    def _nodes_need_a_hostfile(self) -> LauncherSpec:
-        if self.num_nodes > 1 and self.hostfile is None:
-            raise ValueError(f"num_nodes={self.num_nodes} needs a hostfile naming the nodes")
-        if self.multinode_runner == "no_ssh" and self.num_nodes > 1 and self.master_addr is None:
-            raise ValueError("multinode_runner no_ssh needs master_addr: every node must name the same rendezvous host")
-        return self
-
-    @property
-    def world_size(self) -> int:
-        return self.num_gpus * self.num_nodes
-
-
-class EmbedSpec(Strict):
-    dtype: Literal["float16", "bfloat16"] = "float16"
-    text_batch_size: int = Field(64, ge=1, description="captions per teacher / student encoder call")
-    image_batch_size: int = Field(64, ge=1, description="images per VAE encoder call (the heavier one: at 1024 px "
-                                  "a batch of 64 needs tens of GB)")
-    launcher: LauncherSpec = Field(LauncherSpec(), description="workers: one (the default) embeds in the calling "
-                                   "process; more run under the deepspeed launcher (pea.embed.launch), each "
-                                   "computing the missing rows of its own hash bucket")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _one_batch_size(cls, data: Any) -> Any:
-        # The former single `batch_size` still reads: it sets whichever of the two is not given.
-        if isinstance(data, dict) and "batch_size" in data:
-            data = dict(data)
-            size = data.pop("batch_size")
-            data.setdefault("text_batch_size", size)
-            data.setdefault("image_batch_size", size)
-        return data
-
-
-class DataSpec(Strict):
-    """How training reads its packed shards (pea.shards, pea.reader). A resume with a different world size is
-    exact while `partitions` stays the same and the new world size divides it."""
-
-    row_group_rows: int = Field(256, ge=1, description="rows per Parquet row group of the packed shards: the unit "
-                                "the reader shuffles and fetches (256 SD 1.5 rows ≈ 79 MB)")
-    partitions: int | None = Field(None, ge=1, description="canonical streams the global batch is drawn from, "
-                                   "each from its own row groups; rank r reads only its partitions' row groups. The "
-                                   "world size must divide it and each rank's micro-batch must split evenly over "
-                                   "its partitions. None: the world size (the order then changes with it)")
-    shuffle_row_groups: int = Field(4, ge=1, description="row groups shuffled together in one partition (the "
-                                    "shuffle buffer); host memory per rank ≈ partitions/world × (1 + prefetch) × "
-                                    "this × row_group_rows × bytes per row")
-    prefetch: int = Field(1, ge=0, description="shuffle windows per partition read ahead in background threads")
-
-
-class TrainSpec(Strict):
-    hidden_dim: int = Field(2048, ge=1, description="adapter inner width h")
-    steps: int = Field(50_000, ge=1)
-    micro_batch_size: int = Field(10, ge=1)
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    lr: float = Field(1e-5, gt=0)
-    weight_decay: float = Field(0.1, ge=0)
-    warmup_steps: int = Field(100, ge=0)
-    min_lr: float = Field(5e-8, ge=0)
-    zero_stage: Literal[0, 1, 2, 3] = 1
-    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
-    output_kd_weight: float = Field(1.0, ge=0, description="MSE(ε_student, ε_teacher)")
-    feature_kd_weight: float = Field(0.1, ge=0, description="Σ MSE over UNet block outputs")
-    diffusion_loss: Literal["native", "all"] = Field(
-        "native", description="native: MSE(ε_student, ε) only for native-only captions (the paper's rule); "
-                              "all: for every sample instead of KD (the diffusion-only ablation)")
-    caption_dropout: float = Field(0.1, ge=0, le=1)
-    noise_offset: float = Field(0.0, ge=0)
-    checkpoint_every: int = Field(1000, ge=1)
-    seed: int = 0
-    launcher: LauncherSpec = Field(LauncherSpec(), description="processes and nodes; more than one process runs "
-                                   "under the deepspeed launcher")
-    data: DataSpec = DataSpec()
-
-
-    @model_validator(mode="after")
-    def _warmup_shorter_than_training(self) -> TrainSpec:
-        if self.warmup_steps >= self.steps:
-            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be fewer than steps ({self.steps})")
-        return self
-
-    @model_validator(mode="after")
-    def _partitions_fit_the_layout(self) -> TrainSpec:
-        self.partitions_for(self.launcher.world_size)
-        return self
-
-    def partitions_for(self, world: int) -> int:
-        """The reader's partitions for `world` processes; refused unless each rank gets a whole number of
-        partitions and an equal share of its micro-batch from each."""
-        partitions = self.data.partitions or world
-        if partitions % world or self.micro_batch_size % (partitions // world):
-            raise ValueError(f"train.data.partitions={partitions} does not fit {world} process(es) with "
-                             f"micro_batch_size={self.micro_batch_size}: the world size must divide the partitions "
-                             "and the micro-batch must split evenly over each rank's partitions")
-        return partitions
-
-class EvaluateSpec(Strict):
-    heldout_percent: int = Field(10, ge=1, le=50, description="share of pairs held out, chosen by hash")
-    heldout_rows: int = Field(512, ge=1, description="held-out pairs evaluation and promotion score: the lowest "
-                              "pair hashes first, so the sample is the same in every run")
-    timesteps: list[int] = Field(default_factory=lambda: [100, 400, 700, 900])
-    grid_prompts: int = Field(4, ge=1)
-    inference_steps: int = Field(25, ge=1)
-    guidance_scale: float = 7.5
-    seed: int = 0
-    clip_model: str = Field("BAAI/AltCLIP-m18", description="CLIP for CLIPScore (Hub id or local dir) that reads "
-                            "the target language: a multilingual CLIP (AltCLIP-m18 covers every shipped language; "
-                            "a Chinese-CLIP for zh); the embedded profile names the tiny offline one")
-    clip_revision: str | None = Field("main", description="git revision of clip_model; None for local dirs")
-    prompt_sets: list[str] = Field(default_factory=lambda: ["general", "culture"], description="files "
-                                   "data/prompts/<language>/<name>.txt of `target<TAB>english` lines")
-    prompts_per_set: int | None = Field(None, ge=1, description="use the first N prompts of each set; None: all")
-    linear_map_rows: int = Field(4096, ge=2, description="training pairs the least-squares baseline is fit on (the "
-                                 "first rows of the seeded training stream)")
-    judge: str | None = Field(None, description="an attribute judge (pea.toy, e.g. '{data}/toy/judge'): score "
-                              "whether each system draws what held-out synthetic prompts name; None: no judge")
-    judge_seeds: int = Field(4, ge=1, description="images per held-out prompt and system for the judge")
-    diffusion_only_baseline: bool = Field(False, description="also train the adapter with the diffusion loss "
-                                          "alone (train.diffusion_loss: all) and put it in the table")
-    dictionary_baseline: bool = Field(False, description="also translate prompts word by word into English with "
-                                      "the synthetic_captions lexicon and feed them to the teacher (the paper's "
-                                      "translation baseline in miniature); needs synthetic_captions")
-    promotion_metric: Literal["rel_error", "clip_score"] = Field(
-        "rel_error", description="what decides promotion: held-out UNet-output relative error to the teacher "
-                                 "(lower is better) or mean CLIPScore over the prompt sets (higher is better)")
-    promotion_tolerance: float = Field(0.0, ge=0, le=1, description="relative regression allowed against the "
-                                       "champion: 0.02 lets a challenger be at most 2% worse and still be promoted")
-    promotion_requires_beating_untrained: bool = Field(True, description="a challenger must also beat the untrained "
-                                                       "adapter on the promotion metric")
-
-    @field_validator("prompt_sets")
-    @classmethod
-    def _plain_set_names(cls, names: list[str]) -> list[str]:
-        for name in names:
-            if not re.fullmatch(r"[a-z][a-z0-9_-]*", name):
-                raise ValueError(f"prompt set {name!r} must be a plain file stem such as 'general'")
-        return names
 
 
 class LanguageSpec(Strict):
