@@ -154,6 +154,7 @@ def score(spec: LanguageSpec, evaluation: Evaluation, adapter_dirs: dict[str, Pa
     `evaluation` with the spec's fixed noise and timesteps (rel_error), or its prompt sets at fixed seeds (clip).
     `students` maps an adapter to the StudentSpec it was trained with when that is not the spec's."""
     from pea import evaluate as ev
+    from pea.baselines import untrained_like
     from pea import models
     from pea.table import load_table
 
@@ -162,7 +163,7 @@ def score(spec: LanguageSpec, evaluation: Evaluation, adapter_dirs: dict[str, Pa
                          "with pea.evaluate.evaluate (it records pairs_path and embedded)")
     students = students or {}
     adapters = {k: ev.PEAAdapter.from_pretrained(p).eval().to(models.device()) for k, p in adapter_dirs.items()}
-    adapters["untrained"] = ev.untrained_like(next(iter(adapters.values())), spec.train.seed).to(models.device())
+    adapters["untrained"] = untrained_like(next(iter(adapters.values())), spec.train.seed).to(models.device())
     if spec.evaluate.promotion_metric == "rel_error":
         table = load_table(spec, evaluation.pairs_path, evaluation.embedded, "heldout").with_english()
         chunk = spec.embed.text_batch_size  # an encoder never sees the whole held-out sample in one batch

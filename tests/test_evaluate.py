@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from pea import evaluate as ev
+from pea.baselines import LinearMap
 from pea.spec import ModelRef, available_languages
 from pea.shards import pack
 from pea.table import load_table
@@ -81,9 +82,9 @@ def test_agreement_is_measured_with_the_same_noise_every_time(trained_sd15):
 def test_linear_map_is_the_least_squares_fit_on_a_bounded_sample(trained_sd15):
     t = trained_sd15
     shards = pack(t.spec, t.pairs, t.embedded).train
-    sample = ev.LinearMap.sample(shards, max_rows=40, seed=0)
+    sample = LinearMap.sample(shards, max_rows=40, seed=0)
     assert len(sample["student"]) == len(sample["teacher"]) == 40 < shards.rows  # a sample, not the split
-    linear = ev.LinearMap.fit(shards, max_rows=40, seed=0)
+    linear = LinearMap.fit(shards, max_rows=40, seed=0)
     x = torch.cat([sample["student"], torch.ones(40, 1)], 1)
     residual = x @ linear.w_tokens - sample["teacher"]
     # Normal equations: the residual is orthogonal to every regressor.

@@ -14,7 +14,7 @@ from peft import LoraConfig, get_peft_model_state_dict
 from PIL import Image
 
 from pea.adapter import PEAAdapter
-from pea.evaluate import untrained_like
+from pea.baselines import untrained_like
 from pea.models import load_pipeline, load_student
 from pea.pipeline import prompt_kwargs
 from pea.table import load_table

@@ -21,7 +21,8 @@ from mlflow import MlflowClient
 from pea import embed, registry
 from pea.adapter import PEAAdapter
 from pea.corpus.synthetic import all_scenes, write_pairs
-from pea.evaluate import evaluate, untrained_like
+from pea.baselines import untrained_like
+from pea.evaluate import evaluate
 from pea.models import load_student
 from pea.pipeline import prompt_kwargs
 from pea.spec import load_spec
