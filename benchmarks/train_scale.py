@@ -7,7 +7,7 @@ the same small UNet (SD 1.5's context width and latent size, few channels), each
 torch thread. 10·N is chosen so that the in-memory table of the previous design (the whole split in fp32) would
 not fit this machine's 24 GB: 40,000 pairs × 618 KB = 24.7 GB.
 
-    python benchmarks/train_scale.py [--pairs 4000] [--steps 40] [--batch 8] [--work /path/with/30GB]
+    python benchmarks/train_scale.py [--pairs 4000] [--steps 40] [--batch 8] [--work /path/with/30GB] [--drop-caches]
 
 Printed last: pack_rss_ratio_10x= (the pack's peak RSS at 10·N ÷ at N), reader_samples_per_s= (the reader alone, one process, prefetch on), reader_vs_node_demand=
 (÷ 8 × the 93 samples/s per H100 of docs/performance.md), then rss_ratio_10x= (peak RSS of training at
@@ -147,6 +147,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--reader-batches", type=int, default=200)
     parser.add_argument("--work", default=str(ROOT / "data" / "lake" / "bench-train-scale"))
+    parser.add_argument("--drop-caches", action="store_true", help="drop the page cache before each stage (root)")
     parser.add_argument("--child", choices=["pack", "train"], help=argparse.SUPPRESS)
     parser.add_argument("--lake", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -161,6 +162,8 @@ def main() -> None:
               f"({sum(f.stat().st_size for f in lake.rglob('*.parquet')) / 1e9:.1f} GB with the pairs)", flush=True)
         results[n] = {}
         for stage in ("pack", "train"):  # separate processes: each peak RSS is its own stage's
+            if args.drop_caches:  # read the shards from disk, not from the page cache the pack just filled
+                subprocess.run(["sh", "-c", "sync; echo 1 > /proc/sys/vm/drop_caches"], check=True)
             out = subprocess.run([sys.executable, __file__, "--child", stage, "--lake", str(lake), "--work", args.work,
                                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
                                   "--reader-batches", str(args.reader_batches)],

@@ -128,11 +128,13 @@ def _missing(con: duckdb.DuckDBPyConnection, inputs: str, store: TensorStore) ->
     """A query over the temp table `inputs` (hash, ...) for the rows whose hash `store` lacks, how many
     those are, and how many of the inputs are stored already."""
     parts = store.parts()
+    # In the order of the first pair that needs each input: the stores then hold rows in pair order, which keeps
+    # pea.shards' gather sequential (a part read once, not once per chunk of pairs).
     if parts:
         query = (f"SELECT i.* FROM {inputs} i ANTI JOIN "
-                 f"read_parquet([{', '.join(_literal(p) for p in parts)}]) s ON i.hash = s.hash")
+                 f"read_parquet([{', '.join(_literal(p) for p in parts)}]) s ON i.hash = s.hash ORDER BY i.key")
     else:
-        query = f"SELECT * FROM {inputs}"
+        query = f"SELECT * FROM {inputs} ORDER BY key"
     # fetchall, not fetchone: a result must be complete before the connection runs anything else
     total = con.execute(f"SELECT count(*) FROM {inputs}").fetchall()[0][0]
     missing = con.execute(f"SELECT count(*) FROM ({query})").fetchall()[0][0]
@@ -189,8 +191,9 @@ def embed(spec: LanguageSpec, lake: Path, pairs_path: Path, worker: int = 0, wor
     mine = f"{bucket('hash', workers)} = {int(worker)}" if workers > 1 else "true"  # one worker: every hash
     for name, column in (("teacher", "caption_en"), ("student", "caption")):
         con.execute(f"""CREATE TEMP TABLE {name}_inputs AS
-            SELECT pea_text_hash(text) AS hash, any_value(text) AS text
-            FROM (SELECT {column} AS text FROM read_parquet({pairs}) WHERE {column} IS NOT NULL UNION ALL SELECT '')
+            SELECT pea_text_hash(text) AS hash, arg_min(text, key) AS text, min(key) AS key
+            FROM (SELECT {column} AS text, key FROM read_parquet({pairs}) WHERE {column} IS NOT NULL
+                  UNION ALL SELECT '', '')
             GROUP BY hash HAVING {mine}""")
     con.execute(f"""CREATE TEMP TABLE latents_inputs AS
         SELECT image_sha256 AS hash, min(key) AS key, arg_min(raw_file, key) AS raw_file

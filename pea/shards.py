@@ -3,14 +3,14 @@
     pack(spec, pairs_path, embedded) -> Packed      # Packed.train, Packed.heldout: Shards
 
 A row is one pair joined with its tensors: pairs ⋈ teacher conditioning (+ pooled) ⋈ student states ⋈
-latents, with the native flag and both captions. DuckDB writes them in one out-of-core join under a memory
-limit, spilling to disk beyond it; the tensors are raw 16-bit bytes in the stores (pea.store), so the join
-copies bytes and never decodes a tensor. Nothing here holds more than DuckDB's memory limit, whatever the
-corpus size.
+latents, with the native flag and both captions. DuckDB joins the pairs with where each tensor is (part file,
+row: the stores' hash columns only) under its memory limit, and the tensors are then gathered part by part
+with pyarrow as raw 16-bit bytes (pea.store), never decoded. Memory is a chunk of GATHER_ROWS pairs plus
+PARTS_CACHED parts per store, whatever the corpus size.
 
-- `train/`: Parquet files of row groups of `train.data.row_group_rows` rows; a row group is the unit the
-  streaming reader (pea.reader) shuffles and reads. Their order on disk is DuckDB's (parallel writers), fixed
-  once written: a pack is immutable, so every run and every resume of the same key reads the same files.
+- `train/`: Parquet files of row groups of `train.data.row_group_rows` rows, in pair order; a row group is the
+  unit the streaming reader (pea.reader) shuffles and reads. A pack is immutable: every run and every resume of
+  the same key reads the same files.
 - `heldout/`: a bounded, deterministic sample of the held-out pairs (at most `evaluate.heldout_rows`, the
   lowest pair hashes first), what evaluation and promotion score.
 - `empty.safetensors`: the teacher's and the student's encodings of "" (caption dropout, guidance).
@@ -34,6 +34,7 @@ from pathlib import Path
 
 import fsspec
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
@@ -106,11 +107,12 @@ def pack_key(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult) -> dic
             "row_group_rows": spec.train.data.row_group_rows}
 
 
-# DuckDB moves rows in vectors of 2,048: one vector of SD 1.5 pairs is 2,048 × 309 KB ≈ 630 MB, and a join holds a
-# few at once. So the memory limit follows the row size (≈ 3.7 GB for SD 1.5, 7.3 GB for SDXL; 1 GB at least), and
-# never the corpus: beyond it the join spills to <pack>.tmp/spill. Measured: docs/performance.md.
-VECTORS_IN_FLIGHT = 6
 ROW_GROUPS_PER_FILE = 8     # 8 × 256 SD 1.5 rows ≈ 630 MB per file: few files, each still a cheap retry
+GATHER_ROWS = 1024          # pairs whose tensors are gathered at once
+PARTS_CACHED = 3            # store parts kept open per store between chunks (rows near each other share parts)
+STORES = {"teacher": ("teacher_store", ("tokens", "pooled")), "student": ("student_store", ("states",)),
+          "latents": ("latent_store", ("latents",))}
+OUT_NAMES = {"tokens": "teacher", "pooled": "teacher_pooled", "states": "student", "latents": "latents"}
 
 
 def _parts(root: Path) -> str:
@@ -120,32 +122,63 @@ def _parts(root: Path) -> str:
     return "[" + ", ".join("'" + p.replace("'", "''") + "'" for p in parts) + "]"
 
 
+class _Gather:
+    """The tensors of pairs, store by store, from their (part file, row) locations. DuckDB would join the tensors
+    itself, but a join whose sides carry ~300 KB rows holds one side in memory (measured: out of memory at 40,000
+    SD 1.5 pairs under a 3.7 GB limit), so DuckDB joins only the small location columns and this reads each part's
+    tensor column with pyarrow, keeping the last PARTS_CACHED parts. Embed writes stores in pair order, so the
+    pairs of one chunk sit in a few consecutive parts and each part is read about once."""
+
+    def __init__(self, columns: tuple[str, ...]):
+        self.columns, self.cache = columns, {}
+
+    def part(self, file: str) -> pa.Table:
+        if file not in self.cache:
+            schema = pq.read_schema(file)
+            self.cache[file] = pq.read_table(file, columns=[c for c in self.columns if c in schema.names])
+            while len(self.cache) > PARTS_CACHED:
+                self.cache.pop(next(iter(self.cache)))
+        return self.cache[file]
+
+    def __call__(self, files: pa.Array, rows: pa.Array) -> dict[str, pa.Array]:
+        """Each column's cell for (files[i], rows[i]), in that order."""
+        pieces, order = [], []
+        for file in pc.unique(files).to_pylist():
+            where = pc.indices_nonzero(pc.equal(files, file))
+            pieces.append(self.part(file).take(pc.take(rows, where)))
+            order.append(where)
+        back = pc.sort_indices(pa.concat_arrays(order))  # from file-grouped order back to the chunk's order
+        table = pa.concat_tables(pieces).take(back)
+        return {name: table.column(name).combine_chunks() for name in table.column_names}
+
+
 def _write(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, out: Path) -> dict:
-    row_bytes = sum(f.type.byte_width for root in (embedded.teacher_store, embedded.student_store,
-                                                   embedded.latent_store)
-                    for f in pq.read_schema(TensorStore.open(root).parts()[0]) if f.name != "hash")
-    con = connect(out / "spill", f"{max(1024, VECTORS_IN_FLIGHT * 2048 * row_bytes // 2**20)}MB")
+    con = connect(out / "spill")
     try:
         con.execute("""CREATE TEMP TABLE pairs AS SELECT key, caption_en, caption, native, image_sha256,
                 pea_text_hash(caption_en) AS teacher_hash, pea_text_hash(caption) AS student_hash,
                 pea_pair_hash(caption_en, caption) AS pair_hash
             FROM read_parquet($p)""", {"p": str(pairs_path)})
-        heldout = f"('0x' || pair_hash[1:8])::BIGINT % 100 < {spec.evaluate.heldout_percent}"
-        pooled = "t.pooled AS teacher_pooled, " if "pooled" in _columns(embedded.teacher_store) else ""
-        select = f"""SELECT p.key, p.caption_en, p.caption, p.native, p.pair_hash, t.tokens AS teacher, {pooled}
-                s.states AS student, l.latents
-            FROM pairs p JOIN read_parquet({_parts(embedded.teacher_store)}) t ON t.hash = p.teacher_hash
-            JOIN read_parquet({_parts(embedded.student_store)}) s ON s.hash = p.student_hash
-            JOIN read_parquet({_parts(embedded.latent_store)}) l ON l.hash = p.image_sha256"""
-        counts = dict(con.execute(f"SELECT {heldout}, count(*) FROM pairs GROUP BY ALL").fetchall())
-        # The train split streamed from the join in Arrow batches (DuckDB cannot write row groups under 2,048
-        # rows, the reader's unit); the held-out sample sorted by pair hash (a bounded top-N).
-        written = {"train": _write_row_groups(con.sql(f"{select} WHERE NOT {heldout}").to_arrow_reader(
-            spec.train.data.row_group_rows), out / "train", spec.train.data.row_group_rows)}
-        (out / "heldout").mkdir()
-        written["heldout"] = con.execute(
-            f"COPY ({select} WHERE {heldout} ORDER BY p.pair_hash, p.key LIMIT {spec.evaluate.heldout_rows}) "
-            f"TO '{out / 'heldout' / 'data_0.parquet'}' (FORMAT parquet, COMPRESSION uncompressed)").fetchall()[0][0]
+        for name, (field, _) in STORES.items():  # where each hash's tensors are: the hash column only, not tensors
+            con.execute(f"""CREATE TEMP TABLE {name}_at AS SELECT hash, min(filename) AS file,
+                    arg_min(file_row_number, filename) AS row
+                FROM read_parquet({_parts(getattr(embedded, field))}, filename = true, file_row_number = true)
+                GROUP BY hash""")
+        heldout = f"('0x' || p.pair_hash[1:8])::BIGINT % 100 < {spec.evaluate.heldout_percent}"
+        located = """SELECT p.key, p.caption_en, p.caption, p.native, p.pair_hash, t.file AS teacher_file,
+                t.row AS teacher_row, s.file AS student_file, s.row AS student_row, l.file AS latents_file,
+                l.row AS latents_row
+            FROM pairs p JOIN teacher_at t ON t.hash = p.teacher_hash JOIN student_at s ON s.hash = p.student_hash
+            JOIN latents_at l ON l.hash = p.image_sha256"""
+        counts = dict(con.execute(f"SELECT {heldout}, count(*) FROM pairs p GROUP BY ALL").fetchall())
+        written = {}
+        # The train split in pair order (the stores' order: sequential reads); the held-out sample by pair hash.
+        for split, query in (("train", f"{located} WHERE NOT {heldout} ORDER BY p.key"),
+                             ("heldout", f"{located} WHERE {heldout} ORDER BY p.pair_hash, p.key "
+                                         f"LIMIT {spec.evaluate.heldout_rows}")):
+            rows = spec.train.data.row_group_rows if split == "train" else spec.evaluate.heldout_rows
+            written[split] = _write_row_groups(_with_tensors(con.sql(query).to_arrow_reader(GATHER_ROWS)),
+                                               out / split, rows)
     finally:
         con.close()
         shutil.rmtree(out / "spill", ignore_errors=True)
@@ -163,7 +196,18 @@ def _write(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, out: Pat
         for split in ("train", "heldout")}
 
 
-def _write_row_groups(batches: pa.RecordBatchReader, folder: Path, rows: int) -> int:
+def _with_tensors(batches: pa.RecordBatchReader):
+    """Each batch of located pairs with its tensor columns in place of the locations."""
+    gathers = {name: _Gather(columns) for name, (_, columns) in STORES.items()}
+    for batch in batches:
+        columns = {name: batch.column(name) for name in ("key", "caption_en", "caption", "native", "pair_hash")}
+        for name, gather in gathers.items():
+            for column, cells in gather(batch.column(f"{name}_file"), batch.column(f"{name}_row")).items():
+                columns[OUT_NAMES[column]] = cells
+        yield pa.RecordBatch.from_pydict(columns)
+
+
+def _write_row_groups(batches, folder: Path, rows: int) -> int:
     """Row groups of exactly `rows` rows (the last may be shorter), ROW_GROUPS_PER_FILE to a file."""
     folder.mkdir()
     pending: list[pa.RecordBatch] = []
