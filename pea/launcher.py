@@ -96,8 +96,10 @@ def run(command: list[str], layout: LauncherSpec, workdir: Path) -> None:
         write_deepspeed_env(workdir, forwarded)
 
     shown = shlex.join(command)
-    local = layout.num_gpus if layout.multinode_runner == "no_ssh" else layout.world_size
-    print(f"launching {local} of {layout.world_size} processes: {shown}", flush=True)
+    if layout.multinode_runner == "no_ssh" and layout.num_nodes > 1:  # this node's ranks only
+        print(f"launching {layout.num_gpus} of {layout.world_size} processes: {shown}", flush=True)
+    else:
+        print(f"launching {layout.world_size} processes: {shown}", flush=True)
     tail: collections.deque[str] = collections.deque(maxlen=30)
     with subprocess.Popen(command, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, errors="replace", bufsize=1) as proc:

@@ -8,9 +8,10 @@ row: the stores' hash columns only) under its memory limit, and the tensors are 
 with pyarrow as raw 16-bit bytes (pea.store), never decoded. Memory is a chunk of GATHER_ROWS pairs plus
 PARTS_CACHED parts per store, whatever the corpus size.
 
-- `train/`: Parquet files of row groups of `train.data.row_group_rows` rows, in pair order; a row group is the
-  unit the streaming reader (pea.reader) shuffles and reads. A pack is immutable: every run and every resume of
-  the same key reads the same files.
+- `train/`: Parquet files of row groups of `train.data.row_group_rows` rows: the pairs in key order, shuffled
+  within each chunk of GATHER_ROWS by a seeded permutation; a row group is the unit the streaming reader
+  (pea.reader) shuffles and reads. A pack is a pure function of its inputs and immutable once written: every
+  run and every resume of the same key reads the same rows in the same files.
 - `heldout/`: a bounded, deterministic sample of the held-out pairs (at most `evaluate.heldout_rows`, the
   lowest pair hashes first), what evaluation and promotion score.
 - `empty.safetensors`: the teacher's and the student's encodings of "" (caption dropout, guidance).
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
@@ -44,7 +46,7 @@ from pea.embed import EmbedResult
 from pea.spec import LanguageSpec
 from pea.store import TensorStore, connect, key_digest, tensor_meta, text_hash
 
-FORMAT = 1  # bump when the layout of a pack changes
+FORMAT = 2  # bump when the layout of a pack changes (2: rows shuffled within each gathered chunk)
 TENSORS = {"teacher": ("teacher", "tokens"), "teacher_pooled": ("teacher", "pooled"),
            "student": ("student", "states"), "latents": ("latents", "latents")}
 
@@ -177,8 +179,8 @@ def _write(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, out: Pat
                              ("heldout", f"{located} WHERE {heldout} ORDER BY p.pair_hash, p.key "
                                          f"LIMIT {spec.evaluate.heldout_rows}")):
             rows = spec.train.data.row_group_rows if split == "train" else spec.evaluate.heldout_rows
-            written[split] = _write_row_groups(_with_tensors(con.sql(query).to_arrow_reader(GATHER_ROWS)),
-                                               out / split, rows)
+            written[split] = _write_row_groups(_with_tensors(con.sql(query).to_arrow_reader(GATHER_ROWS),
+                                                             shuffle=split == "train"), out / split, rows)
     finally:
         con.close()
         shutil.rmtree(out / "spill", ignore_errors=True)
@@ -196,15 +198,19 @@ def _write(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, out: Pat
         for split in ("train", "heldout")}
 
 
-def _with_tensors(batches: pa.RecordBatchReader):
-    """Each batch of located pairs with its tensor columns in place of the locations."""
+def _with_tensors(batches: pa.RecordBatchReader, shuffle: bool):
+    """Each batch of located pairs with its tensor columns in place of the locations; with `shuffle`, its rows in
+    a seeded random order. Pairs arrive in key order (manifest order, sometimes sorted by topic or source), so
+    without it a row group would hold neighbours; the reader only shuffles whole row groups and rows within a
+    few of them. The seed is the batch's index: the pack stays a pure function of its inputs."""
     gathers = {name: _Gather(columns) for name, (_, columns) in STORES.items()}
-    for batch in batches:
+    for index, batch in enumerate(batches):
         columns = {name: batch.column(name) for name in ("key", "caption_en", "caption", "native", "pair_hash")}
         for name, gather in gathers.items():
             for column, cells in gather(batch.column(f"{name}_file"), batch.column(f"{name}_row")).items():
                 columns[OUT_NAMES[column]] = cells
-        yield pa.RecordBatch.from_pydict(columns)
+        out = pa.RecordBatch.from_pydict(columns)
+        yield out.take(np.random.default_rng([FORMAT, index]).permutation(out.num_rows)) if shuffle else out
 
 
 def _write_row_groups(batches, folder: Path, rows: int) -> int:

@@ -98,9 +98,11 @@ def test_the_toy_profile_prints_the_comparison_table_with_every_baseline(runs, c
     table = {row["system"]: row for row in toy["table"]}
     assert list(table) == ["teacher_en", "trained", "untrained", "diffusion_only", "dictionary", "linear_map"]
     # The shipped teacher draws held-out prompts right (toy.json: 0.97 over every caption); 40 steps of
-    # distillation already beat the untrained adapter, which draws one fixed picture.
+    # distillation already draw each attribute right more often than the untrained adapter, which draws one fixed
+    # picture. (All four right at once is too rare after 40 steps to compare: both can score 0.)
     assert table["teacher_en"]["judge"] >= 0.8
-    assert table["trained"]["judge"] > table["untrained"]["judge"]
+    attributes = ("judge_count", "judge_color", "judge_shape", "judge_position")
+    assert sum(table["trained"][a] for a in attributes) > sum(table["untrained"][a] for a in attributes)
     assert table["trained"]["rel_error"] < table["untrained"]["rel_error"]
     assert (Path(toy["trained"]["adapter"]).parent / "diffusion-only" / "adapter" / "config.json").is_file()
     # Trained for the toy teacher, it cannot be compared with the random teacher's champion: not promoted.

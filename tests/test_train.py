@@ -166,13 +166,20 @@ def test_zero_3_exports_the_gathered_adapter(lake, in_process, tmp_path, monkeyp
 
 
 def test_a_failing_launch_names_the_command_and_its_exit_code(lake, tmp_path, monkeypatch):
+    from pea.spec import LanguageSpec
     from pea.train import LaunchError, launch
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     spec = _spec(lake, micro_batch_size=8, launcher={"num_gpus": 2})
-    with pytest.raises(LaunchError, match=r"deepspeed --num_gpus 2 .* exited with code [1-9]") as err:
+    # A missing pairs table fails before any process starts (the parent packs the shards first).
+    with pytest.raises(FileNotFoundError, match="no-pairs.parquet does not exist"):
         launch(spec, tmp_path / "no-pairs.parquet", _stores(spec, lake), tmp_path / "run")
-    assert "no-pairs.parquet" in str(err.value)  # the ranks' last lines say what went wrong
+    # A teacher the ranks cannot load fails in the ranks: the launcher's exit code and their last lines.
+    broken = LanguageSpec.model_validate({**spec.model_dump(), "teacher": {
+        **spec.teacher.model_dump(), "id": str(tmp_path / "no-teacher")}})
+    with pytest.raises(LaunchError, match=r"deepspeed --num_gpus 2 .* exited with code [1-9]") as err:
+        launch(broken, lake / "zh" / "pairs" / "pairs.parquet", _stores(spec, lake), tmp_path / "run")
+    assert "no-teacher" in str(err.value)  # the ranks' last lines say what went wrong
 
 
 def test_multi_node_command_and_forwarded_environment(lake, tmp_path, monkeypatch):
