@@ -151,7 +151,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--language", default="zh")
     parser.add_argument("--models", default="sd15", help="comma-separated: sd15, sdxl")
-    parser.add_argument("--pairs", type=int, default=12, help="good synthetic pairs (a few are held out)")
+    parser.add_argument("--pairs", type=int, default=12, help="good synthetic pairs, at least 10 (a few are held out)")
     parser.add_argument("--steps", type=int, default=2, help="training steps")
     parser.add_argument("--models-dir", type=Path, help="default: <lake>/zoo/full")
     args = parser.parse_args()
