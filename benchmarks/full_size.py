@@ -97,10 +97,7 @@ def store_report(embedded) -> dict[str, dict]:
 def rehearse(language: str = "zh", kind: str = "sd15", pairs: int = 12, steps: int = 2, work: Path | None = None,
              models_dir: Path | None = None, meter: Meter | None = None) -> dict:
     """Every stage once on full-size models; returns shapes, figures and the generated image's path."""
-    from pea import embed, fullsize, registry, shards, train
-    from pea import evaluate as evaluate_stage
-    from pea.cli import main as pea_cli
-    from pea.corpus import acquire, filter as filter_stage
+    from pea import fullsize
     from pea.ops import with_overrides
     from pea.spec import SyntheticCorpus, load_spec
 
@@ -111,8 +108,28 @@ def rehearse(language: str = "zh", kind: str = "sd15", pairs: int = 12, steps: i
     spec = load_spec(language, profile, zoo_dir=models_dir.parent)
     spec = with_overrides(spec, corpus={"synthetic": SyntheticCorpus(size=pairs, seed=0)}, train={"steps": steps})
     lake = work / "lake"
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work}/tracking/mlflow.db"
     (work / "tracking").mkdir(parents=True, exist_ok=True)
+    saved = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "PEA_LAKE")}
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work}/tracking/mlflow.db"
+    try:
+        return _stages(spec, profile, lake, models_dir, meter, work)
+    finally:  # the caller's environment as it was (the test shares its process with other tests)
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _stages(spec, profile: str, lake: Path, models_dir: Path, meter: Meter, work: Path) -> dict:
+    import pyarrow.parquet as pq
+
+    from pea import embed, fullsize, registry, shards, train
+    from pea import evaluate as evaluate_stage
+    from pea.cli import main as pea_cli
+    from pea.corpus import acquire, filter as filter_stage
+
+    language = spec.language
 
     with meter.stage("build"):
         fullsize.build([Path(spec.teacher.id).name, Path(spec.student.id).name], models_dir)
@@ -132,16 +149,11 @@ def rehearse(language: str = "zh", kind: str = "sd15", pairs: int = 12, steps: i
     with meter.stage("register"):
         registered = registry.register(spec, trained, evaluation, [filtered.report_path], filtered.pairs_path)
     image = work / "generated.png"
-    import pyarrow.parquet as pq
-
     prompt = pq.read_table(filtered.pairs_path, columns=["caption"]).column("caption")[0].as_py()
     with meter.stage("generate"):
         os.environ["PEA_LAKE"] = str(lake)  # `pea generate` reads the spec's settings; the models come from lineage
-        try:
-            pea_cli(["generate", "--language", language, "--profile", profile, "--model-uri", registered.model_uri,
-                     "--prompt", prompt, "--steps", "2", "--out", str(image)])
-        finally:
-            os.environ.pop("PEA_LAKE", None)
+        pea_cli(["generate", "--language", language, "--profile", profile, "--model-uri", registered.model_uri,
+                 "--prompt", prompt, "--steps", "2", "--out", str(image)])
     return {"spec": spec, "acquired": acquired, "filtered": filtered, "embedded": embedded, "packed": packed,
             "trained": trained, "evaluation": evaluation, "registered": registered, "image": image,
             "stores": store_report(embedded), "meter": meter, "work": work}

@@ -22,15 +22,9 @@ def _benchmark():
 
 
 @pytest.fixture(scope="module")
-def rehearsal(tmp_path_factory, monkeypatch_module):
+def rehearsal(tmp_path_factory):
+    # MLflow and the lake in a temp dir (rehearse restores the environment); the models in <lake>/zoo/full.
     return _benchmark().rehearse("zh", "sd15", pairs=10, steps=1, work=tmp_path_factory.mktemp("fullsize"))
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    patch = pytest.MonkeyPatch()
-    yield patch
-    patch.undo()  # rehearse points MLFLOW_TRACKING_URI at its temp dir
 
 
 def test_stores_hold_the_real_shapes(rehearsal):
