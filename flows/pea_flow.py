@@ -114,6 +114,14 @@ def build_zoo(spec: LanguageSpec) -> dict[str, Path]:
     return prepare_zoo(image_size=spec.corpus.image_size)
 
 
+@task
+def build_full_size(spec: LanguageSpec) -> dict[str, Path]:
+    """Profile fullsize: the real architectures with random weights (pea.fullsize), built once."""
+    from pea import fullsize
+
+    return fullsize.prepare(spec)
+
+
 @task(retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=_transient, cache_key_fn=_acquire_key,
       persist_result=True)
 def acquire(spec: LanguageSpec, lake: Path) -> acquire_stage.AcquireResult:
@@ -231,6 +239,8 @@ def pea(language: Annotated[str, Field(pattern=LANGUAGE_CODE.pattern, descriptio
     with concurrency(language_limit(spec.language), occupy=1, strict=True):
         if "embedded" in profiles(profile):
             build_zoo(spec)
+        if "fullsize" in profiles(profile):
+            build_full_size(spec)
         cached: list[str] = []
         run = dict(refresh=refresh_cache, cached=cached)
         acquired = _run(stages["acquire"], spec, lake, **run)

@@ -58,7 +58,7 @@ def _generate(args) -> None:
     import torch
 
     from pea.adapter import PEAAdapter
-    from pea.models import device, load_pipeline, load_student
+    from pea.models import device, inference_dtype, load_pipeline, load_student
     from pea.pipeline import generate
     from pea.registry import fetch_adapter
     from pea.spec import load_spec, validate_language
@@ -74,7 +74,7 @@ def _generate(args) -> None:
     teacher = spec.teacher.model_copy(update={"id": tags["teacher_id"], "revision": none(tags.get("teacher_revision"))})
     student = load_student(spec.student.model_copy(update={"id": tags["student_id"],
                                                            "revision": none(tags.get("student_revision"))}))
-    pipe = load_pipeline(teacher, safety_checker=args.safety_checker)
+    pipe = load_pipeline(teacher, safety_checker=args.safety_checker, dtype=inference_dtype(spec.train.precision))
     size = args.size or spec.corpus.image_size
     with torch.inference_mode():
         image = generate(pipe, adapter, student, [args.prompt], [args.seed], negative_prompt=args.negative_prompt,

@@ -114,7 +114,7 @@ def relative_errors(spec: LanguageSpec, table: TrainingTable, adapters: dict[str
     (`evaluate.seed`): any two calls on the same table see the same latents, noise and timesteps. `states` gives an
     adapter student states other than the table's (an adapter trained on another student encoder)."""
     states = states or {}
-    unet = models.load_unet(spec.teacher)
+    unet = models.load_unet(spec.teacher, models.inference_dtype(spec.train.precision))
     scheduler = models.load_noise_scheduler(spec.teacher)
     g = torch.Generator().manual_seed(spec.evaluate.seed)
     noise = torch.randn(table.latents.shape, generator=g)
@@ -125,16 +125,16 @@ def relative_errors(spec: LanguageSpec, table: TrainingTable, adapters: dict[str
         for rows in torch.arange(len(table)).split(32):
             timesteps = torch.full((len(rows),), t)
             time_ids = sdxl_time_ids(size, size, len(rows)).to(unet.device) if spec.teacher.kind == "sdxl" else None
-            noisy = scheduler.add_noise(table.latents[rows].float(), noise[rows], timesteps).to(unet.device)
+            noisy = scheduler.add_noise(table.latents[rows].float(), noise[rows], timesteps).to(unet.device, unet.dtype)
             timesteps = timesteps.to(unet.device)
             pooled = None if table.teacher_pooled is None else table.teacher_pooled[rows].to(unet.device)
             teacher = Conditioning(table.teacher[rows].to(unet.device), pooled, time_ids)
-            eps_teacher = unet(noisy, timesteps, **teacher.unet_kwargs(unet.dtype)).sample
+            eps_teacher = unet(noisy, timesteps, **teacher.unet_kwargs(unet.dtype)).sample.float()
             reference += eps_teacher.pow(2).sum().item()
             for name, adapter in adapters.items():
                 rows_states = states.get(name, table.student)[rows].float().to(adapter.device)
                 student = Conditioning(*adapter(rows_states), time_ids)
-                eps = unet(noisy, timesteps, **student.unet_kwargs(unet.dtype)).sample
+                eps = unet(noisy, timesteps, **student.unet_kwargs(unet.dtype)).sample.float()
                 errors[name] += (eps - eps_teacher).pow(2).sum().item()
     return {name: err / reference for name, err in errors.items()}
 
@@ -279,7 +279,7 @@ def evaluate(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, adapte
     systems = tuple(s for s in ORDER if s in SYSTEMS or s in extra)
     relative = relative_errors(spec, heldout, adapters)
 
-    pipe = models.load_pipeline(spec.teacher)
+    pipe = models.load_pipeline(spec.teacher, dtype=models.inference_dtype(spec.train.precision))
     student = models.load_student(spec.student)
     n = min(cfg.grid_prompts, len(heldout))
     seeds = [cfg.seed + i for i in range(n)]

@@ -45,6 +45,10 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
+# Every loader names its dtype: from fp16 files (variant "fp16", as the real repos ship them) diffusers would load
+# fp32 while transformers 5 keeps fp16, and a pipeline mixing the two fails on the first UNet call ("mat1 and
+# mat2 must have the same dtype"); the CPU has no fast fp16 kernels either. The frozen models run in fp32 by
+# default; training holds its UNet in the spec's precision (pea.train).
 def _kwargs(ref: ModelRef) -> dict:
     """Every loader's arguments: the pinned commit (what model_key records), safetensors, the variant."""
     return {"revision": pinned_revision(ref.id, ref.revision) or ref.revision, "use_safetensors": True,
@@ -52,6 +56,15 @@ def _kwargs(ref: ModelRef) -> dict:
 
 
 PIPELINES = {"sd15": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline}
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def inference_dtype(precision: str) -> torch.dtype:
+    """The frozen UNet's dtype outside training (evaluation, promotion, generation): the spec's train.precision, as
+    training holds it (bf16 is ~3x faster than fp32 at 512 px even on a CPU with AMX), except fp16 on a CPU, which
+    has no fp16 kernels for it: fp32 there."""
+    dtype = PRECISIONS[precision]
+    return torch.float32 if dtype == torch.float16 and device().type == "cpu" else dtype
 
 
 @dataclass
@@ -112,21 +125,22 @@ def _load_pipeline(ref: TeacherSpec, safety_checker: bool = False, **parts) -> D
         return PIPELINES[ref.kind].from_pretrained(ref.id, **parts, **_pipeline_kwargs(ref, safety_checker))
 
 
-def load_teacher_text(ref: TeacherSpec) -> TeacherText:
-    pipe = _load_pipeline(ref, unet=None, vae=None)
+def load_teacher_text(ref: TeacherSpec, dtype: torch.dtype = torch.float32) -> TeacherText:
+    pipe = _load_pipeline(ref, unet=None, vae=None, dtype=dtype)
     for name in ("text_encoder", "text_encoder_2"):
         if getattr(pipe, name, None) is not None:
             _frozen(getattr(pipe, name))
     return TeacherText(pipe.to(device()), ref.kind)
 
 
-def load_pipeline(ref: TeacherSpec, safety_checker: bool | None = None) -> DiffusionPipeline:
-    """The whole stock pipeline of the teacher (SD 1.5 or SDXL), everything frozen; with the repo's safety
+def load_pipeline(ref: TeacherSpec, safety_checker: bool | None = None,
+                  dtype: torch.dtype = torch.float32) -> DiffusionPipeline:
+    """The whole stock pipeline of the teacher (SD 1.5 or SDXL), everything frozen, in `dtype`; with the repo's safety
     checker when `safety_checker` (default: the spec's teacher.safety_checker) is on."""
     safety_checker = ref.safety_checker if safety_checker is None else safety_checker
     if safety_checker and ref.kind != "sd15":
         raise ValueError(f"teacher {ref.id} is {ref.kind}, which has no safety checker; turn the safety checker off")
-    pipe = _load_pipeline(ref, safety_checker)
+    pipe = _load_pipeline(ref, safety_checker, dtype=dtype)
     if safety_checker and (pipe.safety_checker is None or pipe.feature_extractor is None):
         raise ValueError(f"the safety checker is on but teacher {ref.id} ships no safety_checker/feature_extractor "
                          "(its model_index.json names none); use a repo that has them (e.g. "
@@ -143,13 +157,16 @@ def load_pipeline(ref: TeacherSpec, safety_checker: bool | None = None) -> Diffu
 
 
 def load_vae(ref: TeacherSpec) -> AutoencoderKL:
+    """Always fp32, whatever the files hold: SDXL's VAE overflows to inf/NaN in fp16, and the reference encodes
+    in fp32 too."""
     with safetensors_only("teacher", ref.id, ref.variant):
-        return _frozen(AutoencoderKL.from_pretrained(ref.id, subfolder="vae", **_kwargs(ref))).to(device())
+        vae = AutoencoderKL.from_pretrained(ref.id, subfolder="vae", dtype=torch.float32, **_kwargs(ref))
+    return _frozen(vae).to(device())
 
 
 def load_unet(ref: TeacherSpec, dtype: torch.dtype = torch.float32) -> UNet2DConditionModel:
     with safetensors_only("teacher", ref.id, ref.variant):
-        unet = UNet2DConditionModel.from_pretrained(ref.id, subfolder="unet", torch_dtype=dtype, **_kwargs(ref))
+        unet = UNet2DConditionModel.from_pretrained(ref.id, subfolder="unet", dtype=dtype, **_kwargs(ref))
     return _frozen(unet).to(device())
 
 
@@ -158,7 +175,7 @@ def load_noise_scheduler(ref: TeacherSpec) -> DDPMScheduler:
     return DDPMScheduler.from_pretrained(ref.id, subfolder="scheduler", revision=_kwargs(ref)["revision"])
 
 
-def load_student(ref: StudentSpec) -> StudentEncoder:
+def load_student(ref: StudentSpec, dtype: torch.dtype = torch.float32) -> StudentEncoder:
     """Any transformers encoder with per-token states: plain encoders, or the text tower of a dual
     encoder (CLIP-style configs with a text_config), or the encoder of an encoder-decoder (T5).
     Refuses a max_length beyond the tokenizer's, the config's or the trained limit (pea.lengths)."""
@@ -167,7 +184,7 @@ def load_student(ref: StudentSpec) -> StudentEncoder:
     check_max_length(ref.id, ref.max_length, ref.trained_length, tokenizer,
                      AutoConfig.from_pretrained(ref.id, revision=kwargs["revision"]))
     with safetensors_only("student", ref.id, ref.variant):
-        model = AutoModel.from_pretrained(ref.id, **kwargs)
+        model = AutoModel.from_pretrained(ref.id, dtype=dtype, **kwargs)
     if getattr(model, "text_model", None) is not None:  # CLIP, Chinese-CLIP, AltCLIP, ...: keep the text tower
         model = model.text_model
     elif getattr(model, "decoder", None) is not None:  # T5 / mT5: keep the encoder

@@ -175,7 +175,7 @@ def score(spec: LanguageSpec, evaluation: Evaluation, adapter_dirs: dict[str, Pa
                                          for i in range(0, len(table), chunk)])
         return ev.relative_errors(spec, table, adapters, states)
     cfg = spec.evaluate
-    pipe = models.load_pipeline(spec.teacher)
+    pipe = models.load_pipeline(spec.teacher, dtype=models.inference_dtype(spec.train.precision))
     clip = ev.ModelRef(id=cfg.clip_model, revision=cfg.clip_revision)
     totals = {k: [] for k in adapters}
     for name in cfg.prompt_sets:

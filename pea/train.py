@@ -87,7 +87,7 @@ class TrainResult:
 RESULT_FILE = "train_result.json"
 
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = models.PRECISIONS
 
 
 def ds_config(cfg: TrainSpec, world_size: int = 1) -> dict:
