@@ -36,6 +36,42 @@ def _student_limits(ref) -> str:
     return f"student {ref.id}{f' at {revision}' if revision else ''}: max_length {ref.max_length} fits its limits"
 
 
+def _teacher_shapes(ref) -> str:
+    """Check that the teacher's configs fit together and its kind, when they are on this machine (no weights
+    read): the UNet's context width is its text encoders' (SD 1.5: one, 768; SDXL: two, 768 + 1280 = 2048), and an
+    SDXL UNet's added embedding takes six time ids and encoder 2's projected pooled vector."""
+    from diffusers import UNet2DConditionModel
+    from transformers import AutoConfig
+
+    from pea.hub import pinned_revision
+
+    try:
+        revision = pinned_revision(ref.id, ref.revision) or ref.revision
+        unet = UNet2DConditionModel.load_config(ref.id, subfolder="unet", revision=revision)
+        encoders = [AutoConfig.from_pretrained(ref.id, subfolder=name, revision=revision)
+                    for name in (("text_encoder",) if ref.kind == "sd15" else ("text_encoder", "text_encoder_2"))]
+    except (OSError, ValueError) as err:
+        return f"teacher {ref.id}: configs not checked, not on this machine ({str(err).splitlines()[0]})"
+    context = sum(c.hidden_size for c in encoders)
+    problems = []
+    if unet["cross_attention_dim"] != context:
+        problems.append(f"its UNet attends to {unet['cross_attention_dim']}-wide context but its text encoder(s) "
+                        f"give {context}")
+    sdxl_unet = unet.get("addition_embed_type") == "text_time"
+    if sdxl_unet != (ref.kind == "sdxl"):
+        problems.append(f"its UNet is {'SDXL' if sdxl_unet else 'SD 1.5'}-style (addition_embed_type "
+                        f"{unet.get('addition_embed_type')!r}) but the spec says kind: {ref.kind}")
+    elif sdxl_unet:
+        pooled = getattr(encoders[1], "projection_dim", None)
+        if unet["projection_class_embeddings_input_dim"] != 6 * unet["addition_time_embed_dim"] + (pooled or 0):
+            problems.append(f"its UNet's added embedding takes {unet['projection_class_embeddings_input_dim']}, not "
+                            f"6 time ids × {unet['addition_time_embed_dim']} + the {pooled}-wide pooled vector")
+    if problems:
+        raise SystemExit(f"teacher {ref.id}: " + "; ".join(problems) + "; fix teacher.id or teacher.kind in the spec")
+    return (f"teacher {ref.id}{f' at {revision}' if revision else ''}: {ref.kind}, context "
+            f"{unet['cross_attention_dim']} wide, {unet['in_channels']}-channel latents")
+
+
 def _validate(args) -> None:
     from pea.spec import SpecError, load_spec
 
@@ -43,6 +79,7 @@ def _validate(args) -> None:
         spec = load_spec(args.language, args.profile)
     except SpecError as err:
         raise SystemExit(str(err)) from None
+    print(_teacher_shapes(spec.teacher))
     print(_student_limits(spec.student))
     print(f"{spec.language} ({spec.name}): teacher {spec.teacher.id}, student {spec.student.id} — valid")
 

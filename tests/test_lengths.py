@@ -96,3 +96,19 @@ def test_pea_validate_checks_a_student_that_is_on_this_machine(tmp_path, monkeyp
     (tmp_path / "data" / "languages" / "zh.yaml").write_text(spec.replace("max_length: 19", "max_length: 18"))
     main(["validate", "zh"])
     assert "max_length 18 fits its limits" in capsys.readouterr().out
+
+
+def test_pea_validate_checks_the_teachers_configs_fit_its_kind(zoo_dir, capsys):
+    """The tiny zoo's teachers have the real layouts: SD 1.5 (one encoder = context width) and SDXL (two encoders
+    summed, added embedding of 6 time ids + pooled). A kind that does not match the repo is refused by name."""
+    from pea.cli import _teacher_shapes
+    from pea.spec import load_spec
+
+    for profile, kind, width in (("embedded", "sd15", 32), ("embedded,sdxl", "sdxl", 64)):
+        teacher = load_spec("zh", profile, zoo_dir=zoo_dir).teacher
+        assert f"{kind}, context {width} wide" in _teacher_shapes(teacher)
+    wrong = load_spec("zh", "embedded,sdxl", zoo_dir=zoo_dir).teacher.model_copy(update={"kind": "sd15"})
+    with pytest.raises(SystemExit, match="SDXL-style .* but the spec says kind: sd15"):
+        _teacher_shapes(wrong)
+    missing = wrong.model_copy(update={"id": "nobody/nothing", "revision": "0" * 40})
+    assert "configs not checked" in _teacher_shapes(missing)
