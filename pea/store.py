@@ -150,10 +150,21 @@ def tensor_meta(field: pa.Field) -> tuple[tuple[int, ...], str]:
 
 def decode_tensor(array: pa.Array, field: pa.Field | None = None, shape: tuple[int, ...] | None = None,
                   dtype: str | None = None) -> torch.Tensor:
-    """A binary column of raw 16-bit tensors (fixed-size, or variable binary as DuckDB writes it) → a
-    (rows, *shape) tensor in its stored dtype, without a per-row Python loop."""
+    """A binary column of raw 16-bit tensors (fixed-size, or variable binary) → a (rows, *shape) tensor in its
+    stored dtype, without a per-row Python loop."""
     if field is not None:
         shape, dtype = tensor_meta(field)
+    return as_tensor(decode_raw(array, shape).copy(), dtype)  # a writable copy
+
+
+def as_tensor(raw: np.ndarray, dtype: str) -> torch.Tensor:
+    """16-bit patterns (int16, from decode_raw) → a tensor of `dtype`, sharing the memory."""
+    return torch.from_numpy(raw).view(TORCH_DTYPES[dtype])
+
+
+def decode_raw(array: pa.Array, shape: tuple[int, ...]) -> np.ndarray:
+    """The cells' 16-bit patterns as a read-only (rows, *shape) int16 view of the Arrow buffer (numpy only: a
+    reader thread must not start torch's intra-op threads, which spin against the training step's)."""
     array = array.combine_chunks() if isinstance(array, pa.ChunkedArray) else array
     n = len(array)
     width = int(np.prod(shape)) * 2
@@ -163,7 +174,6 @@ def decode_tensor(array: pa.Array, field: pa.Field | None = None, shape: tuple[i
         offsets = np.frombuffer(array.buffers()[1], np.int64 if pa.types.is_large_binary(array.type) else np.int32,
                                 n + 1, array.offset)
         if n and (np.diff(offsets) != width).any():
-            raise ValueError(f"a tensor cell is not {width} bytes ({shape} in {dtype}); the shard is corrupt")
+            raise ValueError(f"a tensor cell is not {width} bytes ({shape} of 16-bit values); the shard is corrupt")
         data = np.frombuffer(array.buffers()[2], np.uint8, n * width, int(offsets[0]) if n else 0)
-    raw = torch.from_numpy(data.copy()).view(torch.int16)  # a writable copy
-    return raw.view(TORCH_DTYPES[dtype]).reshape(n, *shape)
+    return data.view(np.int16).reshape(n, *shape)
