@@ -36,22 +36,10 @@ from pathlib import Path
 
 os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", DO_NOT_TRACK="1", TRANSFORMERS_VERBOSITY="error")
 
-# Public configs of the SD 1.5 components (stable-diffusion-v1-5: text_encoder, vae, unet config.json) and of
-# the zh spec's student text tower (OFA-Sys/chinese-clip-vit-huge-patch14: text_config).
-SD15_TEXT_ENCODER = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                         num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
-                         projection_dim=768)
-SD15_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[128, 256, 512, 512],
-                down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
-                layers_per_block=2, act_fn="silu", norm_num_groups=32, sample_size=512)
-SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-                 block_out_channels=[320, 640, 1280, 1280],
-                 down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-                 up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, cross_attention_dim=768,
-                 attention_head_dim=8, norm_num_groups=32, act_fn="silu", flip_sin_to_cos=True, freq_shift=0,
-                 downsample_padding=1)
-ZH_STUDENT = dict(vocab_size=21128, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                  num_attention_heads=16, max_position_embeddings=512, type_vocab_size=2, hidden_act="gelu")
+# SD 1.5's and the zh student's public configs, as pea.fullsize builds them (one copy in the project).
+from pea.fullsize import SD15_TEXT as SD15_TEXT_ENCODER  # noqa: E402
+from pea.fullsize import SD15_UNET, SD15_VAE  # noqa: E402,F401 (gpu_step imports SD15_UNET from here)
+from pea.fullsize import ZH_TEXT as ZH_STUDENT  # noqa: E402
 
 COMPONENTS = ("teacher text encoder", "student encoder", "VAE encoder")
 
