@@ -35,7 +35,6 @@ is refused with an error naming the image, never stacked.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -53,7 +52,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from pea import launcher, models
-from pea.spec import LanguageSpec, lake_root, load_spec
+from pea.spec import LanguageSpec, lake_root
 from pea.store import FORMAT as STORE_FORMAT
 from pea.store import TensorStore, connect, key_digest
 
@@ -295,18 +294,11 @@ def _read_result(path: Path) -> EmbedResult:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    which = parser.add_mutually_exclusive_group(required=True)
-    which.add_argument("--language", help="load data/languages/<language>.yaml (with --profile)")
-    which.add_argument("--spec", type=Path, help="a validated spec as JSON (what launch() writes)")
-    parser.add_argument("--profile")
+    parser = launcher.rank_parser(__doc__)
     parser.add_argument("--lake", type=Path, help="default $PEA_LAKE or the project's data/lake")
-    parser.add_argument("--pairs", type=Path, help="pairs table; default <lake>/<language>/pairs/pairs.parquet")
     parser.add_argument("--result-dir", type=Path, help="write this rank's counts to <dir>/rank-<RANK>.json")
-    parser.add_argument("--local_rank", type=int, default=0, help="set by the deepspeed launcher")
     args = parser.parse_args(argv)
-    spec = LanguageSpec.model_validate_json(args.spec.read_text()) if args.spec else load_spec(args.language,
-                                                                                               args.profile)
+    spec = launcher.spec_from(args)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
         # CPU workers on one machine share its cores; torch would give each all of them and thrash.

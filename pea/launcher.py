@@ -12,6 +12,7 @@ every node (it runs with `workdir` as its working directory).
 
 from __future__ import annotations
 
+import argparse
 import collections
 import fnmatch
 import os
@@ -21,7 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pea.spec import FORWARDED_ENV, PACKAGE_ROOT, LauncherSpec, home, lake_root
+from pea.spec import FORWARDED_ENV, PACKAGE_ROOT, LanguageSpec, LauncherSpec, home, lake_root, load_spec
 
 # Set by the launcher for each rank; ours (from an in-process run) must not leak into the children.
 DISTRIBUTED_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -84,6 +85,25 @@ def deepspeed_command(layout: LauncherSpec, module: str, section: str) -> list[s
     if port is not None:
         command += ["--master_port", str(port)]
     return [*command, "--module", module]
+
+
+def rank_parser(description: str) -> argparse.ArgumentParser:
+    """The arguments every rank's entry point (`--module pea.train`, `--module pea.embed`) shares: which spec
+    (a language with profiles, or the JSON a launch wrote), the pairs table, and the launcher's --local_rank."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--language", help="load data/languages/<language>.yaml (with --profile)")
+    which.add_argument("--spec", type=Path, help="a validated spec as JSON (what a launch writes)")
+    parser.add_argument("--profile")
+    parser.add_argument("--pairs", type=Path, help="pairs table; default <lake>/<language>/pairs/pairs.parquet")
+    parser.add_argument("--local_rank", type=int, default=0, help="set by the deepspeed launcher")
+    return parser
+
+
+def spec_from(args: argparse.Namespace) -> LanguageSpec:
+    if args.spec is not None:
+        return LanguageSpec.model_validate_json(args.spec.read_text())
+    return load_spec(args.language, args.profile)
 
 
 def run(command: list[str], layout: LauncherSpec, workdir: Path) -> None:

@@ -34,7 +34,6 @@ each rank reads its own slice of every shuffled batch sequence.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -55,7 +54,7 @@ from pea.launcher import forwarded_env as _forwarded_env  # noqa: F401 (kept for
 from pea.launcher import free_port as _free_port
 from pea.reader import ShardStream
 from pea.shards import pack
-from pea.spec import LanguageSpec, TrainSpec, home, lake_root, load_spec
+from pea.spec import LanguageSpec, TrainSpec, home, lake_root
 
 
 @dataclass(frozen=True)
@@ -330,25 +329,16 @@ def launch(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, run_dir:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    which = parser.add_mutually_exclusive_group(required=True)
-    which.add_argument("--language", help="load data/languages/<language>.yaml (with --profile)")
-    which.add_argument("--spec", type=Path, help="a validated spec as JSON (what launch() writes to the run dir)")
-    parser.add_argument("--profile")
+    parser = launcher.rank_parser(__doc__)
     parser.add_argument("--run-dir", required=True, type=Path)
-    parser.add_argument("--pairs", type=Path, help="pairs table; default <lake>/<language>/pairs/pairs.parquet")
     parser.add_argument("--stores", type=Path, nargs=3, metavar=("TEACHER", "STUDENT", "LATENTS"),
                         help="embedding stores; default the spec's stores in the lake")
     parser.add_argument("--steps", type=int, help="override train.steps")
     parser.add_argument("--micro-batch-size", type=int, help="override train.micro_batch_size (per process)")
     parser.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], help="override train.zero_stage")
     parser.add_argument("--checkpoint-every", type=int, help="override train.checkpoint_every")
-    parser.add_argument("--local_rank", type=int, default=0, help="set by the deepspeed launcher")
     args = parser.parse_args(argv)
-    if args.spec is not None:
-        spec = LanguageSpec.model_validate_json(args.spec.read_text())
-    else:
-        spec = load_spec(args.language, args.profile)
+    spec = launcher.spec_from(args)
     overrides = {name: value for name, value in {
         "steps": args.steps, "micro_batch_size": args.micro_batch_size, "zero_stage": args.zero_stage,
         "checkpoint_every": args.checkpoint_every}.items() if value is not None}
