@@ -47,8 +47,6 @@ from pea.spec import LanguageSpec
 from pea.store import TensorStore, connect, key_digest, tensor_meta, text_hash
 
 FORMAT = 2  # bump when the layout of a pack changes (2: rows shuffled within each gathered chunk)
-TENSORS = {"teacher": ("teacher", "tokens"), "teacher_pooled": ("teacher", "pooled"),
-           "student": ("student", "states"), "latents": ("latents", "latents")}
 
 
 @dataclass(frozen=True)
@@ -244,10 +242,6 @@ def _write_row_groups(batches, folder: Path, rows: int) -> int:
     return total
 
 
-def _columns(store_root: Path) -> set[str]:
-    return set(pq.read_schema(TensorStore.open(store_root).parts()[0]).names)
-
-
 def pack(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult) -> Packed:
     """Pack the pairs' training and held-out rows once (reused while the key holds)."""
     pairs_path = Path(pairs_path)
@@ -261,12 +255,11 @@ def pack(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult) -> Packed:
         try:
             splits = _write(spec, pairs_path, embedded, tmp)
             tensors = {}
-            for name, (store, column) in TENSORS.items():
-                schema = pq.read_schema(TensorStore.open(getattr(embedded, f"{store}_store" if store != "latents"
-                                                                 else "latent_store")).parts()[0])
-                if column in schema.names:
+            for field, columns in STORES.values():  # shapes and dtypes as the stores record them
+                schema = pq.read_schema(TensorStore.open(getattr(embedded, field)).parts()[0])
+                for column in (c for c in columns if c in schema.names):
                     shape, dtype = tensor_meta(schema.field(column))
-                    tensors[name] = {"shape": list(shape), "dtype": dtype}
+                    tensors[OUT_NAMES[column]] = {"shape": list(shape), "dtype": dtype}
             empty = {"teacher": TensorStore.open(embedded.teacher_store).read([text_hash("")])["tokens"][0],
                      "student": TensorStore.open(embedded.student_store).read([text_hash("")])["states"][0]}
             save_file(empty, tmp / "empty.safetensors")
