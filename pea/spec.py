@@ -26,6 +26,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 # re-exported here and `from pea.spec import X` keeps working for each (import them from here, not from there).
 from pea.spec_sections import (  # noqa: F401 (re-exported)
     ENV_NAME, FORWARDED_ENV, MANIFEST_FORMATS, URL_SCHEMES, CleaningSpec, ColumnMapping, CorpusSpec, DataSpec,
+    DuckDBSpec, EngineSpec,
     EmbedSpec, EvaluateSpec, FilterSpec, LanguageIdSpec, LauncherSpec, ManifestSpec, Strict, SyntheticCorpus,
     TrainSpec,
 )

@@ -73,6 +73,35 @@ class ManifestSpec(Strict):
         return self
 
 
+class EngineSpec(Strict):
+    """The distributed engine of the data stages: img2dataset's distributor for acquire, and where the filter's
+    per-shard work runs. Ray (docs/architecture.md says why not Spark)."""
+
+    kind: Literal["ray"] = "ray"
+    address: str | None = Field(None, description="a running cluster: 'auto' (the one this node belongs to) or "
+                                "'ray://<head>:10001'; None: start a local cluster for the stage and stop it after")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of the local cluster when address is None "
+                                                         "(None: every core)")
+
+    @field_validator("address")
+    @classmethod
+    def _address_form(cls, value: str | None) -> str | None:
+        if value is not None and not (value == "auto" or re.fullmatch(r"(ray://)?[A-Za-z0-9_.\-]+:\d{1,5}", value)):
+            raise ValueError(f"engine address {value!r} is not 'auto', 'ray://<host>:<port>' or '<host>:<port>'")
+        return value
+
+
+class DuckDBSpec(Strict):
+    """Bounds of every DuckDB connection that can see a whole corpus (manifests, filter): beyond memory_limit
+    DuckDB spills to spill_dir, so memory stays flat whatever the corpus."""
+
+    memory_limit: str = Field("2GB", pattern=r"^\d+(\.\d+)?\s*(KB|MB|GB|TB|KiB|MiB|GiB|TiB)$",
+                              description="e.g. 2GB, 512MiB")
+    spill_dir: str | None = Field(None, description="where DuckDB spills; None: <lake>/<language>/.spill "
+                                                    "(removed after each stage)")
+    threads: int | None = Field(None, ge=1, description="DuckDB's threads; None: every core")
+
+
 class CorpusSpec(Strict):
     manifests: list[ManifestSpec] = Field(default_factory=list, description="one or more manifests, read in order; "
                                           "a plain string is a path with the default column mapping")
@@ -85,8 +114,9 @@ class CorpusSpec(Strict):
     output_format: Literal["parquet", "webdataset"] = Field(
         "parquet", description="parquet: images inside the raw shards (what embed reads); webdataset: .tar shards "
                                "beside a metadata .parquet, for cluster data loaders")
-    distributor: Literal["multiprocessing", "pyspark", "ray"] = Field(
-        "multiprocessing", description="img2dataset's distributor: pyspark/ray spread shards over a cluster")
+    engine: EngineSpec | None = Field(None, description="run acquire and filter on this distributed engine "
+                                      "(docs/data.md); None: on this machine, as img2dataset's multiprocessing")
+    duckdb: DuckDBSpec = Field(default_factory=lambda: DuckDBSpec(), description="bounds for DuckDB over the corpus")
     processes: int = Field(1, ge=1)
     threads: int = Field(8, ge=1)
     timeout_s: int = Field(10, ge=1, description="per download, the whole body included (not just each read)")

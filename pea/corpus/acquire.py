@@ -3,7 +3,7 @@
 The manifests (see `pea.corpus.manifest`: formats, fsspec URLs, column mapping) become one url list,
 `lake/<language>/manifest-urls.parquet`, with the pre-download drops counted beside it in
 `manifest-urls.json`. img2dataset (see `pea.corpus.fetch`: the hardened fetch, the spec's guards and
-distributor) downloads it. A shard is complete only once its stats file exists (img2dataset writes it
+engine: Ray when `corpus.engine` is set) downloads it. A shard is complete only once its stats file exists (img2dataset writes it
 after closing the shard), and img2dataset's incremental mode skips complete shards, so a rerun resumes
 where a killed run stopped; when every shard is complete img2dataset is not started at all. With
 `corpus.synthetic` set the synthetic corpus is generated and served on 127.0.0.1 for the download.
@@ -22,6 +22,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pea.corpus.engine import session
 from pea.corpus.fetch import download
 from pea.corpus.manifest import UrlList, prepare_url_list
 from pea.corpus.synthetic import make_corpus, serve
@@ -80,12 +81,13 @@ def acquire(spec: LanguageSpec, lake: Path) -> AcquireResult:
             download(spec, urls.path, raw_dir, urls.extra_columns)
         return urls
 
-    if spec.corpus.synthetic is not None:
-        corpus_dir = lang_dir / "synthetic"
-        with serve(corpus_dir) as base_url:
-            urls = run([_synthetic_manifest(spec, corpus_dir, base_url)])
-    else:
-        urls = run(list(spec.corpus.manifests))
+    with session(spec.corpus.engine):  # img2dataset's ray distributor, when the spec names the engine
+        if spec.corpus.synthetic is not None:
+            corpus_dir = lang_dir / "synthetic"
+            with serve(corpus_dir) as base_url:
+                urls = run([_synthetic_manifest(spec, corpus_dir, base_url)])
+        else:
+            urls = run(list(spec.corpus.manifests))
 
     stats = _stats(raw_dir)
     if _missing_shards(raw_dir, urls.rows, spec):

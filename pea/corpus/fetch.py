@@ -261,7 +261,8 @@ def download(spec: LanguageSpec, url_list: Path, raw_dir: Path, extra_columns: l
             min_image_size=corpus.min_image_size, max_image_area=corpus.max_image_area,
             processes_count=corpus.processes, thread_count=corpus.threads,
             timeout=corpus.timeout_s, retries=corpus.retries, number_sample_per_shard=corpus.rows_per_shard,
-            distributor=corpus.distributor, enable_wandb=False, extract_exif=False,
+            distributor="multiprocessing" if corpus.engine is None else corpus.engine.kind, enable_wandb=False,
+            extract_exif=False,
         )
     finally:
         i2d_main.Downloader = previous_downloader
