@@ -29,7 +29,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pea.corpus.clean import CONTROL, FTFY_CONFIG, HAN, NEEDS_FTFY, _opencc
-from pea.corpus.filter import _language_ids, filter_pairs
+from pea.corpus.filter import filter_pairs
+from pea.corpus.langid import lingua_verdicts
 from pea.corpus.report import write_report
 from pea.spec import load_spec
 
@@ -190,7 +191,7 @@ def pandas_filter(spec, raw_files: list[Path], out_dir: Path, where) -> tuple[pd
         undecided = left_reason.isna()
         captions = left.loc[undecided, "caption"].unique().tolist()
         if captions:
-            confidence, first = _language_ids(spec, captions)
+            confidence, first = lingua_verdicts(spec, captions)
             verdict = pd.DataFrame({"confidence": confidence, "first": first}, index=captions)
             judged = verdict.reindex(left.loc[undecided, "caption"].to_numpy())
             wrong = (~judged["first"] | (judged["confidence"] < f.language_id.min_confidence)).to_numpy()

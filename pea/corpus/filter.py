@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pea.corpus.clean import clean_captions, text_ratios
+from pea.corpus.langid import wrong_language
 from pea.corpus.manifest import MANIFEST_REASONS
 from pea.corpus.report import write_report
 from pea.corpus.where import read_only_where
@@ -135,41 +136,6 @@ def _load(con: duckdb.DuckDBPyConnection, spec: LanguageSpec, shards: list[Path]
     return raw.append_column("rid", pa.array(np.arange(raw.num_rows, dtype=np.int64)))
 
 
-def _language_ids(spec: LanguageSpec, captions: list[str]) -> tuple[list[float], list[bool]]:
-    """lingua's confidence for the target language, and whether it is lingua's first choice, per caption.
-
-    One pass of `compute_language_confidence_values_in_parallel` gives both: lingua's `detect_language_of`
-    is the first of these values unless the second ties it (then it detects nothing), and
-    `compute_language_confidence` is the target's value among them."""
-    from lingua import IsoCode639_1, Language, LanguageDetectorBuilder
-
-    lid = spec.filter.language_id
-
-    def language(code: str, where: str) -> Language:
-        try:
-            return Language.from_iso_code_639_1(IsoCode639_1.from_str(code.split("-")[0].lower()))
-        except (ValueError, AttributeError):
-            raise ValueError(f"{where}: lingua-language-detector does not know the language {code!r}; fix the code "
-                             "or set filter.language_id: null to skip the language check") from None
-
-    target = language(spec.language, "language")
-    candidates = {target, *(language(c, "filter.language_id.candidates") for c in lid.candidates)}
-    if len(candidates) < 2:
-        candidates.add(Language.ENGLISH if target != Language.ENGLISH else Language.FRENCH)
-    builder = LanguageDetectorBuilder.from_languages(*candidates)
-    detector = (builder.with_low_accuracy_mode() if lid.low_accuracy else builder).build()
-    confidence, first = [], []
-    for values in detector.compute_language_confidence_values_in_parallel(captions):
-        top = values[0] if values else None
-        if top is not None and top.language == target:
-            confidence.append(top.value)
-            first.append(len(values) == 1 or values[1].value != top.value)
-        else:
-            confidence.append(next((v.value for v in values if v.language == target), 0.0))
-            first.append(False)
-    return confidence, first
-
-
 def filter_pairs(spec: LanguageSpec, lake: Path) -> FilterResult:
     """Judge every raw row, write the kept pairs and the data-quality report.
 
@@ -214,16 +180,13 @@ def filter_pairs(spec: LanguageSpec, lake: Path) -> FilterResult:
         con.unregister("survivors")
 
         if f.language_id is not None:
-            captions = [r[0] for r in con.execute(
-                "SELECT DISTINCT caption FROM candidates WHERE reason IS NULL").fetchall()]
-            if captions:
-                confidence, first = _language_ids(spec, captions)
-                verdict = pa.table({"caption": captions, "confidence": confidence, "first": first})
-                con.register("verdict", verdict)
+            captions = con.sql("SELECT DISTINCT caption FROM candidates WHERE reason IS NULL").to_arrow_table()
+            if captions.num_rows:
+                wrong, _ = wrong_language(spec, captions["caption"])
+                con.register("verdict", captions.append_column("wrong", wrong))
                 con.execute("""UPDATE candidates SET reason = 'wrong_language' FROM verdict
                                WHERE candidates.reason IS NULL AND candidates.caption = verdict.caption
-                                 AND (NOT verdict.first OR verdict.confidence < $min)""",
-                            {"min": f.language_id.min_confidence})
+                                 AND verdict.wrong""")
                 con.unregister("verdict")
 
         if f.where is not None:
