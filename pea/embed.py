@@ -20,7 +20,7 @@ to their raw shards in the same query. Memory is bounded independently of the co
   to be written (ROWS_PER_PART rows in the store's 16-bit dtype: 121 MB for SD 1.5 conditioning,
   1,024 × 77 × 768 × 2 B; 1,024 × 4 × 64 × 64 × 2 B = 34 MB of latents at 512 px), plus the models;
 - DuckDB holds the distinct input hashes and the stores' hash index (about 100 B a row) within
-  DUCKDB_MEMORY_LIMIT, spilling to `<lake>/.duckdb-*.tmp/` beyond it (removed at the end).
+  `corpus.duckdb.memory_limit`, spilling to `<lake>/.duckdb-*.tmp/` beyond it (removed at the end).
 
 Many workers, exactly once: worker i of n takes only the inputs whose bucket, the first 32 bits of the
 (hex sha256) hash modulo n, is i, so the slices are disjoint whatever each worker has already written,
@@ -86,7 +86,6 @@ def open_stores(spec: LanguageSpec, lake: Path) -> dict[str, TensorStore]:
 
 
 ROWS_PER_PART = 1024  # a killed run loses at most one part; fewer, larger files read faster
-DUCKDB_MEMORY_LIMIT = "1GB"  # DuckDB spills the hash sets and joins to disk beyond this
 STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -119,8 +118,9 @@ def _fill(store: TensorStore, batches: Iterator[tuple[list[str], list]], total: 
     del encode  # reference counting frees the model now; a gc.collect() here cost 0.25 s per call
 
 
-def _connect(spill: Path) -> duckdb.DuckDBPyConnection:
-    return connect(spill, DUCKDB_MEMORY_LIMIT)
+def _connect(spec: LanguageSpec, spill: Path) -> duckdb.DuckDBPyConnection:
+    """DuckDB bounded by the spec's corpus.duckdb: it spills the hash sets and joins to disk beyond the limit."""
+    return connect(spill, spec.corpus.duckdb.memory_limit)
 
 
 def _missing(con: duckdb.DuckDBPyConnection, inputs: str, store: TensorStore) -> tuple[str, int, int]:
@@ -182,8 +182,8 @@ def embed(spec: LanguageSpec, lake: Path, pairs_path: Path, worker: int = 0, wor
         raise ValueError(f"embed reads images from Parquet shards, but corpus.output_format is "
                          f"{spec.corpus.output_format!r}; set corpus.output_format: parquet in the spec")
     stores = open_stores(spec, lake)
-    spill = Path(lake) / f".duckdb-{uuid.uuid4().hex}.tmp"  # only created if DuckDB spills; removed below
-    con = _connect(spill)
+    spill = spec.corpus.duckdb.spill(lake, f".duckdb-{uuid.uuid4().hex}.tmp")  # created only if DuckDB spills
+    con = _connect(spec, spill)
     pairs = _literal(str(pairs_path))
     # The distinct inputs of each store in this worker's bucket, with one representative text or image
     # location per hash.

@@ -153,7 +153,8 @@ class _Gather:
 
 
 def _write(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, out: Path) -> dict:
-    con = connect(out / "spill")
+    spill = spec.corpus.duckdb.spill(out, f"spill-{os.getpid()}")
+    con = connect(spill, spec.corpus.duckdb.memory_limit)
     try:
         con.execute("""CREATE TEMP TABLE pairs AS SELECT key, caption_en, caption, native, image_sha256,
                 pea_text_hash(caption_en) AS teacher_hash, pea_text_hash(caption) AS student_hash,
@@ -181,7 +182,7 @@ def _write(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, out: Pat
                                                              shuffle=split == "train"), out / split, rows)
     finally:
         con.close()
-        shutil.rmtree(out / "spill", ignore_errors=True)
+        shutil.rmtree(spill, ignore_errors=True)
     expected = {"train": counts.get(False, 0), "heldout": min(counts.get(True, 0), spec.evaluate.heldout_rows)}
     for split in ("train", "heldout"):
         if written[split] != expected[split]:

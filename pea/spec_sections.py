@@ -97,9 +97,15 @@ class DuckDBSpec(Strict):
 
     memory_limit: str = Field("2GB", pattern=r"^\d+(\.\d+)?\s*(KB|MB|GB|TB|KiB|MiB|GiB|TiB)$",
                               description="e.g. 2GB, 512MiB")
-    spill_dir: str | None = Field(None, description="where DuckDB spills; None: <lake>/<language>/.spill "
-                                                    "(removed after each stage)")
+    spill_dir: str | None = Field(None, description="where DuckDB spills (a fast local disk); None: a folder "
+                                                    "beside each stage's output; removed after each stage")
     threads: int | None = Field(None, ge=1, description="DuckDB's threads; None: every core")
+
+    def spill(self, default: Any, name: str) -> Any:
+        """A stage's own spill folder: under spill_dir when set, else under `default` (a Path)."""
+        from pathlib import Path
+
+        return (Path(self.spill_dir) if self.spill_dir else Path(default)) / name
 
 
 class CorpusSpec(Strict):

@@ -142,8 +142,7 @@ def filter_pairs(spec: LanguageSpec, lake: Path) -> FilterResult:
     parts, totals = _judge_all(spec, shards, out_dir / f"judged-{_rules_digest(spec)}")
 
     bounds = spec.corpus.duckdb
-    spill = Path(bounds.spill_dir) if bounds.spill_dir else lang_dir / ".spill"
-    spill = spill / f"filter-{os.getpid()}"
+    spill = bounds.spill(lang_dir / ".spill", f"filter-{os.getpid()}")
     pairs_path, tmp = out_dir / "pairs.parquet", out_dir / f".pairs.parquet.{os.getpid()}.tmp"
     con = connect(spill, bounds.memory_limit)
     try:
