@@ -8,7 +8,6 @@
 set -eu
 cd "$(dirname "$0")/.."
 . scripts/offline-env.sh
-export PEA_HOME="$PWD"
 port=${PEA_PORT:-4200}
 run=${PEA_SERVE_DIR:-$PWD/.cache/serve}
 mkdir -p "$run"

@@ -5,6 +5,7 @@ cluster pool's job template; then scripts/stop.sh. Run alone with `python -m pyt
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -120,9 +121,33 @@ def first_run(served) -> UUID:
 
 
 @pytest.fixture(scope="module")
-def second_run(served, first_run) -> UUID:
-    # A shorter training: the override changes only the train section, so acquire/filter/embed keep their keys.
-    return _deployment_run(served, "language=zh", "steps=30")
+def second_run(served, first_run, tmp_path_factory) -> UUID:
+    """The operator's path, without the project's scripts or PEA_HOME (PEA_LAKE only keeps the test's lake apart):
+    `prefect deploy --all` in the checkout, `prefect worker start --pool pea-local` from another directory (another
+    shell), then the run.
+    A shorter training: the override changes only the train section, so acquire/filter/embed keep their keys."""
+    served.sh("sh", "scripts/stop.sh", "worker", timeout=90)
+    plain = {k: v for k, v in served.env.items() if not k.startswith("PEA_")}
+    elsewhere = tmp_path_factory.mktemp("operator-shell")
+    deployed = subprocess.run([PREFECT, "deploy", "--all"], cwd=REPO, env=plain, capture_output=True, text=True,
+                              timeout=180)
+    assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
+    with served.client() as client:
+        pull = client.read_deployment_by_name("pea/train-language").pull_steps
+    assert pull == [{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}], pull
+    worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "pea-local"], cwd=elsewhere,
+                              env={**plain, "PEA_LAKE": served.env["PEA_LAKE"]}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        return _deployment_run(served, "language=zh", "steps=30")
+    finally:
+        os.killpg(worker.pid, signal.SIGTERM)
+        try:
+            worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(worker.pid, signal.SIGKILL)  # Prefect 3.9's worker exits only on a second signal
+            worker.wait(timeout=30)
+        served.sh("sh", "scripts/serve.sh", timeout=240)  # serve.sh's worker again, for the tests after this
 
 
 def test_both_deployments_are_served_with_their_schedules(served):
