@@ -31,7 +31,7 @@ from pydantic import Field
 
 from pea import embed as embed_stage
 from pea import evaluate as evaluate_stage
-from pea import ops, registry
+from pea import launcher, ops, registry
 from pea import shards as shards_stage
 from pea import train as train_stage
 from pea.corpus import acquire as acquire_stage
@@ -209,6 +209,16 @@ def _run_dir(lake: Path, language: str) -> Path:
     return lake / language / "runs" / f"{run.created:%Y%m%d-%H%M%S}-{str(run.id)[:8]}"
 
 
+def _runs_at_once() -> int | None:
+    """The concurrency limit of the work pool this run came from (None: in-process, or a pool without one)."""
+    context = FlowRunContext.get()
+    pool = context.flow_run.work_pool_name if context is not None and context.flow_run is not None else None
+    if pool is None:
+        return None
+    with get_client(sync_client=True) as client:
+        return client.read_work_pool(pool).concurrency_limit
+
+
 def language_limit(language: str) -> str:
     return f"pea-train-{language}"
 
@@ -228,6 +238,9 @@ def pea(language: Annotated[str, Field(pattern=LANGUAGE_CODE.pattern, descriptio
     overrides = {"train": {k: v for k, v in {"steps": steps, "micro_batch_size": micro_batch_size}.items()
                            if v is not None}}
     spec = load_language(language, profile, overrides)
+    threads = launcher.thread_budget(_runs_at_once())
+    launcher.apply_thread_budget(threads)
+    print(f"thread budget: {threads} (PEA_THREADS, else the cores / the work pool's concurrency limit)")
     lake = lake_root()
     storage = results_root(lake)
     stages = {t.name: t.with_options(result_storage=storage) for t in (acquire, filter_pairs, embed, pack, train,

@@ -300,10 +300,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     spec = launcher.spec_from(args)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
-        # CPU workers on one machine share its cores; torch would give each all of them and thrash.
+    if not torch.cuda.is_available():
+        # CPU workers on one machine share the run's threads; torch would give each all of them and thrash.
         local = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local))
+        budget = int(os.environ.get("OMP_NUM_THREADS", "0")) or len(os.sched_getaffinity(0))
+        torch.set_num_threads(max(1, budget // local))
     lake = args.lake or lake_root()
     pairs = args.pairs or lake / spec.language / "pairs" / "pairs.parquet"
     result = embed(spec, lake, pairs, worker=rank, workers=world)

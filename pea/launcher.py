@@ -28,6 +28,28 @@ from pea.spec import FORWARDED_ENV, PACKAGE_ROOT, LanguageSpec, LauncherSpec, ho
 DISTRIBUTED_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
+def thread_budget(runs_at_once: int | None = None) -> int:
+    """Threads one run may use: $PEA_THREADS (e.g. a work pool's job variable) when set, else the cores this
+    process may use divided by the runs allowed at once (a work pool's concurrency limit; None: one)."""
+    value = os.environ.get("PEA_THREADS")
+    if value is not None:
+        if not value.isdigit() or int(value) < 1:
+            raise ValueError(f"PEA_THREADS={value!r} is not a positive integer; set it to the threads one run may "
+                             "use (e.g. the cores divided by the runs at once), or unset it")
+        return int(value)
+    return max(1, len(os.sched_getaffinity(0)) // max(1, runs_at_once or 1))
+
+
+def apply_thread_budget(threads: int) -> None:
+    """This process and every process it starts (launcher ranks, workers) use at most `threads` threads: two torch
+    jobs with all cores each on one machine oversubscribe it and both crawl (OpenMP teams spin)."""
+    import torch
+
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[name] = str(threads)
+    torch.set_num_threads(threads)
+
+
 class LaunchError(RuntimeError):
     """The deepspeed launcher (or a rank under it) failed; the message names the command and exit code."""
 
