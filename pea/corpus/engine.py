@@ -13,9 +13,11 @@ Workers import pea by name, so pea must be installed on every node (a local clus
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -64,10 +66,13 @@ def session(engine: EngineSpec | None) -> Iterator[None]:
 def map_tasks(engine: EngineSpec | None, fn: Callable[[T], R], items: Sequence[T], *, label: str,
               log: Callable[[str], None] = print) -> list[R]:
     """`[fn(item) for item in items]`, each call a Ray task (one CPU, retried twice if its worker dies) when an
-    engine is set. `fn` must be importable by name (a module-level function) and its result small: results
-    come back to this process. A few progress lines go to `log`, not one per item."""
-    if engine is None or not items:
-        return [fn(item) for item in items]
+    engine is set; without one, in a pool of local processes (as many as the run's threads, see
+    pea.launcher.thread_budget; none for a single item). `fn` must be importable by name (a module-level
+    function) and its result small: results come back to this process. A few progress lines go to `log`."""
+    if engine is None:
+        return _map_locally(fn, items)
+    if not items:
+        return []
     import ray
 
     if not ray.is_initialized():
@@ -86,3 +91,13 @@ def map_tasks(engine: EngineSpec | None, fn: Callable[[T], R], items: Sequence[T
             log(f"{label}: {finished}/{len(refs)} done on Ray, {finished / (time.monotonic() - start):.1f}/s")
             reported = finished
     return results
+
+
+def _map_locally(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
+    threads = int(os.environ.get("OMP_NUM_THREADS") or 0) or len(os.sched_getaffinity(0))
+    workers = min(threads, len(items))
+    if workers <= 1:
+        return [fn(item) for item in items]
+    # spawn, not fork: the caller may hold torch's and DuckDB's threads, which a forked child would inherit broken
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(fn, items))
