@@ -47,13 +47,18 @@ def pair_hash(caption_en: str, caption: str) -> str:
     return text_hash(caption_en + "\n" + caption)
 
 
-def connect(spill: Path, memory_limit: str = "1GB") -> duckdb.DuckDBPyConnection:
+def connect(spill: Path, memory_limit: str = "1GB", *, threads: int | None = None,
+            preserve_order: bool = False) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection bounded by `memory_limit` (spilling to `spill` beyond it, created only if needed)
     with the store's hashes as SQL functions: `pea_text_hash(text)`, `pea_pair_hash(caption_en, caption)`.
     They run text_hash itself (not DuckDB's Unicode functions), one Arrow batch per call, so SQL and Python
-    compute the same addresses."""
-    con = duckdb.connect(config={"memory_limit": memory_limit, "preserve_insertion_order": False,
-                                 "temp_directory": str(spill)})
+    compute the same addresses. `threads` (None: every core) and `preserve_order` (results in scan order, as
+    a url list needs; off by default since it costs memory) are DuckDB's settings of those names."""
+    config = {"memory_limit": memory_limit, "preserve_insertion_order": preserve_order,
+              "temp_directory": str(spill)}
+    if threads is not None:
+        config["threads"] = threads
+    con = duckdb.connect(config=config)
     text = duckdb.sqltype("VARCHAR")
     con.create_function("pea_text_hash", lambda t: pa.array([text_hash(x) for x in t.to_pylist()], pa.string()),
                         [text], text, type="arrow")
