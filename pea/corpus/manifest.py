@@ -22,7 +22,7 @@ import json
 import math
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
@@ -53,7 +53,6 @@ class UrlList:
     parts: tuple[int, ...] = ()  # rows per part, in order
     digest: str = ""  # of the list's content (manifest-urls.json keeps it)
     replaced: bool = True  # False: the list was already there with this digest, its files untouched
-    summary: dict = field(default_factory=dict, repr=False)
 
     def shards(self, rows_per_shard: int) -> int:
         """img2dataset's shard count: it shards each part on its own (reader.py), numbering on across parts."""
@@ -231,11 +230,7 @@ def prepare_url_list(spec: LanguageSpec, manifests: list[ManifestSpec], out: Pat
         if not parts:
             raise ValueError(f"no row of {', '.join(m.path for m in manifests)} can be fetched (dropped before "
                              f"download: {dropped}); check the URLs and columns")
-        try:
-            previous = json.loads(report.read_text()) if report.is_file() else None
-        except ValueError:  # a summary cut short: the list is written again
-            previous = None
-        replaced = publish(writer, previous)
+        replaced = publish(writer)
     except BaseException:
         if writer is not None:
             writer.abort()
@@ -255,4 +250,4 @@ def prepare_url_list(spec: LanguageSpec, manifests: list[ManifestSpec], out: Pat
     tmp.write_text(json.dumps(summary, indent=2) + "\n")
     os.replace(tmp, report)
     return UrlList(path=out, rows_in=rows_in, rows=writer.rows, dropped=dropped, extra_columns=extra,
-                   parts=tuple(p.rows for p in parts), digest=summary["digest"], replaced=replaced, summary=summary)
+                   parts=tuple(p.rows for p in parts), digest=summary["digest"], replaced=replaced)

@@ -8,9 +8,11 @@ numbering is the one a single file would give, while img2dataset never holds mor
 `PartWriter` writes parts of exactly `part_rows` rows (the last shorter), row groups of exactly
 `group_rows` rows, each from one contiguous array: the bytes are then a function of the rows alone, and
 the sha256 of each part, taken as it is written, is a digest of its content (no re-read, ever). The parts
-go to a hidden folder beside the list; `publish` renames that folder into place only when it is complete
-and its digest differs from the list already there, so a killed run never leaves a half list visible and an
-unchanged list keeps its files (and their mtimes) untouched.
+go to a hidden folder beside the list, with the list's digest in `_digest` (img2dataset reads only
+`*.parquet`, pyarrow skips `_` names); `publish` renames that folder into place only when it is complete
+and its digest differs from the one in the folder already there, so a killed run never leaves a half list
+visible, the digest always describes the parts beside it, and an unchanged list keeps its files (and their
+mtimes) untouched.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import pyarrow.parquet as pq
 PART_SHARDS = 100  # img2dataset shards per part: img2dataset reads a part whole, so this bounds its memory
 GROUP_SHARDS = 10  # shards per row group (divides PART_SHARDS)
 MAX_PARTS = 100_000  # part-00000 .. part-99999: img2dataset sorts the names as strings
+DIGEST_FILE = "_digest"
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,7 @@ class PartWriter:
             self._pending, self._pending_rows = [], 0
         if self._writer is not None:
             self._close_part()
+        (self.tmp / DIGEST_FILE).write_text(digest(self.parts) + "\n")  # moves with the parts, in one rename
         return self.parts
 
     def abort(self) -> None:
@@ -138,19 +142,20 @@ class PartWriter:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def intact(out: Path, parts: list[dict]) -> bool:
-    """The folder holds exactly these parts (names and sizes): the list a summary describes is still there."""
-    if not out.is_dir():
+def same(out: Path, parts: list[Part]) -> bool:
+    """The folder already holds this list: the same digest on record, and exactly these parts (names, sizes)."""
+    record = out / DIGEST_FILE
+    if not record.is_file() or record.read_text().strip() != digest(parts):
         return False
     names = sorted(p.name for p in out.glob("*.parquet"))
-    return names == [p["name"] for p in parts] and all((out / p["name"]).stat().st_size == p["bytes"] for p in parts)
+    return names == [p.name for p in parts] and all((out / p.name).stat().st_size == p.bytes for p in parts)
 
 
-def publish(writer: PartWriter, previous: dict | None) -> bool:
-    """Make the written parts the list at `writer.out`, unless the list there already has the same digest and
-    is intact (then its files stay untouched). True when the list was replaced."""
+def publish(writer: PartWriter) -> bool:
+    """Make the written parts the list at `writer.out`, unless the list there is the same (then its files stay
+    untouched). True when the list was replaced."""
     parts, out = writer.parts, writer.out
-    if previous and previous.get("digest") == digest(parts) and intact(out, previous.get("parts", [])):
+    if same(out, parts):
         shutil.rmtree(writer.tmp)
         return False
     # A folder cannot replace a non-empty one in one rename: move the old list aside first. A kill between the
