@@ -19,6 +19,7 @@ import os
 import unicodedata
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import duckdb
 import numpy as np
@@ -26,10 +27,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT = 2  # 1: Arrow fixed-shape tensor columns; 2: raw 16-bit bytes per cell (part of every store key)
-TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _torch_dtype(dtype: str) -> torch.dtype:
+    # torch on first use only: `connect` also serves stages without tensors (manifests), which should not load it
+    import torch
+
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
 
 
 def text_hash(text: str) -> str:
@@ -47,13 +56,18 @@ def pair_hash(caption_en: str, caption: str) -> str:
     return text_hash(caption_en + "\n" + caption)
 
 
-def connect(spill: Path, memory_limit: str = "1GB") -> duckdb.DuckDBPyConnection:
+def connect(spill: Path, memory_limit: str = "1GB", *, threads: int | None = None,
+            preserve_order: bool = False) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection bounded by `memory_limit` (spilling to `spill` beyond it, created only if needed)
     with the store's hashes as SQL functions: `pea_text_hash(text)`, `pea_pair_hash(caption_en, caption)`.
     They run text_hash itself (not DuckDB's Unicode functions), one Arrow batch per call, so SQL and Python
-    compute the same addresses."""
-    con = duckdb.connect(config={"memory_limit": memory_limit, "preserve_insertion_order": False,
-                                 "temp_directory": str(spill)})
+    compute the same addresses. `threads` (None: every core) and `preserve_order` (results in scan order, as
+    a url list needs; off by default since it costs memory) are DuckDB's settings of those names."""
+    config = {"memory_limit": memory_limit, "preserve_insertion_order": preserve_order,
+              "temp_directory": str(spill)}
+    if threads is not None:
+        config["threads"] = threads
+    con = duckdb.connect(config=config)
     text = duckdb.sqltype("VARCHAR")
     con.create_function("pea_text_hash", lambda t: pa.array([text_hash(x) for x in t.to_pylist()], pa.string()),
                         [text], text, type="arrow")
@@ -133,7 +147,9 @@ class TensorStore:
 def encode_tensor(name: str, tensor: torch.Tensor, dtype: str) -> tuple[pa.Array, pa.Field]:
     """(rows, *shape) → one fixed-size binary cell per row holding its raw `dtype` bytes, and the field
     that records the shape and dtype."""
-    tensor = tensor.detach().to("cpu", TORCH_DTYPES[dtype]).contiguous()
+    import torch
+
+    tensor = tensor.detach().to("cpu", _torch_dtype(dtype)).contiguous()
     rows, shape = tensor.shape[0], tuple(tensor.shape[1:])
     raw = tensor.view(torch.int16).numpy()  # numpy has no bfloat16: carry the 16-bit patterns
     width = raw[:1].nbytes if rows else int(np.prod(shape)) * 2
@@ -159,7 +175,9 @@ def decode_tensor(array: pa.Array, field: pa.Field | None = None, shape: tuple[i
 
 def as_tensor(raw: np.ndarray, dtype: str) -> torch.Tensor:
     """16-bit patterns (int16, from decode_raw) → a tensor of `dtype`, sharing the memory."""
-    return torch.from_numpy(raw).view(TORCH_DTYPES[dtype])
+    import torch
+
+    return torch.from_numpy(raw).view(_torch_dtype(dtype))
 
 
 def decode_raw(array: pa.Array, shape: tuple[int, ...]) -> np.ndarray:

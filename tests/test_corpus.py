@@ -88,7 +88,7 @@ def test_acquire_downloads_over_http_then_skips_complete_shards(spec: LanguageSp
     assert {p: p.stat().st_mtime_ns for p in raw.iterdir()} == before  # nothing was downloaded again
     table = pq.read_table(raw / "00000.parquet")
     assert {"key", "status", "sha256", "caption", "caption_zh", "native", "original_width", "png"} <= set(table.column_names)
-    urls = pq.read_table(lake / "zh" / "manifest-urls.parquet")["url"].to_pylist()
+    urls = pq.read_table(lake / "zh" / "manifest-urls")["url"].to_pylist()
     assert urls[0].startswith("http://127.0.0.1:") and urls[0].endswith("/images/00000.png")
 
 
@@ -152,7 +152,7 @@ def test_acquire_from_several_manifests(spec: LanguageSpec, tmp_path: Path) -> N
                                                 "synthetic": None})
         result = acquire(spec.model_copy(update={"corpus": corpus}), tmp_path / "lake")
     assert (result.shards_total, result.rows, result.successes) == (3, FETCHED, FETCHED - 2)
-    combined = pq.read_table(tmp_path / "lake" / "zh" / "manifest-urls.parquet")
+    combined = pq.read_table(tmp_path / "lake" / "zh" / "manifest-urls")
     fetched = [u for u in table["url"].to_pylist() if u.startswith("http")]
     assert combined["url"].to_pylist() == fetched  # the manifests' order, kept
 

@@ -1,18 +1,20 @@
 """Acquire: manifest(s) -> img2dataset -> `lake/<language>/raw/` shards, each with a `*_stats.json`.
 
 The manifests (see `pea.corpus.manifest`: formats, fsspec URLs, column mapping) become one url list,
-`lake/<language>/manifest-urls.parquet`, with the pre-download drops counted beside it in
-`manifest-urls.json`. img2dataset (see `pea.corpus.fetch`: the hardened fetch, the spec's guards and
-engine: Ray when `corpus.engine` is set) downloads it. A shard is complete only once its stats file exists (img2dataset writes it
-after closing the shard), and img2dataset's incremental mode skips complete shards, so a rerun resumes
-where a killed run stopped; when every shard is complete img2dataset is not started at all. With
+the folder of Parquet parts `lake/<language>/manifest-urls/`, with the pre-download drops and the list's
+digest beside it in `manifest-urls.json` (an unchanged list is not rewritten). img2dataset (see
+`pea.corpus.fetch`: the hardened fetch, the spec's guards and engine: Ray when `corpus.engine` is set)
+downloads it, numbering its shards on across the parts. A shard is complete only once its stats file
+exists (img2dataset writes it after closing the shard), and img2dataset's incremental mode skips complete
+shards, so a rerun resumes where a killed run stopped; when every shard is complete img2dataset is not
+started at all. A changed list keeps the complete shards, as img2dataset's incremental mode does (the
+synthetic corpus's list changes its port every run). With
 `corpus.synthetic` set the synthetic corpus is generated and served on 127.0.0.1 for the download.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -46,9 +48,11 @@ def _stats(raw_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in sorted(raw_dir.glob("*_stats.json"))]
 
 
-def _missing_shards(raw_dir: Path, rows: int, spec: LanguageSpec) -> bool:
-    """True unless every shard is complete: then img2dataset (seconds of process start-up) is not called."""
-    return len(_stats(raw_dir)) < math.ceil(rows / spec.corpus.rows_per_shard)
+def _missing_shards(raw_dir: Path, expected: int) -> list[int]:
+    """The shards of 0..expected-1 not yet complete, as img2dataset's incremental mode sees them (a shard is
+    done once a `<id>_*.json` exists); when none is missing img2dataset (seconds of start-up) is not called."""
+    done = {int(p.name.split("_")[0]) for p in raw_dir.glob("*.json") if p.name.split("_")[0].isdigit()}
+    return sorted(set(range(expected)) - done)
 
 
 def _synthetic_manifest(spec: LanguageSpec, corpus_dir: Path, base_url: str) -> ManifestSpec:
@@ -73,11 +77,12 @@ def acquire(spec: LanguageSpec, lake: Path) -> AcquireResult:
     raw_dir = lang_dir / "raw"
     raw_dir.mkdir(parents=True, exist_ok=True)
     skipped = len(_stats(raw_dir))
-    url_path = lang_dir / "manifest-urls.parquet"
+    url_path = lang_dir / "manifest-urls"
+    (lang_dir / "manifest-urls.parquet").unlink(missing_ok=True)  # the single-file list of earlier versions
 
     def run(manifests: list[ManifestSpec]) -> UrlList:
         urls = prepare_url_list(spec, manifests, url_path)
-        if _missing_shards(raw_dir, urls.rows, spec):
+        if _missing_shards(raw_dir, urls.shards(spec.corpus.rows_per_shard)):
             download(spec, urls.path, raw_dir, urls.extra_columns)
         return urls
 
@@ -90,10 +95,11 @@ def acquire(spec: LanguageSpec, lake: Path) -> AcquireResult:
             urls = run(list(spec.corpus.manifests))
 
     stats = _stats(raw_dir)
-    if _missing_shards(raw_dir, urls.rows, spec):
-        expected = math.ceil(urls.rows / spec.corpus.rows_per_shard)
-        raise RuntimeError(f"only {len(stats)} of {expected} shards in {raw_dir} completed (see img2dataset's "
-                           "output above); run acquire again to download the rest")
+    expected = urls.shards(spec.corpus.rows_per_shard)
+    missing = _missing_shards(raw_dir, expected)
+    if missing:
+        raise RuntimeError(f"{len(missing)} of {expected} shards in {raw_dir} did not complete (first: {missing[0]}; "
+                           "see img2dataset's output above); run acquire again to download the rest")
     return AcquireResult(raw_dir=raw_dir, shards_total=len(stats), shards_skipped=skipped,
                          rows=sum(s["count"] for s in stats), successes=sum(s["successes"] for s in stats),
                          seconds=time.perf_counter() - start, manifest_rows=urls.rows_in,

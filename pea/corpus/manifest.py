@@ -3,41 +3,60 @@
 `prepare_url_list(spec, manifests, out)` reads every manifest (Parquet, CSV, TSV or JSONL, optionally
 gzipped; a local path or any fsspec URL) with DuckDB, maps its columns to the roles of
 `ColumnMapping`, drops rows that must not be fetched (a URL that is not http/https, a row in another
-language, a row the reader could not decode) and counts each, and writes the url list atomically.
+language, a row the reader could not decode) and counts each, and writes the url list (`pea.corpus.urllist`:
+a folder of Parquet parts, renamed into place when complete, with a content digest).
 
-The url list has the columns `url, caption_en, caption_<lang>, native, similarity, punsafe,
-pwatermark, manifest_width, manifest_height, manifest_language` (NULL where a manifest lacks the
-role), in the manifests' order, so the same manifests always give the same shards.
+Out of core: one DuckDB connection bounded by `corpus.duckdb` (memory_limit, threads; it spills to
+spill_dir, default `<out's folder>/.spill`, removed afterwards) streams each manifest's screened rows as
+Arrow batches straight into the parts; the drops are counted per batch with pyarrow compute. Nothing
+corpus-sized is ever held, in DuckDB or in Python.
+
+The url list has the columns `url, caption_en, caption_<lang>, native` and, when some manifest has the
+role's column, `similarity, punsafe, pwatermark, manifest_width, manifest_height, manifest_language`
+(NULL where a manifest lacks it), in the manifests' order, so the same manifests always give the same shards.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
 import fsspec
 import pyarrow as pa
-import pyarrow.parquet as pq
+import pyarrow.compute as pc
 
+from pea.corpus.urllist import GROUP_SHARDS, PART_SHARDS, PartWriter, clear_leftovers, digest, publish
 from pea.spec import URL_SCHEMES, LanguageSpec, ManifestSpec, home
+from pea.store import connect
 
 # Pre-download drop reasons, in report order.
 MANIFEST_REASONS = ("manifest_unreadable", "bad_url", "manifest_language")
 OPTIONAL_ROLES = {"similarity": "DOUBLE", "punsafe": "DOUBLE", "pwatermark": "DOUBLE", "width": "INTEGER",
                   "height": "INTEGER", "language": "VARCHAR"}
 OUTPUT_NAMES = {"width": "manifest_width", "height": "manifest_height", "language": "manifest_language"}
+ARROW_TYPES = {"DOUBLE": pa.float64(), "INTEGER": pa.int32(), "VARCHAR": pa.string()}
+BATCH_ROWS = 64 * 1024  # rows per Arrow batch from DuckDB: what Python holds at a time, besides a row group
 
 
 @dataclass(frozen=True)
 class UrlList:
-    path: Path
+    path: Path  # the folder of parts: img2dataset's url_list
     rows_in: int  # manifest rows read (rejected ones included)
     rows: int  # rows in the url list
     dropped: dict[str, int]  # MANIFEST_REASONS -> count
     extra_columns: list[str]  # columns img2dataset must carry into the raw shards
+    parts: tuple[int, ...] = ()  # rows per part, in order
+    digest: str = ""  # of the list's content (manifest-urls.json keeps it)
+    replaced: bool = True  # False: the list was already there with this digest, its files untouched
+
+    def shards(self, rows_per_shard: int) -> int:
+        """img2dataset's shard count: it shards each part on its own (reader.py), numbering on across parts."""
+        return sum(math.ceil(rows / rows_per_shard) for rows in self.parts)
 
 
 def _format(manifest: ManifestSpec) -> str:
@@ -53,11 +72,14 @@ def _format(manifest: ManifestSpec) -> str:
                      ".tsv or .jsonl (optionally .gz), or set format in corpus.manifests")
 
 
+# Each reader names its own reject tables: DuckDB appends every CSV scan's rejects to the connection's tables.
 READERS = {
     "parquet": "read_parquet($path)",
     # store_rejects: a row that cannot be decoded (invalid UTF-8, wrong field count) is set aside and counted.
-    "csv": "read_csv($path, header = true, delim = ',', store_rejects = true)",
-    "tsv": "read_csv($path, header = true, delim = '\t', quote = '', escape = '', store_rejects = true)",
+    "csv": "read_csv($path, header = true, delim = ',', store_rejects = true, rejects_table = '{rejects}', "
+           "rejects_scan = '{rejects}_scans')",
+    "tsv": "read_csv($path, header = true, delim = '\t', quote = '', escape = '', store_rejects = true, "
+           "rejects_table = '{rejects}', rejects_scan = '{rejects}_scans')",
     # ignore_errors: a malformed line becomes an all-NULL row, counted as manifest_unreadable.
     "jsonl": "read_json($path, format = 'newline_delimited', ignore_errors = true)",
 }
@@ -76,7 +98,8 @@ def _location(manifest: ManifestSpec, con: duckdb.DuckDBPyConnection) -> str:
     if not fs.exists(path):
         raise FileNotFoundError(f"manifest {manifest.path} does not exist (fsspec {protocols[0]}); fix "
                                 "corpus.manifests in the spec")
-    con.register_filesystem(fs)
+    if fs.protocol not in con.list_filesystems() and protocols[0] not in con.list_filesystems():
+        con.register_filesystem(fs)  # once per connection: DuckDB refuses a second one of the same name
     return manifest.path
 
 
@@ -84,39 +107,22 @@ def _quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'  # an identifier cannot be a parameter
 
 
-def _read_one(spec: LanguageSpec, index: int, manifest: ManifestSpec) -> tuple[pa.Table, int, dict[str, int]]:
-    fmt = _format(manifest)
-    with duckdb.connect() as con:
-        location = _location(manifest, con)
-        source = READERS[fmt]
-        try:
-            has = [row[0] for row in con.execute(f"DESCRIBE SELECT * FROM {source}", {"path": location}).fetchall()]
-        except duckdb.Error as err:
-            raise ValueError(f"manifest {manifest.path} cannot be read as {fmt}: {err}; fix the file or set format "
-                             f"in corpus.manifests[{index}]") from None
-        cols = manifest.columns
-        required = {"url": cols.url, "caption": cols.caption or spec.caption_column}
-        if cols.caption_en is not None:
-            required["caption_en"] = cols.caption_en
-        for role in ("native", *OPTIONAL_ROLES):
-            if getattr(cols, role) is not None:
-                required[role] = getattr(cols, role)
-        missing = [name for name in required.values() if name not in has]
-        if missing:
-            raise ValueError(f"manifest {manifest.path} lacks column(s) {', '.join(missing)} (has {', '.join(has)}); "
-                             f"add them, or map the existing columns in corpus.manifests[{index}].columns")
-        optional = {role: getattr(cols, role) or (role if role in has else None) for role in OPTIONAL_ROLES}
-        select = [f"trim(CAST({_quote(required['url'])} AS VARCHAR)) AS url",
-                  (f"CAST({_quote(required['caption_en'])} AS VARCHAR)" if "caption_en" in required else "''")
-                  + " AS caption_en",
-                  f"CAST({_quote(required['caption'])} AS VARCHAR) AS caption"]
-        native = "$native" if cols.native is None else f"coalesce(TRY_CAST({_quote(cols.native)} AS BOOLEAN), $native)"
-        select.append(f"{native} OR {'true' if 'caption_en' not in required else 'false'} AS native")
-        for role, kind in OPTIONAL_ROLES.items():
-            expr = f"TRY_CAST({_quote(optional[role])} AS {kind})" if optional[role] else f"CAST(NULL AS {kind})"
-            select.append(f"{expr} AS {OUTPUT_NAMES.get(role, role)}")
-        query = f"""
-            WITH mapped AS (SELECT {', '.join(select)} FROM {source}),
+@dataclass(frozen=True)
+class _Plan:
+    """One manifest, bound and checked: its reader, its mapped columns, which optional roles it has."""
+
+    index: int
+    manifest: ManifestSpec
+    fmt: str
+    source: str
+    params: dict
+    select: list[str]
+    optional: frozenset[str]  # output names of the optional roles this manifest has
+
+    def query(self, columns: list[str]) -> str:
+        """The manifest's rows, mapped and judged, in file order; `columns` of the url list plus `reason`."""
+        return f"""
+            WITH mapped AS (SELECT {', '.join(self.select)} FROM {self.source}),
             judged AS (SELECT *, CASE
                 WHEN url IS NULL AND caption IS NULL AND (caption_en IS NULL OR $no_english)
                     THEN 'manifest_unreadable'
@@ -124,61 +130,124 @@ def _read_one(spec: LanguageSpec, index: int, manifest: ManifestSpec) -> tuple[p
                 WHEN $languages IS NOT NULL AND (manifest_language IS NULL
                      OR NOT list_contains($languages, manifest_language)) THEN 'manifest_language'
                 END AS reason FROM mapped)
-            SELECT * FROM judged"""
-        params = {"path": location, "native": manifest.native, "no_english": "caption_en" not in required,
-                  "scheme": "^(?i)(" + "|".join(URL_SCHEMES) + ")://[^/?#]", "languages": manifest.languages}
-        table = con.sql(query, params=params).to_arrow_table()
-        rejected = 0
-        if fmt in ("csv", "tsv"):
-            rejected = con.execute("SELECT count(DISTINCT (scan_id, line)) FROM reject_errors").fetchall()[0][0]
-    reasons = table["reason"]
-    dropped = {r: 0 for r in MANIFEST_REASONS}
-    for value in reasons.value_counts().to_pylist():
-        if value["values"] is not None:
-            dropped[value["values"]] += value["counts"]
-    dropped["manifest_unreadable"] += rejected
-    keep = table.filter(reasons.is_null()).drop_columns(["reason"])
-    return keep, table.num_rows + rejected, dropped
+            SELECT {', '.join(columns)}, reason FROM judged"""
 
 
-def _write_if_changed(table: pa.Table, path: Path) -> None:
-    if path.is_file():
-        try:
-            if pq.read_table(path).equals(table):
-                return  # same list: img2dataset's shards stay valid and nothing is touched
-        except (pa.ArrowInvalid, OSError):
-            pass
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+def _plan(spec: LanguageSpec, index: int, manifest: ManifestSpec, con: duckdb.DuckDBPyConnection) -> _Plan:
+    fmt = _format(manifest)
+    location = _location(manifest, con)
+    source = READERS[fmt].format(rejects=f"pea_rejects_{index}")
+    try:  # binds only: nothing is read beyond what the reader sniffs
+        has = [row[0] for row in con.execute(f"DESCRIBE SELECT * FROM {source}", {"path": location}).fetchall()]
+    except duckdb.Error as err:
+        raise ValueError(f"manifest {manifest.path} cannot be read as {fmt}: {err}; fix the file or set format "
+                         f"in corpus.manifests[{index}]") from None
+    cols = manifest.columns
+    required = {"url": cols.url, "caption": cols.caption or spec.caption_column}
+    if cols.caption_en is not None:
+        required["caption_en"] = cols.caption_en
+    for role in ("native", *OPTIONAL_ROLES):
+        if getattr(cols, role) is not None:
+            required[role] = getattr(cols, role)
+    missing = [name for name in required.values() if name not in has]
+    if missing:
+        raise ValueError(f"manifest {manifest.path} lacks column(s) {', '.join(missing)} (has {', '.join(has)}); "
+                         f"add them, or map the existing columns in corpus.manifests[{index}].columns")
+    optional = {role: getattr(cols, role) or (role if role in has else None) for role in OPTIONAL_ROLES}
+    select = [f"trim(CAST({_quote(required['url'])} AS VARCHAR)) AS url",
+              (f"CAST({_quote(required['caption_en'])} AS VARCHAR)" if "caption_en" in required else "''")
+              + " AS caption_en",
+              f"CAST({_quote(required['caption'])} AS VARCHAR) AS caption"]
+    native = "$native" if cols.native is None else f"coalesce(TRY_CAST({_quote(cols.native)} AS BOOLEAN), $native)"
+    select.append(f"{native} OR {'true' if 'caption_en' not in required else 'false'} AS native")
+    for role, kind in OPTIONAL_ROLES.items():
+        expr = f"TRY_CAST({_quote(optional[role])} AS {kind})" if optional[role] else f"CAST(NULL AS {kind})"
+        select.append(f"{expr} AS {OUTPUT_NAMES.get(role, role)}")
+    params = {"path": location, "native": manifest.native, "no_english": "caption_en" not in required,
+              "scheme": "^(?i)(" + "|".join(URL_SCHEMES) + ")://[^/?#]", "languages": manifest.languages}
+    return _Plan(index, manifest, fmt, source, params, select,
+                 frozenset(OUTPUT_NAMES.get(role, role) for role, name in optional.items() if name))
+
+
+def _stream(con: duckdb.DuckDBPyConnection, plan: _Plan, columns: list[str], writer: PartWriter,
+            dropped: dict[str, int]) -> int:
+    """Screen one manifest into the writer, counting drops per batch; the rows read (rejected ones included)."""
+    rows = 0
+    try:
+        reader = con.sql(plan.query(columns), params=plan.params).to_arrow_reader(BATCH_ROWS)
+        for batch in reader:
+            rows += batch.num_rows
+            reason = batch.column("reason")
+            if reason.null_count < batch.num_rows:
+                for entry in pc.value_counts(reason.drop_null()).to_pylist():  # at most one entry per reason
+                    dropped[entry["values"]] += entry["counts"]
+                batch = batch.filter(reason.is_null())
+            writer.write(batch.drop_columns(["reason"]))
+        if plan.fmt in ("csv", "tsv"):
+            # fetchall: a result left unfinished blocks the connection's next query
+            rejected = con.execute(f"SELECT count(DISTINCT (scan_id, line)) FROM pea_rejects_{plan.index}"
+                                   ).fetchall()[0][0]
+            dropped["manifest_unreadable"] += rejected
+            rows += rejected
+    except duckdb.OutOfMemoryException as err:
+        raise MemoryError(f"manifest {plan.manifest.path}: DuckDB ran out of memory ({err}); raise "
+                          "corpus.duckdb.memory_limit or give corpus.duckdb.spill_dir more disk") from None
+    except duckdb.Error as err:
+        raise ValueError(f"manifest {plan.manifest.path} could not be read to the end as {plan.fmt}: {err}; fix the "
+                         f"file, or set format in corpus.manifests[{plan.index}]") from None
+    return rows
 
 
 def prepare_url_list(spec: LanguageSpec, manifests: list[ManifestSpec], out: Path) -> UrlList:
-    """Read, map and screen every manifest; write `out` (Parquet) and `out` with .json (the counts)."""
+    """Read, map and screen every manifest; write the folder `out` of Parquet parts and `out` with .json (the
+    counts, the parts and the digest). An unchanged list keeps its files untouched."""
     if not manifests:
         raise ValueError(f"spec {spec.language}: corpus.manifests is empty; name at least one manifest")
-    parts, rows_in, dropped = [], 0, {r: 0 for r in MANIFEST_REASONS}
-    for index, manifest in enumerate(manifests):
-        manifest = manifest if isinstance(manifest, ManifestSpec) else ManifestSpec(path=str(manifest))
-        table, n, counts = _read_one(spec, index, manifest)
-        parts.append(table.rename_columns([spec.caption_column if c == "caption" else c for c in table.column_names]))
-        rows_in += n
-        for reason, count in counts.items():
-            dropped[reason] += count
-    table = pa.concat_tables(parts)
-    if table.num_rows == 0:
-        raise ValueError(f"no row of {', '.join(m.path if isinstance(m, ManifestSpec) else str(m) for m in manifests)}"
-                         f" can be fetched (dropped before download: {dropped}); check the URLs and columns")
-    # Roles no manifest has stay out of the raw shards.
-    extra = [spec.caption_column, "native"] + [c for c in table.column_names[3:]
-                                              if c != "native" and table[c].null_count < table.num_rows]
-    table = table.select(["url", "caption_en", *extra])
+    manifests = [m if isinstance(m, ManifestSpec) else ManifestSpec(path=str(m)) for m in manifests]
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _write_if_changed(table, out)
-    summary = {"manifests": [m.path if isinstance(m, ManifestSpec) else str(m) for m in manifests],
-               "rows_in": rows_in, "rows": table.num_rows, "dropped": dropped}
+    clear_leftovers(out)
     report = out.with_suffix(".json")
+    bounds = spec.corpus.duckdb
+    spill = (Path(bounds.spill_dir) if bounds.spill_dir else out.parent / ".spill") / f"manifest-{os.getpid()}"
+    rows_per_shard = spec.corpus.rows_per_shard
+    con = connect(spill, bounds.memory_limit, threads=bounds.threads, preserve_order=True)  # order: stable shards
+    writer = None
+    try:
+        plans = [_plan(spec, i, m, con) for i, m in enumerate(manifests)]  # every manifest checked before any read
+        # Roles no manifest has stay out of the raw shards: decided from the schemas, before any row is read.
+        extra = [spec.caption_column, "native"] + [OUTPUT_NAMES.get(r, r) for r in OPTIONAL_ROLES
+                                                  if any(OUTPUT_NAMES.get(r, r) in p.optional for p in plans)]
+        columns = ["url", "caption_en", f"caption AS {_quote(spec.caption_column)}", *extra[1:]]
+        types = {"url": pa.string(), "caption_en": pa.string(), spec.caption_column: pa.string(), "native": pa.bool_()}
+        types.update({OUTPUT_NAMES.get(r, r): ARROW_TYPES[k] for r, k in OPTIONAL_ROLES.items()})
+        schema = pa.schema([(name, types[name]) for name in ["url", "caption_en", *extra]])
+        writer = PartWriter(out, schema, PART_SHARDS * rows_per_shard, GROUP_SHARDS * rows_per_shard)
+        rows_in, dropped = 0, {r: 0 for r in MANIFEST_REASONS}
+        for plan in plans:
+            rows_in += _stream(con, plan, columns, writer, dropped)
+        parts = writer.finish()
+        if not parts:
+            raise ValueError(f"no row of {', '.join(m.path for m in manifests)} can be fetched (dropped before "
+                             f"download: {dropped}); check the URLs and columns")
+        replaced = publish(writer)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    finally:
+        con.close()
+        shutil.rmtree(spill, ignore_errors=True)
+        if not bounds.spill_dir:
+            try:
+                spill.parent.rmdir()  # only when empty: another stage may be spilling there
+            except OSError:
+                pass
+    summary = {"manifests": [m.path for m in manifests], "rows_in": rows_in, "rows": writer.rows,
+               "dropped": dropped, "columns": schema.names, "digest": digest(parts),
+               "parts": [vars(p) for p in parts]}
     tmp = report.with_name(report.name + ".tmp")
     tmp.write_text(json.dumps(summary, indent=2) + "\n")
     os.replace(tmp, report)
-    return UrlList(path=out, rows_in=rows_in, rows=table.num_rows, dropped=dropped, extra_columns=extra)
+    return UrlList(path=out, rows_in=rows_in, rows=writer.rows, dropped=dropped, extra_columns=extra,
+                   parts=tuple(p.rows for p in parts), digest=summary["digest"], replaced=replaced)
