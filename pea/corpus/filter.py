@@ -144,10 +144,8 @@ def filter_pairs(spec: LanguageSpec, lake: Path) -> FilterResult:
     bounds = spec.corpus.duckdb
     spill = bounds.spill(lang_dir / ".spill", f"filter-{os.getpid()}")
     pairs_path, tmp = out_dir / "pairs.parquet", out_dir / f".pairs.parquet.{os.getpid()}.tmp"
-    con = connect(spill, bounds.memory_limit)
+    con = connect(spill, bounds.memory_limit, threads=bounds.threads)
     try:
-        if bounds.threads:
-            con.execute(f"SET threads = {int(bounds.threads)}")
         con.execute("SET VARIABLE parts = $parts", {"parts": [str(p) for p in parts]})  # a view takes no parameters
         con.execute(DUPLICATES, {"keep": spec.filter.max_images_per_caption_pair or 2**62})
         con.execute(FINAL)  # a view: each query below is one streamed scan of the parts

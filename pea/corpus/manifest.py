@@ -209,7 +209,7 @@ def prepare_url_list(spec: LanguageSpec, manifests: list[ManifestSpec], out: Pat
     clear_leftovers(out)
     report = out.with_suffix(".json")
     bounds = spec.corpus.duckdb
-    spill = (Path(bounds.spill_dir) if bounds.spill_dir else out.parent / ".spill") / f"manifest-{os.getpid()}"
+    spill = bounds.spill(out.parent / ".spill", f"manifest-{os.getpid()}")
     rows_per_shard = spec.corpus.rows_per_shard
     con = connect(spill, bounds.memory_limit, threads=bounds.threads, preserve_order=True)  # order: stable shards
     writer = None
