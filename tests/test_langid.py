@@ -7,7 +7,14 @@ import pyarrow as pa
 import pytest
 
 from pea.corpus import langid
-from pea.corpus.langid import FAIL, LINGUA, PASS, lingua_verdicts, script_decisions, wrong_language
+from pea.corpus.langid import (
+    FAIL,
+    LINGUA,
+    PASS,
+    lingua_verdicts,
+    script_decisions,
+    wrong_language,
+)
 from pea.spec import LanguageSpec, load_spec
 
 
@@ -122,3 +129,10 @@ def test_script_decisions_equal_lingua(language: str, candidates: list[str] | No
     wrong, judged = wrong_language(spec, pa.array(captions))
     assert judged == int(np.sum(decisions == LINGUA))
     assert np.asarray(wrong)[decisions != LINGUA].tolist() == expected
+
+
+def test_script_table_knows_every_lingua_language() -> None:
+    """A lingua with a language the table lacks still works (everything to lingua, above), but should be noticed."""
+    from lingua import Language
+
+    assert {language.name for language in Language.all()} == langid.KNOWN

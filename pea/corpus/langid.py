@@ -20,30 +20,38 @@ import pyarrow.compute as pc
 from pea.spec import LanguageSpec
 
 # lingua's alphabets per language (lingua-rs src/language.rs `alphabets`), by lingua's Language names.
-LATIN = frozenset("""AFRIKAANS ALBANIAN AZERBAIJANI BASQUE BOKMAL BOSNIAN CATALAN CROATIAN CZECH DANISH DUTCH ENGLISH
-    ESPERANTO ESTONIAN FINNISH FRENCH GANDA GERMAN HUNGARIAN ICELANDIC INDONESIAN IRISH ITALIAN LATIN LATVIAN
-    LITHUANIAN MALAY MAORI NYNORSK POLISH PORTUGUESE ROMANIAN SHONA SLOVAK SLOVENE SOMALI SOTHO SPANISH SWAHILI
-    SWEDISH TAGALOG TSONGA TSWANA TURKISH VIETNAMESE WELSH XHOSA YORUBA ZULU""".split())
-CYRILLIC = frozenset("BELARUSIAN BULGARIAN KAZAKH MACEDONIAN MONGOLIAN RUSSIAN SERBIAN UKRAINIAN".split())
+LATIN = frozenset([
+    "AFRIKAANS", "ALBANIAN", "AZERBAIJANI", "BASQUE", "BOKMAL", "BOSNIAN", "CATALAN", "CROATIAN", "CZECH",
+    "DANISH", "DUTCH", "ENGLISH", "ESPERANTO", "ESTONIAN", "FINNISH", "FRENCH", "GANDA", "GERMAN",
+    "HUNGARIAN", "ICELANDIC", "INDONESIAN", "IRISH", "ITALIAN", "LATIN", "LATVIAN", "LITHUANIAN", "MALAY",
+    "MAORI", "NYNORSK", "POLISH", "PORTUGUESE", "ROMANIAN", "SHONA", "SLOVAK", "SLOVENE", "SOMALI", "SOTHO",
+    "SPANISH", "SWAHILI", "SWEDISH", "TAGALOG", "TSONGA", "TSWANA", "TURKISH", "VIETNAMESE", "WELSH",
+    "XHOSA", "YORUBA", "ZULU"
+])
+CYRILLIC = frozenset([
+    "BELARUSIAN", "BULGARIAN", "KAZAKH", "MACEDONIAN", "MONGOLIAN", "RUSSIAN", "SERBIAN", "UKRAINIAN"
+])
 # Languages in scripts the fast path never decides (their captions always reach lingua: bit OTHER below).
-OTHER_SCRIPTS = frozenset("""ARABIC PERSIAN URDU HINDI MARATHI ARMENIAN BENGALI GEORGIAN GREEK GUJARATI HEBREW PUNJABI
-    TAMIL TELUGU THAI""".split())
+OTHER_SCRIPTS = frozenset([
+    "ARABIC", "PERSIAN", "URDU", "HINDI", "MARATHI", "ARMENIAN", "BENGALI", "GEORGIAN", "GREEK", "GUJARATI",
+    "HEBREW", "PUNJABI", "TAMIL", "TELUGU", "THAI"
+])
 KNOWN = LATIN | CYRILLIC | OTHER_SCRIPTS | {"CHINESE", "JAPANESE", "KOREAN"}
 
 # One bit per script class found in a caption. lingua's words are single Han/kana characters, runs of Hangul or
 # of the Indic/Thai scripts (digits and signs included), and runs of other letters (\p{L}+), all by Unicode
-# Script (not Script_Extensions: '。', 'ー' are Common); Cyrillic and Latin count only as letters. OTHER: a letter outside the five scripts (Greek, Arabic,
-# Common letters such as 'ー' that glue neighbours into one word, ...) or any character lingua makes a word of
-# in the Indic/Thai scripts: such captions go to lingua.
+# Script (not Script_Extensions: '。', 'ー' are Common); Cyrillic and Latin count only as letters. OTHER: a
+# letter outside the five scripts (Greek, Arabic, Common letters such as 'ー' that glue neighbours into one
+# word, ...) or any character lingua makes a word of in the Indic/Thai scripts: such captions go to lingua.
 HAN, KANA, HANGUL, CYR, LAT, OTHER = 1, 2, 4, 8, 16, 32
 PATTERNS = ((HAN, r"\p{Han}"), (KANA, r"[\p{Hiragana}\p{Katakana}]"), (HANGUL, r"\p{Hangul}"),
             (CYR, r"[^\P{L}\P{Cyrillic}]"), (LAT, r"[^\P{L}\P{Latin}]"),  # letters only: 'Ⅻ' (Nl) is no word
-            (OTHER, r"[^\P{L}\p{Han}\p{Hiragana}\p{Katakana}\p{Hangul}\p{Cyrillic}\p{Latin}]"
-                    r"|[\p{Bengali}\p{Devanagari}\p{Gujarati}\p{Gurmukhi}\p{Tamil}\p{Telugu}\p{Thai}]"))
+            (OTHER, (r"[^\P{L}\p{Han}\p{Hiragana}\p{Katakana}\p{Hangul}\p{Cyrillic}\p{Latin}]"
+                    r"|[\p{Bengali}\p{Devanagari}\p{Gujarati}\p{Gurmukhi}\p{Tamil}\p{Telugu}\p{Thai}]")))
 LINGUA, PASS, FAIL = 0, 1, 2  # script_decisions' codes
 
 
-def _languages(spec: LanguageSpec):  # noqa: ANN202 - lingua's Language, imported lazily
+def _languages(spec: LanguageSpec):
     """The target and the set lingua chooses among (at least two, as lingua needs), as lingua Languages."""
     from lingua import IsoCode639_1, Language
 
