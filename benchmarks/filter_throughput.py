@@ -71,9 +71,9 @@ def _words(rng: np.random.Generator, vocab: list[str], n: int, low: int, high: i
     sizes = np.array([len(p) for p in pieces], np.int64)
     starts = np.cumsum(sizes) - sizes
     blob = np.frombuffer(b"".join(pieces), np.uint8)
-    index = rng.integers(0, len(vocab), (n, high))
+    index = rng.integers(0, len(vocab), (n, high), dtype=np.int32)
     index[:, 1:] += len(vocab)
-    used = np.arange(high) < rng.integers(low, high + 1, n)[:, None]
+    used = np.arange(high) < rng.integers(low, high + 1, n, dtype=np.int32)[:, None]
     tokens = index[used]  # row by row, in word order
     token_sizes = sizes[tokens]
     total = int(token_sizes.sum())
@@ -88,7 +88,8 @@ def shard_table(rng: np.random.Generator, start: int, n: int, total: int) -> pa.
     traditional, 2% English and 2% in other scripts where Chinese belongs, 1% mojibake English captions, 2.5%
     failing a caption rule, the custom rule or the caption-pair limit; ~1% of images repeated."""
     native = rng.random(n) < 0.2
-    zh = pc.if_else(pa.array(native), _words(rng, TRAD, n, 3, 8, ""), _words(rng, ZH, n, 3, 8, ""))
+    zh = pc.replace_with_mask(_words(rng, ZH, n, 3, 8, ""), pa.array(native),
+                              _words(rng, TRAD, int(native.sum()), 3, 8, ""))
     en = _words(rng, EN, n, 3, 12, " ")
     en = pc.if_else(pa.array(rng.random(n) < 0.01), pc.replace_substring(en, "é", "\u00c3\u00a9"), en)
     fault = rng.random(n)  # 2.5% of captions fail a caption rule, the custom rule or the caption-pair limit
