@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 from pea.corpus.clean import CONTROL, FTFY_CONFIG, HAN, NEEDS_FTFY, _opencc
 from pea.corpus.filter import filter_pairs
 from pea.corpus.langid import LINGUA, lingua_verdicts, script_decisions, wrong_language
-from pea.corpus.report import write_report
+from pea.corpus.report import Histogram, ReportData, _edges, write_report
 from pea.spec import CleaningSpec, load_spec
 
 ZH = ["红色的", "圆形", "左边", "有", "两个", "蓝色的", "正方形", "上面", "一只", "猫", "坐在", "桌子", "旁边", "漂亮的", "花园"]
@@ -279,12 +279,23 @@ def pandas_filter(spec, raw_files: list[Path], out_dir: Path, where) -> tuple[pd
     pairs.to_parquet(out_dir / "pairs.parquet", row_group_size=100_000, index=False)
     dropped = reason.value_counts().to_dict()
     success = _b(df["status"].eq("success"))
-    images = pa.table({"original_width": df.loc[success, "original_width"].to_numpy(),
-                       "original_height": df.loc[success, "original_height"].to_numpy(),
-                       "kept": kept.to_numpy()[success]})
+    # The same bins as pea's report (edges from the min and max), counted over the in-memory columns.
+    width = df.loc[success, "original_width"].to_numpy().astype(float)
+    height = df.loc[success, "original_height"].to_numpy().astype(float)
+    ratio = np.maximum(width, height) / np.maximum(np.minimum(width, height), 1)
+    on_success = kept.to_numpy()[success]
+    lengths = {"en": pairs["caption_en"].str.len().to_numpy(), "target": pairs["caption"].str.len().to_numpy()}
+    top = max([v.max() for v in lengths.values() if v.size] + [1])
+    data = ReportData(lengths=Histogram(np.linspace(0, top + 1, 40)), image_rows=len(width), pair_rows=len(pairs))
+    for name, values, log in (("width", width, True), ("height", height, True), ("ratio", ratio, False)):
+        data.images[name] = Histogram(_edges(values.min() if values.size else None,
+                                             values.max() if values.size else None, log=log))
+        data.images[name].add("kept", values[on_success])
+        data.images[name].add("dropped", values[~on_success])
+    for series, values in lengths.items():
+        data.lengths.add(series, values)
     report = {"language": spec.language, "rows_in": len(df), "rows_out": int(kept.sum()), "dropped": dropped}
-    write_report(report, images, pa.Table.from_pandas(pairs[["caption_en", "caption"]], preserve_index=False),
-                 out_dir, spec.language)
+    write_report(report, data, out_dir, spec.language)
     return pairs, {k: int(v) for k, v in dropped.items()}, language
 
 

@@ -6,9 +6,9 @@ process, or as a Ray task with `corpus.engine`) and the global rules run afterwa
 the rows they keep only, caption cleaning, the caption rules, language identification (on the distinct
 captions still undecided) and the custom rule. A row gets the first reason it fails.
 
-A judged part holds one row per raw row: key, rid (the row's position in the raw shards, in shard order),
-reason (NULL: passed every per-row rule), status, error_message, original_width, original_height, and for the
-rows that reached the caption rules the cleaned captions and the columns pairs.parquet needs. It is written
+A judged part holds one row per raw row: reason (NULL: passed every per-row rule), status, error_message,
+original_width, original_height, and for the rows that reached the caption rules their key, rid (the row's
+position in the raw shards, in shard order), the cleaned captions and the other columns pairs.parquet needs. It is written
 under a temporary name and renamed, so a part that exists is complete; its metadata carries the counts.
 
 All SQL is parameterized; the one piece of user text, `filter.where`, runs only as DuckDB's rendering of a
@@ -173,14 +173,16 @@ def judge_shards(job: ShardJob) -> dict[str, int]:
             con.execute(f"CREATE TEMP TABLE custom_keep AS {keep}")
             con.execute("UPDATE candidates SET reason = 'custom_where' WHERE reason IS NULL "
                         "AND rid NOT IN (SELECT rid FROM custom_keep)")
-        judged = con.sql("SELECT rid, reason, image_sha256, caption_en, caption, width, height, raw_file, native "
+        judged = con.sql("SELECT key, rid, reason, image_sha256, caption_en, caption, width, height, raw_file, native "
                          "FROM candidates ORDER BY rid").to_arrow_table()
 
     # Every raw row, in row order: the caption-side verdict where the row got that far, else the metadata one.
     index = np.full(raw.num_rows, -1, np.int64)
     index[np.flatnonzero(undecided.to_numpy(zero_copy_only=False))] = np.arange(judged.num_rows)
     take = pa.array(index, mask=index < 0)  # a null index takes a null
-    columns = {"key": raw["key"], "rid": raw["rid"],
+    # Rows the image and score rules dropped keep only what the report counts (reason, status, error, sizes): no
+    # key or captions to write and read again, so a part costs little more than the candidates it carries.
+    columns = {"key": pc.take(judged["key"], take), "rid": pc.take(judged["rid"], take),
                "reason": pc.coalesce(pc.take(judged["reason"], take), metadata),
                "status": raw["status"], "error_message": raw["error_message"],
                "original_width": raw["original_width"], "original_height": raw["original_height"]}
@@ -189,7 +191,7 @@ def judge_shards(job: ShardJob) -> dict[str, int]:
     part = pa.table(columns, schema=PART_SCHEMA.with_metadata({"pea_counts": json.dumps(counts)}))
     out = Path(job.out)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    pq.write_table(part, tmp)
+    pq.write_table(part, tmp, use_dictionary=["reason", "status", "error_message", "raw_file"])  # the rest: unique
     os.replace(tmp, out)
     return counts
 
