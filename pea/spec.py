@@ -25,8 +25,8 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 # The per-stage sections live in pea.spec_sections; specs are the project's public API, so every one of them is
 # re-exported here and `from pea.spec import X` keeps working for each (import them from here, not from there).
 from pea.spec_sections import (  # noqa: F401 (re-exported)
-    ENV_NAME, FORWARDED_ENV, MANIFEST_FORMATS, URL_SCHEMES, CleaningSpec, ColumnMapping, CorpusSpec, DataSpec,
-    DuckDBSpec, EngineSpec,
+    ENGINE_ADDRESS, ENV_NAME, FORWARDED_ENV, MANIFEST_FORMATS, URL_SCHEMES, CleaningSpec, ColumnMapping, CorpusSpec,
+    DataSpec, DuckDBSpec, EngineSpec,
     EmbedSpec, EvaluateSpec, FilterSpec, LanguageIdSpec, LauncherSpec, ManifestSpec, Strict, SyntheticCorpus,
     TrainSpec,
 )

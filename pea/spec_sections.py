@@ -73,6 +73,10 @@ class ManifestSpec(Strict):
         return self
 
 
+# corpus.engine.address (and the flow's engine_address): 'auto', '<host>:<port>' (the GCS) or 'ray://<host>:<port>'.
+ENGINE_ADDRESS = re.compile(r"auto|(ray://)?[A-Za-z0-9_.\-]+:\d{1,5}")
+
+
 class EngineSpec(Strict):
     """The distributed engine of the data stages: img2dataset's distributor for acquire, and where the filter's
     per-shard work runs. Ray (docs/architecture.md says why not Spark)."""
@@ -86,7 +90,7 @@ class EngineSpec(Strict):
     @field_validator("address")
     @classmethod
     def _address_form(cls, value: str | None) -> str | None:
-        if value is not None and not (value == "auto" or re.fullmatch(r"(ray://)?[A-Za-z0-9_.\-]+:\d{1,5}", value)):
+        if value is not None and not ENGINE_ADDRESS.fullmatch(value):
             raise ValueError(f"engine address {value!r} is not 'auto', 'ray://<host>:<port>' or '<host>:<port>'")
         return value
 

@@ -56,3 +56,39 @@ def trained_sd15(tmp_path_factory, zoo_dir) -> Trained:
 @pytest.fixture(scope="session")
 def trained_sdxl(tmp_path_factory, zoo_dir) -> Trained:
     return _trained(tmp_path_factory, zoo_dir, "embedded,sdxl")
+
+
+@pytest.fixture(scope="module")
+def hostile_server():
+    """tests/hostile_site.py served on 127.0.0.1 for one module; yields its base URL."""
+    from hostile_site import serving
+
+    with serving() as base_url:
+        yield base_url
+
+
+# --- THE shared Ray cluster ------------------------------------------------------------------------------------
+# One local cluster per test module that asks for it: the data stages compared through Ray (tests/test_engine.py:
+# acquire now; the filter's per-shard judging through pea.corpus.engine.map_tasks goes beside it, on the same
+# cluster and the same acquired lakes). Yields the EngineSpec to put in corpus.engine: engine.session finds this
+# Ray initialised and uses it as it is, so every stage of the module runs on the one cluster.
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import time
+
+    import ray
+
+    from pea.corpus.engine import worker_env
+    from pea.spec import EngineSpec
+
+    if ray.is_initialized():
+        raise RuntimeError("a Ray is already initialised in this test process; shut it down where it was started")
+    # 2 CPUs whatever the machine (the tests share 2 cores); a small object store: results are paths and counts.
+    start = time.perf_counter()
+    context = ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=True,
+                       object_store_memory=128 * 1024**2, runtime_env={"env_vars": worker_env()})
+    print(f"ray_cluster: started in {time.perf_counter() - start:.1f} s")
+    try:
+        yield EngineSpec(kind="ray", address=context.address_info["gcs_address"])
+    finally:
+        ray.shutdown()

@@ -13,8 +13,10 @@ Workers import pea by name, so pea must be installed on every node (a local clus
 
 from __future__ import annotations
 
+import importlib.util
 import multiprocessing
 import os
+import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -30,33 +32,67 @@ R = TypeVar("R")
 # reach for wandb and albumentations' update check; a worker must find the same project and lake).
 WORKER_ENV = ("WANDB_MODE", "NO_ALBUMENTATIONS_UPDATE", "HF_HUB_OFFLINE", "DO_NOT_TRACK", "PEA_HOME", "PEA_LAKE",
               "PYTHONPATH")
+CONNECT_TIMEOUT_S = 5.0  # for the TCP check before ray.init: long enough for a head across a data centre
+
+
+def worker_env() -> dict[str, str]:
+    """The environment variables every Ray worker gets (the runtime_env of the clusters this module starts)."""
+    env = {name: os.environ[name] for name in WORKER_ENV if name in os.environ}
+    env.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    env.setdefault("WANDB_MODE", "disabled")
+    return env
+
+
+FIX = ("start the cluster (`ray start --head`, or a KubeRay RayCluster), fix the address ('auto' on a cluster node, "
+       "'ray://<head>:10001' from outside it; the flow's engine_address), or remove corpus.engine to run on this machine")
+
+
+def _unreachable(address: str, why: str, fix: str = FIX) -> ConnectionError:
+    return ConnectionError(f"corpus.engine.address {address!r}: {why}; {fix}")
+
+
+def check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """Fail within `timeout_s` when nothing listens at a `host:port` or `ray://host:port` address: ray.init
+    itself retries such an address for minutes. 'auto' needs no check (Ray fails at once without a cluster)."""
+    if address == "auto":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        raise _unreachable(address, f"nothing answers at {host}:{port} within {timeout_s:.0f} s "
+                                    f"({type(err).__name__}: {err})") from None
+    if address.startswith("ray://") and importlib.util.find_spec("grpc") is None:
+        raise _unreachable(address, "a ray:// address needs the Ray Client, which is not installed here",
+                           "install it (pip install 'ray[client]', i.e. grpcio), or use 'auto' on a cluster node")
 
 
 @contextmanager
 def session(engine: EngineSpec | None) -> Iterator[None]:
     """Ray connected for the duration of a stage. A Ray already initialised in this process (a caller's, a test's)
-    is used as it is and left running; one this call starts is shut down at the end."""
+    is used as it is and left running; one this call starts or joins is shut down (disconnected) at the end."""
     if engine is None:
         yield
         return
     import ray
+    from ray.exceptions import RayError
 
     if ray.is_initialized():
         yield
         return
-    env = {name: os.environ[name] for name in WORKER_ENV if name in os.environ}
-    env.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    env.setdefault("WANDB_MODE", "disabled")
     options: dict[str, Any] = dict(include_dashboard=False, log_to_driver=True, configure_logging=False,
-                                   runtime_env={"env_vars": env})
+                                   runtime_env={"env_vars": worker_env()})
     if engine.address is None:
         options["num_cpus"] = engine.num_cpus or os.cpu_count()
+    else:
+        check_reachable(engine.address)
     try:
         ray.init(address=engine.address, **options)
-    except (ConnectionError, RuntimeError) as err:
-        raise RuntimeError(f"corpus.engine: cannot reach the Ray cluster at {engine.address!r} ({err}); start it "
-                           "(`ray start --head`, or a KubeRay RayCluster), fix the address, or remove "
-                           "corpus.engine to run on this machine") from None
+    except (ConnectionError, RuntimeError, RayError) as err:
+        if engine.address is None:
+            raise RuntimeError(f"corpus.engine: a local Ray cluster did not start ({type(err).__name__}: {err}); "
+                               "see Ray's log under /tmp/ray/session_latest/logs, or remove corpus.engine") from None
+        raise _unreachable(engine.address, f"ray.init failed ({type(err).__name__}: {err})") from None
     try:
         yield
     finally:
