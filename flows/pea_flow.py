@@ -37,7 +37,7 @@ from pea import train as train_stage
 from pea.corpus import acquire as acquire_stage
 from pea.corpus import filter as filter_stage
 from pea.embedded import prepare_zoo
-from pea.spec import LANGUAGE_CODE, LanguageSpec, lake_root, load_spec, profiles
+from pea.spec import ENGINE_ADDRESS, LANGUAGE_CODE, LanguageSpec, lake_root, load_spec, profiles
 from pea.table import data_fingerprint
 
 CACHE_VERSION = 1  # bump when a stage's output format changes, so old cached results are not reused
@@ -61,7 +61,9 @@ def _dump(model) -> Any:
 
 def _acquire_key(_: TaskRunContext, p: dict[str, Any]) -> str:
     spec: LanguageSpec = p["spec"]
-    return _digest("acquire", lake=p["lake"], language=spec.language, corpus=_dump(spec.corpus),
+    # Where it runs (corpus.engine) changes how, not what: the same shards with or without a cluster.
+    return _digest("acquire", lake=p["lake"], language=spec.language,
+                   corpus=spec.corpus.model_dump(mode="json", exclude={"engine"}),
                    captions=_dump(spec.synthetic_captions), manifests=ops.manifests_fingerprint(spec))
 
 
@@ -219,6 +221,13 @@ def _runs_at_once() -> int | None:
         return client.read_work_pool(pool).concurrency_limit
 
 
+def run_overrides(steps: int | None, micro_batch_size: int | None,
+                  engine_address: str | None) -> dict[str, dict[str, Any]]:
+    """The flow's parameters as overrides of spec sections (pea.ops.with_overrides)."""
+    train = {k: v for k, v in {"steps": steps, "micro_batch_size": micro_batch_size}.items() if v is not None}
+    return {"train": train, "corpus": {"engine": {"kind": "ray", "address": engine_address}} if engine_address else {}}
+
+
 def language_limit(language: str) -> str:
     return f"pea-train-{language}"
 
@@ -228,16 +237,17 @@ def pea(language: Annotated[str, Field(pattern=LANGUAGE_CODE.pattern, descriptio
         profile: str | None = None,
         steps: Annotated[int, Field(ge=1, description="training steps (spec train.steps)")] | None = None,
         micro_batch_size: Annotated[int, Field(ge=1, description="spec train.micro_batch_size")] | None = None,
+        engine_address: Annotated[str, Field(pattern=f"^(?:{ENGINE_ADDRESS.pattern})$", description=(
+            "Ray address for acquire and filter; 'auto' or ray://head:10001"))] | None = None,
         refresh_cache: bool = False) -> dict:
     """Acquire, filter, embed, distil, evaluate and register the PEA adapter for `language`.
 
     `language` must have a spec in data/languages/. `profile` stacks data/profiles/ on top (e.g. 'embedded').
-    `steps` and `micro_batch_size` override the spec's train section for this run. `refresh_cache` recomputes
-    every stage instead of reusing cached results. Runs of the same language wait for each other.
+    `steps` and `micro_batch_size` override the spec's train section for this run; `engine_address` runs acquire
+    and filter on that Ray cluster (spec corpus.engine). `refresh_cache` recomputes every stage instead of reusing
+    cached results. Runs of the same language wait for each other.
     """
-    overrides = {"train": {k: v for k, v in {"steps": steps, "micro_batch_size": micro_batch_size}.items()
-                           if v is not None}}
-    spec = load_language(language, profile, overrides)
+    spec = load_language(language, profile, run_overrides(steps, micro_batch_size, engine_address))
     threads = launcher.thread_budget(_runs_at_once())
     launcher.apply_thread_budget(threads)
     print(f"thread budget: {threads} (PEA_THREADS, else the cores / the work pool's concurrency limit)")
@@ -361,10 +371,11 @@ def main() -> None:
     parser.add_argument("--profile", help="e.g. 'embedded': tiny offline models and the synthetic corpus")
     parser.add_argument("--steps", type=int, help="override the spec's train.steps")
     parser.add_argument("--micro-batch-size", type=int, help="override the spec's train.micro_batch_size")
+    parser.add_argument("--engine-address", help="Ray for acquire and filter: 'auto' or ray://<head>:10001")
     parser.add_argument("--refresh-cache", action="store_true", help="recompute every stage")
     args = parser.parse_args()
     print_summary(pea(args.language, args.profile, steps=args.steps, micro_batch_size=args.micro_batch_size,
-                      refresh_cache=args.refresh_cache))
+                      engine_address=args.engine_address, refresh_cache=args.refresh_cache))
 
 
 if __name__ == "__main__":

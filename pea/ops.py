@@ -64,18 +64,22 @@ def manifests_fingerprint(spec: LanguageSpec) -> str:
 
 def source_fingerprint(spec: LanguageSpec) -> str:
     """What a training run starts from: the whole spec (profiles and overrides applied) and the manifests."""
-    text = json.dumps(spec.model_dump(mode="json"), sort_keys=True) + manifests_fingerprint(spec)
+    data = spec.model_dump(mode="json")
+    data["corpus"]["engine"] = None  # where acquire and filter ran (e.g. the flow's engine_address) is not a source
+    text = json.dumps(data, sort_keys=True) + manifests_fingerprint(spec)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def with_overrides(spec: LanguageSpec, **sections: dict[str, Any]) -> LanguageSpec:
     """The spec with some fields of its sections replaced (e.g. train={"steps": 50}), validated again."""
-    update = {name: getattr(spec, name).model_copy(update=values) for name, values in sections.items() if values}
-    if not update:
+    sections = {name: values for name, values in sections.items() if values}
+    if not sections:
         return spec
+    data = spec.model_dump()  # merged as plain data, then validated: a value may be a whole sub-section's dict
+    for name, values in sections.items():
+        data[name] = {**data[name], **values}
     try:
-        # model_copy does not validate; a round trip through the model does.
-        spec = LanguageSpec.model_validate(spec.model_copy(update=update).model_dump())
+        spec = LanguageSpec.model_validate(data)
     except ValidationError as err:
         raise SpecError(f"overrides {sections} do not fit the {spec.language} spec: {err}") from None
     if spec.train.steps <= spec.train.warmup_steps:

@@ -165,3 +165,24 @@ def test_acquire_of_the_hostile_site_through_ray_counts_every_case_the_same(host
 # --- the filter through the same cluster (pea.corpus.filter judging shards with map_tasks) goes here: compare
 # filter_pairs on synthetic_lakes["ray"] with corpus.engine = ray_cluster against synthetic_lakes["local"]
 # without, and the same on hostile_lakes.
+
+
+def test_the_flow_parameter_engine_address_becomes_corpus_engine(base_spec, tmp_path) -> None:
+    from prefect.exceptions import ParameterTypeError
+
+    from flows.pea_flow import _acquire_key, pea, run_overrides
+    from pea import ops
+
+    schema = pea.parameters.model_dump()["properties"]["engine_address"]
+    assert "ray://head:10001" in json.dumps(schema)  # the description a deployment's UI shows
+    pea.validate_parameters({"language": "zh", "engine_address": "ray://head:10001"})
+    with pytest.raises(ParameterTypeError, match="engine_address"):
+        pea.validate_parameters({"language": "zh", "engine_address": "http://head:10001"})
+    spec = ops.with_overrides(base_spec, **run_overrides(50, None, "ray://head:10001"))
+    assert spec.corpus.engine == EngineSpec(kind="ray", address="ray://head:10001") and spec.train.steps == 50
+    assert ops.with_overrides(base_spec, **run_overrides(None, None, None)) is base_spec
+    # where acquire runs is no part of what it produces: the cached shards serve runs with and without a cluster
+    assert _acquire_key(None, {"spec": spec, "lake": tmp_path}) == _acquire_key(None, {"spec": base_spec, "lake": tmp_path})
+    assert ops.source_fingerprint(spec) != ops.source_fingerprint(base_spec)  # steps=50 is a source
+    assert ops.source_fingerprint(ops.with_overrides(base_spec, **run_overrides(None, None, "auto"))) == \
+        ops.source_fingerprint(base_spec)
