@@ -35,9 +35,10 @@ WORKER_ENV = ("WANDB_MODE", "NO_ALBUMENTATIONS_UPDATE", "HF_HUB_OFFLINE", "DO_NO
 CONNECT_TIMEOUT_S = 5.0  # for the TCP check before ray.init: long enough for a head across a data centre
 
 
-def worker_env() -> dict[str, str]:
-    """The environment variables every Ray worker gets (the runtime_env of the clusters this module starts)."""
-    env = {name: os.environ[name] for name in WORKER_ENV if name in os.environ}
+def worker_env(local: bool = True) -> dict[str, str]:
+    """The environment variables every Ray worker of the stage gets (its runtime_env). A cluster this process
+    joins keeps its own PYTHONPATH: this machine's paths would hide the pea installed in the cluster's image."""
+    env = {name: os.environ[name] for name in WORKER_ENV if name in os.environ and (local or name != "PYTHONPATH")}
     env.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     env.setdefault("WANDB_MODE", "disabled")
     return env
@@ -81,7 +82,7 @@ def session(engine: EngineSpec | None) -> Iterator[None]:
         yield
         return
     options: dict[str, Any] = dict(include_dashboard=False, log_to_driver=True, configure_logging=False,
-                                   runtime_env={"env_vars": worker_env()})
+                                   runtime_env={"env_vars": worker_env(local=engine.address is None)})
     if engine.address is None:
         options["num_cpus"] = engine.num_cpus or os.cpu_count()
     else:
@@ -92,7 +93,9 @@ def session(engine: EngineSpec | None) -> Iterator[None]:
         if engine.address is None:
             raise RuntimeError(f"corpus.engine: a local Ray cluster did not start ({type(err).__name__}: {err}); "
                                "see Ray's log under /tmp/ray/session_latest/logs, or remove corpus.engine") from None
-        raise _unreachable(engine.address, f"ray.init failed ({type(err).__name__}: {err})") from None
+        # A Ray Client without the token of a token-authenticated cluster only sees its connection time out.
+        raise _unreachable(engine.address, f"ray.init failed ({type(err).__name__}: {err}); a cluster with token "
+                           "authentication needs RAY_AUTH_MODE=token and its token in RAY_AUTH_TOKEN here") from None
     try:
         yield
     finally:
