@@ -6,6 +6,8 @@ pea's hardened fetch) and the filter judges each raw shard in a Ray task (`pea.c
 both run on this machine as before. `address: auto` or `ray://<head>:10001` joins a running cluster (KubeRay,
 `ray start --head`; docs/operations.md); no address starts a local cluster for the stage and stops it after.
 Workers import pea by name, so pea must be installed on every node (a local cluster shares this interpreter).
+`ray://` needs the Ray Client (ray[client]) and, for a cluster with token authentication (Ray 2.60's default),
+RAY_AUTH_MODE=token and the cluster's RAY_AUTH_TOKEN in this process.
 
     # two machines by hand: `ray start --head --port 6379` on one, `ray start --address <head>:6379` on the
     # other, then on the head: corpus.engine: {kind: ray, address: auto}
