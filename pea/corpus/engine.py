@@ -1,5 +1,5 @@
 """The data stages' distributed engine (Ray): `session(engine)` joins or starts the cluster for one stage, and
-`map_tasks(engine, fn, items)` runs `fn` over `items` on it, or in this process when there is no engine.
+`map_tasks(engine, fn, items)` runs `fn` over `items` on it, or in local processes when there is no engine.
 
 With `corpus.engine` set, acquire runs img2dataset's `ray` distributor (each shard a Ray task, fetching with
 pea's hardened fetch) and the filter judges each raw shard in a Ray task (`pea.corpus.filter`); without one
