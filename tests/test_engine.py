@@ -19,7 +19,9 @@ import pytest
 import ray
 from hostile_site import hostile_spec  # tests/hostile_site.py
 
+from pea.corpus import filter as filter_stage
 from pea.corpus.acquire import AcquireResult, acquire
+from pea.corpus.filter import FilterResult, filter_pairs
 from pea.corpus.engine import CONNECT_TIMEOUT_S, session
 from pea.spec import EngineSpec, LanguageSpec, SyntheticCorpus, load_spec
 
@@ -162,9 +164,34 @@ def test_acquire_of_the_hostile_site_through_ray_counts_every_case_the_same(host
     assert hostile_lakes["ray"][2].seconds < 60
 
 
-# --- the filter through the same cluster (pea.corpus.filter judging shards with map_tasks) goes here: compare
-# filter_pairs on synthetic_lakes["ray"] with corpus.engine = ray_cluster against synthetic_lakes["local"]
-# without, and the same on hostile_lakes.
+def _filter_both(runs, ray_cluster, monkeypatch) -> dict[str, FilterResult]:
+    """filter_pairs of the same raw shards on this machine and with one Ray task per shard (JOB_ROWS = a shard)."""
+    monkeypatch.setattr(filter_stage, "JOB_ROWS", SHARD_ROWS)
+    local_spec, lake, _ = runs["local"]
+    results = {"local": filter_pairs(local_spec, lake)}
+    results["ray"] = filter_pairs(_with_engine(local_spec, ray_cluster), runs["ray"][1])
+    return results
+
+
+def _pairs(result: FilterResult) -> list[dict]:
+    rows = pq.read_table(result.pairs_path).to_pylist()
+    for row in rows:
+        row["raw_file"] = Path(row["raw_file"]).name  # the two lakes differ in their folder only
+    return rows
+
+
+@pytest.mark.parametrize("lakes", ["synthetic_lakes", "hostile_lakes"])
+def test_the_filter_through_ray_keeps_and_counts_what_the_single_process_filter_does(
+        lakes, request, ray_cluster, monkeypatch) -> None:
+    runs = request.getfixturevalue(lakes)
+    results = _filter_both(runs, ray_cluster, monkeypatch)
+    local, remote = results["local"], results["ray"]
+    assert _pairs(remote) == _pairs(local) and local.rows_out > 0
+    assert remote.dropped == local.dropped and remote.rows_in == local.rows_in
+    assert remote.report["rows_downloaded_or_tried"] == local.report["rows_downloaded_or_tried"] == \
+        runs["ray"][2].rows
+    parts = list((remote.pairs_path.parent).glob("judged-*/*.parquet"))
+    assert len(parts) == runs["ray"][2].shards_total  # one part per shard: each was one Ray task
 
 
 def test_the_flow_parameter_engine_address_becomes_corpus_engine(base_spec, tmp_path) -> None:
