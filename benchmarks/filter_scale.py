@@ -62,7 +62,11 @@ def _child(lake: Path, memory_limit: str, threads: int | None) -> None:
     result = filter_pairs(spec, lake)
     seconds = time.perf_counter() - start
     print(json.dumps({"seconds": seconds, "rows": result.rows_in, "kept": result.rows_out,
-                      "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+                      # the largest of this process (the global pass) and its pool's workers (the jobs)
+                      "peak_rss_gb": max(resource.getrusage(who).ru_maxrss for who in
+                                         (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)) / 2**20,
+                      "self_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                      "workers_rss_gb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20}))
 
 
 def _measure(work: Path, rows: int, shard_rows: int, memory_limit: str, threads: int | None) -> dict:
@@ -76,7 +80,10 @@ def _measure(work: Path, rows: int, shard_rows: int, memory_limit: str, threads:
     if threads is not None:
         command += ["--threads", str(threads)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    out = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"filtering {rows} rows failed:\n{done.stderr[-4000:]}")
+    out = done.stdout
     shutil.rmtree(lake)  # the next size needs the disk
     shutil.rmtree(work / "spill", ignore_errors=True)
     return {**json.loads(out.strip().splitlines()[-1]), "generate_seconds": generated}
@@ -100,7 +107,7 @@ def main() -> None:
         for rows in (args.rows, args.rows * args.factor):
             runs[rows] = run = _measure(Path(tmp), rows, args.shard_rows, args.memory_limit, args.threads)
             print(f"rows={rows} kept={run['kept']} filter {run['seconds']:.2f} s ({rows / run['seconds']:.0f} "
-                  f"rows/s), peak RSS {run['peak_rss_gb']:.2f} GB (generated in {run['generate_seconds']:.1f} s; "
+                  f"rows/s), peak RSS {run['peak_rss_gb']:.2f} GB (global pass {run['self_rss_gb']:.2f}, jobs {run['workers_rss_gb']:.2f}) (generated in {run['generate_seconds']:.1f} s; "
                   f"memory_limit {args.memory_limit})", flush=True)
     small, large = runs[args.rows], runs[args.rows * args.factor]
     print(f"rss_ratio_{args.factor}x={large['peak_rss_gb'] / small['peak_rss_gb']:.3f}")

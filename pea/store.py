@@ -63,6 +63,7 @@ def connect(spill: Path, memory_limit: str = "1GB", *, threads: int | None = Non
     They run text_hash itself (not DuckDB's Unicode functions), one Arrow batch per call, so SQL and Python
     compute the same addresses. `threads` (None: every core) and `preserve_order` (results in scan order, as
     a url list needs; off by default since it costs memory) are DuckDB's settings of those names."""
+    Path(spill).parent.mkdir(parents=True, exist_ok=True)  # DuckDB creates the folder itself, not its parents
     config = {"memory_limit": memory_limit, "preserve_insertion_order": preserve_order,
               "temp_directory": str(spill)}
     if threads is not None:
