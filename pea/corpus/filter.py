@@ -29,12 +29,14 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pea.corpus.engine import map_tasks, session
-from pea.corpus.judge import ShardJob, judge_shards, part_counts
+from pea.corpus.judge import PAIRS_SCHEMA, ShardJob, judge_shards, part_counts, part_keys
 from pea.corpus.manifest import MANIFEST_REASONS
 from pea.corpus.report import ReportData, write_report
 from pea.spec import LanguageSpec
@@ -48,22 +50,26 @@ REASONS = (*MANIFEST_REASONS, *DOWNLOAD_REASONS, "too_small", "too_large", "bad_
 PAIRS_COLUMNS = ("key", "image_sha256", "caption_en", "caption", "width", "height", "raw_file", "native")
 ROW_GROUP = 100_000
 JOB_ROWS = 200_000  # raw rows judged by one task: ~100 MB of metadata and captions; fixed costs paid once
-RULES_VERSION = 2  # bump when a per-row rule changes meaning: judged parts of older rules are then redone
+RULES_VERSION = 3  # bump when a per-row rule changes meaning: judged parts of older rules are then redone
 
-# The global rules, over the rows every per-row rule kept: a row whose image an earlier key already has is a
-# duplicate image; among the rest, a caption pair beyond its first `keep` images (by key) is a duplicate caption.
-DUPLICATES = """
-CREATE TEMP TABLE duplicates AS
-WITH candidates AS (SELECT key, image_sha256, caption_en, caption FROM read_parquet(getvariable('parts'))
-                    WHERE reason IS NULL),
-images AS (SELECT key, caption_en, caption,
-                  row_number() OVER (PARTITION BY image_sha256 ORDER BY key) AS n FROM candidates)
-SELECT key, 'duplicate_image' AS reason FROM images WHERE n > 1
-UNION ALL
-SELECT key, 'duplicate_caption' FROM (
-    SELECT key, row_number() OVER (PARTITION BY caption_en, caption ORDER BY key) AS n FROM images WHERE n = 1)
-WHERE n > $keep
-"""
+# The global rules, over the rows every per-row rule kept (`candidates`). A row whose image an earlier key already
+# has is a duplicate image; among the rest, a caption pair beyond its first `keep` images (by key) is a duplicate
+# caption. Aggregates and hash joins, not a window over every row: the window's sort was most of the pass; only the
+# few crowded caption pairs (templates, spam) are ranked.
+DUPLICATES = (
+    """CREATE TEMP VIEW candidates AS SELECT key, image_sha256, caption_en, caption
+       FROM read_parquet(getvariable('parts')) WHERE reason IS NULL""",
+    """CREATE TEMP TABLE image_duplicates AS SELECT c.key FROM candidates c JOIN (
+           SELECT image_sha256, min(key) AS first FROM candidates GROUP BY image_sha256 HAVING count(*) > 1) f
+       USING (image_sha256) WHERE c.key > f.first""",
+    """CREATE TEMP TABLE caption_duplicates AS
+       WITH survivors AS (SELECT key, caption_en, caption FROM candidates ANTI JOIN image_duplicates USING (key)),
+       crowded AS (SELECT caption_en, caption FROM survivors GROUP BY ALL HAVING count(*) > $keep)
+       SELECT key FROM (SELECT key, row_number() OVER (PARTITION BY caption_en, caption ORDER BY key) AS n
+                        FROM survivors SEMI JOIN crowded USING (caption_en, caption)) WHERE n > $keep""",
+    """CREATE TEMP TABLE duplicates AS SELECT key, 'duplicate_image' AS reason FROM image_duplicates
+       UNION ALL SELECT key, 'duplicate_caption' FROM caption_duplicates""",
+)
 # Every judged row with its final reason (NULL: kept).
 FINAL = """CREATE TEMP VIEW final AS
 SELECT parts.* REPLACE (coalesce(parts.reason, duplicates.reason) AS reason)
@@ -147,13 +153,13 @@ def filter_pairs(spec: LanguageSpec, lake: Path) -> FilterResult:
     con = connect(spill, bounds.memory_limit, threads=bounds.threads)
     try:
         con.execute("SET VARIABLE parts = $parts", {"parts": [str(p) for p in parts]})  # a view takes no parameters
-        con.execute(DUPLICATES, {"keep": spec.filter.max_images_per_caption_pair or 2**62})
+        for statement in DUPLICATES:
+            con.execute(statement, {"keep": spec.filter.max_images_per_caption_pair or 2**62} if "$keep" in statement
+                        else None)
         con.execute(FINAL)  # a view: each query below is one streamed scan of the parts
-        kept = con.sql(f"SELECT {', '.join(PAIRS_COLUMNS)} FROM final WHERE reason IS NULL ORDER BY key")
         data = ReportData.start(con)
-        reader = kept.to_arrow_reader(ROW_GROUP)  # memory: one batch, whatever the corpus
-        with pq.ParquetWriter(tmp, reader.schema) as writer:
-            for batch in reader:
+        with pq.ParquetWriter(tmp, PAIRS_SCHEMA) as writer:
+            for batch in _kept_in_key_order(con, parts):  # memory: one batch, whatever the corpus
                 writer.write_batch(batch, row_group_size=ROW_GROUP)
                 data.add_pairs(batch)
         counts = dict(con.execute("SELECT coalesce(reason, 'kept'), count(*) FROM final GROUP BY ALL").fetchall())
@@ -180,6 +186,25 @@ def filter_pairs(spec: LanguageSpec, lake: Path) -> FilterResult:
     return FilterResult(pairs_path=pairs_path, rows_in=rows_in, rows_out=rows_out, dropped=dropped,
                         report_path=out_dir / "quality.json", seconds=time.perf_counter() - start,
                         histograms=histograms, report=report)
+
+
+def _kept_in_key_order(con: Any, parts: list[Path]) -> Iterator[pa.RecordBatch]:
+    """The kept pairs in key order. img2dataset's keys grow with the shard, so the parts (consecutive shards) hold
+    disjoint key ranges: each part's kept rows are sorted alone, in memory, and the parts follow their key ranges,
+    instead of one sort of the whole corpus. Parts whose ranges overlap (raw shards not written by img2dataset)
+    fall back to that one sort, which DuckDB spills to disk."""
+    ranges = [part_keys(part) for part in parts]
+    ordered = sorted((r, p) for r, p in zip(ranges, parts) if r is not None)
+    columns = ", ".join(PAIRS_COLUMNS)
+    if any(a[0][1] >= b[0][0] for a, b in zip(ordered, ordered[1:])):
+        yield from con.sql(f"SELECT {columns} FROM final WHERE reason IS NULL ORDER BY key").to_arrow_reader(ROW_GROUP)
+        return
+    for _, part in ordered:
+        # con.sql, not con.execute: an executed result is read back through a second statement, which need not
+        # keep the ORDER BY on a connection without preserve_insertion_order
+        yield from con.sql(f"""SELECT {columns} FROM read_parquet($part) WHERE reason IS NULL
+                               AND key NOT IN (SELECT key FROM duplicates) ORDER BY key""",
+                           params={"part": str(part)}).to_arrow_reader(ROW_GROUP)
 
 
 def _before_download(lang_dir: Path) -> dict[str, int]:

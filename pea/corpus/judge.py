@@ -36,6 +36,9 @@ from pea.spec import LanguageSpec
 OPTIONAL = {"similarity": "DOUBLE", "punsafe": "DOUBLE", "pwatermark": "DOUBLE"}
 NEEDED = ("key", "status", "error_message", "sha256", "caption", "width", "height", "original_width",
           "original_height")
+PAIRS_SCHEMA = pa.schema([("key", pa.string()), ("image_sha256", pa.string()), ("caption_en", pa.string()),
+                          ("caption", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
+                          ("raw_file", pa.string()), ("native", pa.bool_())])
 PART_SCHEMA = pa.schema([("key", pa.string()), ("rid", pa.int64()), ("reason", pa.string()),
                          ("status", pa.string()), ("error_message", pa.string()), ("original_width", pa.int64()),
                          ("original_height", pa.int64()), ("image_sha256", pa.string()), ("caption_en", pa.string()),
@@ -188,7 +191,10 @@ def judge_shards(job: ShardJob) -> dict[str, int]:
                "original_width": raw["original_width"], "original_height": raw["original_height"]}
     for name in ("image_sha256", "caption_en", "caption", "width", "height", "raw_file", "native"):
         columns[name] = pc.take(judged[name], take)
-    part = pa.table(columns, schema=PART_SCHEMA.with_metadata({"pea_counts": json.dumps(counts)}))
+    keys = pc.min_max(judged.filter(pc.is_null(judged["reason"]))["key"])  # the key range of the candidates
+    bounds = None if keys["min"].as_py() is None else [keys["min"].as_py(), keys["max"].as_py()]
+    part = pa.table(columns, schema=PART_SCHEMA.with_metadata({"pea_counts": json.dumps(counts),
+                                                               "pea_keys": json.dumps(bounds)}))
     out = Path(job.out)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     pq.write_table(part, tmp, use_dictionary=["reason", "status", "error_message", "raw_file"])  # the rest: unique
@@ -199,3 +205,9 @@ def judge_shards(job: ShardJob) -> dict[str, int]:
 def part_counts(path: Path) -> dict[str, int]:
     """The counts a complete part recorded when it was judged."""
     return json.loads(pq.read_schema(path).metadata[b"pea_counts"])
+
+
+def part_keys(path: Path) -> tuple[str, str] | None:
+    """The smallest and largest key of a part's candidates (None: it has none)."""
+    bounds = json.loads(pq.read_schema(path).metadata[b"pea_keys"])
+    return None if bounds is None else (bounds[0], bounds[1])
