@@ -6,8 +6,9 @@
 Caching (docs/operations.md): acquire, filter and embed are cached across runs, keyed by the part of
 the spec they read and a fingerprint of their inputs; train, evaluate and register are cached only
 within one flow run (a retried run skips what it finished), so every new run trains and registers a
-new version. Cached results are small frozen dataclasses of paths and numbers, pickled under
-`$PEA_RESULTS` (default `<lake>/prefect-results`); the data itself stays in the lake.
+new version. Cached results are small frozen dataclasses of paths and numbers, written as plain JSON under
+`$PEA_RESULTS` (default `<lake>/prefect-results`) and read back only through pea.results, which refuses a file
+it did not write (never unpickled, nothing imported); the data itself stays in the lake.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from pydantic import Field
 
 from pea import embed as embed_stage
 from pea import evaluate as evaluate_stage
-from pea import ops, registry
+from pea import ops, registry, results
 from pea import shards as shards_stage
 from pea import train as train_stage
 from pea.corpus import acquire as acquire_stage
@@ -40,11 +41,11 @@ from pea.embedded import prepare_zoo
 from pea.spec import LANGUAGE_CODE, LanguageSpec, lake_root, load_spec, profiles
 from pea.table import data_fingerprint
 
-CACHE_VERSION = 1  # bump when a stage's output format changes, so old cached results are not reused
+CACHE_VERSION = 2  # bump when a stage's output format changes, so old cached results are not reused (2: pea-json)
 
 
 def results_root(lake: Path) -> Path:
-    """Where Prefect persists task results (small pickled dataclasses): $PEA_RESULTS or <lake>/prefect-results."""
+    """Where Prefect persists task results (pea-json, pea.results): $PEA_RESULTS or <lake>/prefect-results."""
     return Path(os.environ.get("PEA_RESULTS") or Path(lake) / "prefect-results").resolve()
 
 
@@ -229,9 +230,10 @@ def pea(language: Annotated[str, Field(pattern=LANGUAGE_CODE.pattern, descriptio
                            if v is not None}}
     spec = load_language(language, profile, overrides)
     lake = lake_root()
-    storage = results_root(lake)
-    stages = {t.name: t.with_options(result_storage=storage) for t in (acquire, filter_pairs, embed, pack, train,
-                                                                        train_diffusion_only, evaluate, register)}
+    # JSON results, read back only through a storage that refuses files naming another serializer (pea.results).
+    storage = results.result_storage(results_root(lake))
+    stages = {t.name: results.persisted(t, storage) for t in (acquire, filter_pairs, embed, pack, train,
+                                                              train_diffusion_only, evaluate, register)}
     with get_client(sync_client=True) as client:
         client.upsert_global_concurrency_limit_by_name(language_limit(spec.language), 1)
     print(f"waiting for any other run of {spec.language} to finish (concurrency limit "
