@@ -111,6 +111,8 @@ class Hostile(BaseHTTPRequestHandler):
                 self._head(302, length=0, Location="/loop.png")
             elif path == "/to-file.png":
                 self._head(302, length=0, Location="file:///etc/passwd")
+            elif path == "/to-private.png":  # 127.0.0.2 is loopback but not the allowed 127.0.0.1/32: never contacted
+                self._head(302, length=0, Location="http://127.0.0.2:9/metadata.png")
             else:
                 self.send_error(404)
         except (BrokenPipeError, ConnectionResetError):
@@ -144,7 +146,9 @@ EXPECTED = {  # path -> reason (None: kept)
     "/huge.png": "download_too_large", "/corrupt.png": "download_not_image", "/truncated.png": "download_not_image",
     "/page.png": "download_not_image", "/loop.png": "download_redirect", "/to-file.png": "download_redirect",
     "ftp://127.0.0.1/x.png": "bad_url", "file:///etc/passwd": "bad_url",
+    "/to-private.png": "download_blocked_address", "http://127.0.0.2:9/x.png": "download_blocked_address",
 }
+ALLOWED = ("127.0.0.1/32",)  # what the embedded profile's corpus.allow_networks says
 
 
 @pytest.fixture(scope="module")
@@ -179,6 +183,12 @@ def test_every_hostile_url_ends_within_the_timeout_and_is_counted(acquired) -> N
     for name in ("/stall.png", "/trickle.png", "/slow-headers.png"):
         row = next(r for r in raw if r["url"].endswith(name))
         assert row["error_message"].startswith("timeout:"), (name, row["error_message"])
+    # In img2dataset's worker processes too: the spec's allow-list reached them (the good rows were fetched from
+    # 127.0.0.1) and nothing else non-public was contacted, directly or through a redirect.
+    assert spec.corpus.allow_networks == list(ALLOWED) and result.successes == len(GOOD)
+    for name in ("/to-private.png", "127.0.0.2:9/x.png"):
+        row = next(r for r in raw if r["url"].endswith(name))
+        assert row["error_message"].startswith("blocked_address: 127.0.0.2 is 127.0.0.2 (loopback)"), row
 
 
 @pytest.mark.parametrize("path", ["/slow-headers.png", "/trickle.png", "/loop.png"])
@@ -188,14 +198,14 @@ def test_one_deadline_bounds_the_whole_download_headers_and_redirects_included(s
     import img2dataset.downloader  # noqa: F401 - fetch_image imports it; its import time is no download time
 
     start = time.monotonic()
-    key, stream, error = fetch_image((7, server + path), TIMEOUT_S, max_bytes=MAX_BYTES)
+    key, stream, error = fetch_image((7, server + path), TIMEOUT_S, max_bytes=MAX_BYTES, allow_networks=ALLOWED)
     seconds = time.monotonic() - start
     assert key == 7 and stream is None and seconds < TIMEOUT_S + 1
     assert error.startswith("redirect:" if path == "/loop.png" else "timeout:"), error
 
 
 def test_fetch_still_downloads_a_good_image_through_the_deadline_reader(server: str) -> None:
-    key, stream, error = fetch_image((1, server + "/ok/3.png"), TIMEOUT_S, max_bytes=MAX_BYTES)
+    key, stream, error = fetch_image((1, server + "/ok/3.png"), TIMEOUT_S, max_bytes=MAX_BYTES, allow_networks=ALLOWED)
     assert error is None and stream.read() == GOOD["/ok/3.png"]
 
 
