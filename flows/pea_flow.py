@@ -38,6 +38,7 @@ from pea import train as train_stage
 from pea.corpus import acquire as acquire_stage
 from pea.corpus import filter as filter_stage
 from pea.embedded import prepare_zoo
+from pea.redact import redact
 from pea.spec import LANGUAGE_CODE, LanguageSpec, lake_root, load_spec, profiles
 from pea.table import data_fingerprint
 
@@ -264,12 +265,13 @@ def pea(language: Annotated[str, Field(pattern=LANGUAGE_CODE.pattern, descriptio
                               description=f"{spec.language}: held-out agreement with the teacher",
                               table=[{"metric": k, "value": round(v, 6)} for k, v in evaluation.metrics().items()])
         registered = _run(stages["register"], spec, trained, evaluation, filtered, **run)
-    links = ops.mlflow_links(registered)
+    links = ops.mlflow_links(registered)  # display links: credentials in the tracking URI are masked
+    tracking = redact(registered.tracking_uri)
     create_markdown_artifact(
         key=f"model-{spec.language}", description=f"{spec.language}: registered adapter",
         markdown=f"**{registered.model_uri}** ({'champion' if registered.champion else 'challenger, not promoted'})\n\n"
                  f"- [model version]({links['model_version']})\n- [MLflow run]({links['run']}) `{registered.run_id}`\n"
-                 f"- tracking: `{registered.tracking_uri}` ({links['ui']})\n- reused from cache: {cached or 'nothing'}")
+                 f"- tracking: `{tracking}` ({links['ui']})\n- reused from cache: {cached or 'nothing'}")
     if "acquire" in cached:  # nothing was downloaded in this run
         acquired = dataclasses.replace(acquired, shards_skipped=acquired.shards_total, seconds=0.0)
     if "embed" in cached:  # nothing was computed in this run: every row came from the stores
@@ -294,7 +296,7 @@ def pea(language: Annotated[str, Field(pattern=LANGUAGE_CODE.pattern, descriptio
                   for row in evaluation.rows()],
         "grid": str(evaluation.grid),
         "model": {"uri": registered.model_uri, "champion": registered.champion_uri if registered.champion else None,
-                  "tracking_uri": registered.tracking_uri, "run": links["run"]},
+                  "tracking_uri": tracking, "run": links["run"]},
     }
 
 
@@ -327,7 +329,7 @@ def print_summary(summary: dict) -> None:
     table.add_row("model", summary["model"]["uri"] + (f"  (alias: {summary['model']['champion']})"
                                                       if summary["model"]["champion"] else "  (not promoted)"))
     table.add_row("image grid", summary["grid"])
-    table.add_row("MLflow UI", f"mlflow ui --backend-store-uri {summary['model']['tracking_uri']}")
+    table.add_row("MLflow UI", f"mlflow ui --backend-store-uri {redact(summary['model']['tracking_uri'])}")
     table.add_row("Prefect UI", "prefect server start   (then open http://127.0.0.1:4200)")
     console = Console(width=max(Console().width, 110))
     console.print(table)

@@ -36,6 +36,7 @@ from mlflow.types import ColSpec, DataType, Schema, TensorSpec
 
 from pea.evaluate import Evaluation
 from pea.hub import pinned_revision
+from pea.redact import redact, redact_all
 from pea.spec import LanguageSpec, home
 from pea.table import data_fingerprint
 from pea.train import TrainResult
@@ -99,7 +100,7 @@ def _flatten(data: dict, prefix: str = "") -> dict[str, str]:
         if isinstance(value, dict):
             flat.update(_flatten(value, f"{prefix}{key}."))
         else:
-            flat[f"{prefix}{key}"] = str(value)[:500]
+            flat[f"{prefix}{key}"] = redact(str(value))[:500]  # e.g. a signed manifest URL: masked
     return flat
 
 
@@ -280,12 +281,12 @@ def register(spec: LanguageSpec, trained: TrainResult, evaluation: Evaluation, a
     with mlflow.start_run(experiment_id=experiment_id, run_name=trained.run_dir.name) as run:
         run_id = run.info.run_id
         for key, value in lineage_tags.items():
-            client.set_tag(run_id, "pea." + key, value)
+            client.set_tag(run_id, "pea." + key, redact(value))
         params = _flatten(spec.model_dump(mode="json", exclude={"synthetic_captions"}))
         items = list(params.items())
         for start in range(0, len(items), 100):  # MLflow's per-batch cap for params
             mlflow.log_params(dict(items[start:start + 100]))
-        mlflow.log_dict(spec.model_dump(mode="json"), "spec.json")
+        mlflow.log_dict(redact_all(spec.model_dump(mode="json")), "spec.json")  # what a reader of the run sees
         mlflow.log_dict(trained.ds_config, "ds_config.json")
         history = [json.loads(line) for line in trained.history_path.read_text().splitlines()]
         now = int(time.time() * 1000)
@@ -316,7 +317,7 @@ def register(spec: LanguageSpec, trained: TrainResult, evaluation: Evaluation, a
     _wait_ready(client, name, version)
     for key, value in {**lineage_tags, "run_id": run_id,
                        **{f"eval.{k}": f"{v:.6g}" for k, v in metrics_now.items()}}.items():
-        client.set_model_version_tag(name, version, key, value)
+        client.set_model_version_tag(name, version, key, redact(value))
     client.set_registered_model_alias(name, "challenger", version)
     champion, promotion = promote(spec, evaluation, name, version, trained.adapter_dir, client)
     return Registration(uri, experiment, run_id, name, version, champion, promotion)
