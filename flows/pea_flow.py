@@ -265,13 +265,7 @@ def pea(language: Annotated[str, Field(pattern=LANGUAGE_CODE.pattern, descriptio
                               description=f"{spec.language}: held-out agreement with the teacher",
                               table=[{"metric": k, "value": round(v, 6)} for k, v in evaluation.metrics().items()])
         registered = _run(stages["register"], spec, trained, evaluation, filtered, **run)
-    links = ops.mlflow_links(registered)  # display links: credentials in the tracking URI are masked
-    tracking = redact(registered.tracking_uri)
-    create_markdown_artifact(
-        key=f"model-{spec.language}", description=f"{spec.language}: registered adapter",
-        markdown=f"**{registered.model_uri}** ({'champion' if registered.champion else 'challenger, not promoted'})\n\n"
-                 f"- [model version]({links['model_version']})\n- [MLflow run]({links['run']}) `{registered.run_id}`\n"
-                 f"- tracking: `{tracking}` ({links['ui']})\n- reused from cache: {cached or 'nothing'}")
+    model = publish_model(spec.language, registered, cached)
     if "acquire" in cached:  # nothing was downloaded in this run
         acquired = dataclasses.replace(acquired, shards_skipped=acquired.shards_total, seconds=0.0)
     if "embed" in cached:  # nothing was computed in this run: every row came from the stores
@@ -295,9 +289,22 @@ def pea(language: Annotated[str, Field(pattern=LANGUAGE_CODE.pattern, descriptio
         "table": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}
                   for row in evaluation.rows()],
         "grid": str(evaluation.grid),
-        "model": {"uri": registered.model_uri, "champion": registered.champion_uri if registered.champion else None,
-                  "tracking_uri": tracking, "run": links["run"]},
+        "model": model,
     }
+
+
+def publish_model(language: str, registered: registry.Registration, cached: list[str]) -> dict:
+    """The `model-<language>` artifact and the summary's model entry. Both are shown to people: a password or
+    token in the tracking URI is masked (pea.redact), in the links too."""
+    links = ops.mlflow_links(registered)
+    tracking = redact(registered.tracking_uri)
+    create_markdown_artifact(
+        key=f"model-{language}", description=f"{language}: registered adapter",
+        markdown=f"**{registered.model_uri}** ({'champion' if registered.champion else 'challenger, not promoted'})\n\n"
+                 f"- [model version]({links['model_version']})\n- [MLflow run]({links['run']}) `{registered.run_id}`\n"
+                 f"- tracking: `{tracking}` ({links['ui']})\n- reused from cache: {cached or 'nothing'}")
+    return {"uri": registered.model_uri, "champion": registered.champion_uri if registered.champion else None,
+            "tracking_uri": tracking, "run": links["run"]}
 
 
 def print_summary(summary: dict) -> None:

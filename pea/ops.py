@@ -29,7 +29,7 @@ from mlflow.exceptions import MlflowException
 from pydantic import ValidationError
 
 from pea.discovery import check_sources
-from pea.redact import redact
+from pea.redact import masked_errors, redact
 from pea.registry import Registration, model_name, tracking_uri
 from pea.spec import LanguageSpec, SpecError, available_languages, home, lake_root, load_spec
 from pea.table import data_fingerprint
@@ -97,6 +97,7 @@ def files_fingerprint(folder: Path, patterns: list[str]) -> str:
     return hashlib.sha256("\n".join(entries).encode()).hexdigest()[:16]
 
 
+@masked_errors()  # a failure names the tracking URI, which may hold a password
 def tag_sources(registration: Registration, spec: LanguageSpec) -> str:
     """Record the source fingerprint on the registered version, so a later scan can tell what changed."""
     fingerprint = source_fingerprint(spec)
@@ -105,6 +106,7 @@ def tag_sources(registration: Registration, spec: LanguageSpec) -> str:
     return fingerprint
 
 
+@masked_errors()
 def mlflow_links(registration: Registration) -> dict[str, str]:
     """Links to the run and the model version in the MLflow UI (a local `mlflow ui` for a SQLite store), for
     display: credentials in the tracking URI are masked."""
@@ -168,6 +170,7 @@ def check_language(spec: LanguageSpec, client: MlflowClient, lake: Path) -> tupl
                    "promoted; change the spec or the data, or run train-language by hand")
 
 
+@masked_errors()
 def due_languages(profile: str | None = None, languages: list[str] | None = None) -> Scan:
     """Check every language of data/languages/ (or `languages`) against the model registry."""
     client = MlflowClient(tracking_uri())

@@ -16,6 +16,8 @@ name, so a reader still sees which setting was there. It errs on the side of mas
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -58,6 +60,20 @@ def redact(text: Any) -> Any:
     text = URL.sub(lambda m: redact_url(m.group(0)), text)
     text = GENV_PAIR.sub(lambda m: f"{m.group(1)}{m.group(2)}{m.group(3)}{MASK}", text)
     return ENV_ASSIGN.sub(lambda m: f"{m.group(1)}={MASK}", text)
+
+
+@contextmanager
+def masked_errors() -> Iterator[None]:
+    """Re-raise any exception with the credentials in its message masked (same type, same traceback): MLflow's
+    client quotes the whole request URL, password included, when a tracking server cannot be reached. Also a
+    decorator (`@masked_errors()`)."""
+    try:
+        yield
+    except Exception as err:
+        err.args = tuple(redact(a) for a in err.args)
+        if isinstance(getattr(err, "message", None), str):
+            err.message = redact(err.message)
+        raise
 
 
 def redact_all(data: Any) -> Any:
