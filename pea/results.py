@@ -131,7 +131,22 @@ def check_record(content: bytes, where: str) -> bytes:
         raise TamperedResult(f"{where} names serializer {json.dumps(serializer)[:200]}; pea reads only results its "
                              f"own {TYPE!r} serializer wrote (pickles and importing decoders could run code): "
                              "refused, the stage runs again and overwrites it")
+    try:  # the payload too, so every refusal is logged (Prefect swallows a serializer's error)
+        ResultJSON().loads(str(record.get("result", "")).encode())
+    except ValueError as err:
+        raise TamperedResult(f"{where}: {err}; refused, the stage runs again and overwrites it") from None
     return content
+
+
+def _warn(message: str) -> None:
+    """To the task run's log (the Prefect UI) when there is one, else to this module's logger."""
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_run_logger
+
+    try:
+        get_run_logger().warning(message)
+    except MissingContextError:
+        log.warning(message)
 
 
 class ResultFiles(LocalFileSystem):
@@ -146,7 +161,7 @@ class ResultFiles(LocalFileSystem):
         try:
             return check_record(resolved.read_bytes(), str(resolved))
         except TamperedResult as err:
-            log.warning("%s", err)  # Prefect counts a failed read as no cached result
+            _warn(str(err))  # Prefect counts a failed read as no cached result, so say why the stage reruns
             raise
 
     async def aread_path(self, path: str) -> bytes:

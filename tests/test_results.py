@@ -81,10 +81,13 @@ def test_prefect_itself_would_run_a_pickled_result_file_and_check_record_refuses
     marker.unlink()
     with pytest.raises(TamperedResult, match="names serializer .*pickle"):
         check_record(_pickled_record(marker), "file")
+    with pytest.raises(TamperedResult, match="class 'Popen', which is not a pea stage result"):
+        check_record(json.dumps({"metadata": {"serializer": {"type": "pea-json"}}, "result": json.dumps(
+            {"$dataclass": {"type": "Popen", "fields": {}}})}).encode(), "file")
     assert not marker.exists()
 
 
-def test_a_tampered_result_file_is_refused_and_the_stage_runs_again(tmp_path):
+def test_a_tampered_result_file_is_refused_and_the_stage_runs_again(tmp_path, caplog):
     results, marker = tmp_path / "results", tmp_path / "pwned"
     CALLS.clear()
     with prefect_test_harness():
@@ -107,3 +110,5 @@ def test_a_tampered_result_file_is_refused_and_the_stage_runs_again(tmp_path):
             assert one_stage(results, tmp_path) == "Completed", i  # recomputed, not read
             assert len(CALLS) == 2 + i and not marker.exists()
             assert json.loads((results / KEY).read_text())["metadata"]["serializer"] == {"type": "pea-json"}
+    refusals = [r.getMessage() for r in caplog.records if "refused, the stage runs again" in r.getMessage()]
+    assert len(refusals) == 3 and "pickle" in refusals[0] and "'Popen'" in refusals[2]  # in the task run's log
