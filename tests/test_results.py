@@ -90,7 +90,7 @@ def test_prefect_itself_would_run_a_pickled_result_file_and_check_record_refuses
 def test_a_tampered_result_file_is_refused_and_the_stage_runs_again(tmp_path, caplog):
     results, marker = tmp_path / "results", tmp_path / "pwned"
     CALLS.clear()
-    with prefect_test_harness():
+    with prefect_test_harness(server_startup_timeout=180):  # slow to start on busy shared cores
         assert one_stage(results, tmp_path) == "Completed"
         record = json.loads((results / KEY).read_text())
         assert record["metadata"]["serializer"] == {"type": "pea-json"} and "$dataclass" in record["result"]

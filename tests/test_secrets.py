@@ -120,7 +120,7 @@ def test_the_model_artifact_and_the_printed_summary_mask_the_tracking_password(s
     def publish() -> dict:
         return publish_model("zh", registered, ["acquire"])
 
-    with prefect_test_harness():
+    with prefect_test_harness(server_startup_timeout=180):  # slow to start on busy shared cores
         model = publish()
         with get_client(sync_client=True) as client:
             markdown = next(a for a in client.read_artifacts() if a.key == "model-zh").data
