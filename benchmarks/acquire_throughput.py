@@ -109,7 +109,8 @@ def main() -> None:
             corpus = spec.corpus.model_copy(update={
                 "manifests": [ManifestSpec(path=str(manifest))], "synthetic": None, "image_size": args.size,
                 "encode_format": "jpg", "encode_quality": 95, "processes": args.processes, "threads": args.threads,
-                "rows_per_shard": args.per_shard, "timeout_s": 10, "retries": 0})
+                "rows_per_shard": args.per_shard, "timeout_s": 10, "retries": 0,
+                "allow_networks": ["127.0.0.1/32"]})  # the loopback server above
             spec = spec.model_copy(update={"corpus": corpus})
 
             acquire(spec.model_copy(update={"corpus": corpus.model_copy(update={"manifests": [

@@ -6,8 +6,9 @@
 Caching (docs/operations.md): acquire, filter and embed are cached across runs, keyed by the part of
 the spec they read and a fingerprint of their inputs; train, evaluate and register are cached only
 within one flow run (a retried run skips what it finished), so every new run trains and registers a
-new version. Cached results are small frozen dataclasses of paths and numbers, pickled under
-`$PEA_RESULTS` (default `<lake>/prefect-results`); the data itself stays in the lake.
+new version. Cached results are small frozen dataclasses of paths and numbers, written as plain JSON under
+`$PEA_RESULTS` (default `<lake>/prefect-results`) and read back only through pea.results, which refuses a file
+it did not write (never unpickled, nothing imported); the data itself stays in the lake.
 """
 
 from __future__ import annotations
@@ -31,20 +32,21 @@ from pydantic import Field
 
 from pea import embed as embed_stage
 from pea import evaluate as evaluate_stage
-from pea import launcher, ops, registry
+from pea import launcher, ops, registry, results
 from pea import shards as shards_stage
 from pea import train as train_stage
 from pea.corpus import acquire as acquire_stage
 from pea.corpus import filter as filter_stage
 from pea.embedded import prepare_zoo
+from pea.redact import redact
 from pea.spec import ENGINE_ADDRESS, LANGUAGE_CODE, LanguageSpec, lake_root, load_spec, profiles
 from pea.table import data_fingerprint
 
-CACHE_VERSION = 1  # bump when a stage's output format changes, so old cached results are not reused
+CACHE_VERSION = 2  # bump when a stage's output format changes, so old cached results are not reused (2: pea-json)
 
 
 def results_root(lake: Path) -> Path:
-    """Where Prefect persists task results (small pickled dataclasses): $PEA_RESULTS or <lake>/prefect-results."""
+    """Where Prefect persists task results (pea-json, pea.results): $PEA_RESULTS or <lake>/prefect-results."""
     return Path(os.environ.get("PEA_RESULTS") or Path(lake) / "prefect-results").resolve()
 
 
@@ -252,9 +254,10 @@ def pea(language: Annotated[str, Field(pattern=LANGUAGE_CODE.pattern, descriptio
     launcher.apply_thread_budget(threads)
     print(f"thread budget: {threads} (PEA_THREADS, else the cores / the work pool's concurrency limit)")
     lake = lake_root()
-    storage = results_root(lake)
-    stages = {t.name: t.with_options(result_storage=storage) for t in (acquire, filter_pairs, embed, pack, train,
-                                                                        train_diffusion_only, evaluate, register)}
+    # JSON results, read back only through a storage that refuses files naming another serializer (pea.results).
+    storage = results.result_storage(results_root(lake))
+    stages = {t.name: results.persisted(t, storage) for t in (acquire, filter_pairs, embed, pack, train,
+                                                              train_diffusion_only, evaluate, register)}
     with get_client(sync_client=True) as client:
         client.upsert_global_concurrency_limit_by_name(language_limit(spec.language), 1)
     print(f"waiting for any other run of {spec.language} to finish (concurrency limit "
@@ -285,12 +288,7 @@ def pea(language: Annotated[str, Field(pattern=LANGUAGE_CODE.pattern, descriptio
                               description=f"{spec.language}: held-out agreement with the teacher",
                               table=[{"metric": k, "value": round(v, 6)} for k, v in evaluation.metrics().items()])
         registered = _run(stages["register"], spec, trained, evaluation, filtered, **run)
-    links = ops.mlflow_links(registered)
-    create_markdown_artifact(
-        key=f"model-{spec.language}", description=f"{spec.language}: registered adapter",
-        markdown=f"**{registered.model_uri}** ({'champion' if registered.champion else 'challenger, not promoted'})\n\n"
-                 f"- [model version]({links['model_version']})\n- [MLflow run]({links['run']}) `{registered.run_id}`\n"
-                 f"- tracking: `{registered.tracking_uri}` ({links['ui']})\n- reused from cache: {cached or 'nothing'}")
+    model = publish_model(spec.language, registered, cached)
     if "acquire" in cached:  # nothing was downloaded in this run
         acquired = dataclasses.replace(acquired, shards_skipped=acquired.shards_total, seconds=0.0)
     if "embed" in cached:  # nothing was computed in this run: every row came from the stores
@@ -314,9 +312,22 @@ def pea(language: Annotated[str, Field(pattern=LANGUAGE_CODE.pattern, descriptio
         "table": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}
                   for row in evaluation.rows()],
         "grid": str(evaluation.grid),
-        "model": {"uri": registered.model_uri, "champion": registered.champion_uri if registered.champion else None,
-                  "tracking_uri": registered.tracking_uri, "run": links["run"]},
+        "model": model,
     }
+
+
+def publish_model(language: str, registered: registry.Registration, cached: list[str]) -> dict:
+    """The `model-<language>` artifact and the summary's model entry. Both are shown to people: a password or
+    token in the tracking URI is masked (pea.redact), in the links too."""
+    links = ops.mlflow_links(registered)
+    tracking = redact(registered.tracking_uri)
+    create_markdown_artifact(
+        key=f"model-{language}", description=f"{language}: registered adapter",
+        markdown=f"**{registered.model_uri}** ({'champion' if registered.champion else 'challenger, not promoted'})\n\n"
+                 f"- [model version]({links['model_version']})\n- [MLflow run]({links['run']}) `{registered.run_id}`\n"
+                 f"- tracking: `{tracking}` ({links['ui']})\n- reused from cache: {cached or 'nothing'}")
+    return {"uri": registered.model_uri, "champion": registered.champion_uri if registered.champion else None,
+            "tracking_uri": tracking, "run": links["run"]}
 
 
 def print_summary(summary: dict) -> None:
@@ -348,7 +359,7 @@ def print_summary(summary: dict) -> None:
     table.add_row("model", summary["model"]["uri"] + (f"  (alias: {summary['model']['champion']})"
                                                       if summary["model"]["champion"] else "  (not promoted)"))
     table.add_row("image grid", summary["grid"])
-    table.add_row("MLflow UI", f"mlflow ui --backend-store-uri {summary['model']['tracking_uri']}")
+    table.add_row("MLflow UI", f"mlflow ui --backend-store-uri {redact(summary['model']['tracking_uri'])}")
     table.add_row("Prefect UI", "prefect server start   (then open http://127.0.0.1:4200)")
     console = Console(width=max(Console().width, 110))
     console.print(table)

@@ -3,7 +3,9 @@
 A language is due when `data/languages/<lang>.yaml` exists but no model version was trained from it
 yet, or when its spec, manifests or filtered data changed since its latest version (see pea.ops).
 Dropping a new spec into data/languages/ is all it takes to add a language. A language that already
-has a train-language run scheduled, pending or running is not started again.
+has a train-language run scheduled, pending or running is not started again. A spec starts nothing until it
+validates and names only allowed model sources and paths (pea.discovery): a refused one is listed in the
+`language-scan` artifact with its file and fields, the others are handled, then the scan fails so it is noticed.
 
     python -m flows.scan_flow --profile embedded              # in-process, against $PREFECT_API_URL
     prefect deployment run pea-scan/scan-languages             # the deployment from prefect.yaml
@@ -23,6 +25,7 @@ from prefect.client.schemas.objects import StateType
 from prefect.deployments import run_deployment
 
 from pea import ops
+from pea.redact import redact
 from pea.spec import SpecError
 
 TRAIN_DEPLOYMENT = "pea/train-language"
@@ -54,10 +57,11 @@ def scan_languages(profile: str | None = None, deployment: str = TRAIN_DEPLOYMEN
                              as_subflow=False, tags=["started-by-scan"])
         started[due.language] = str(run.id)
         rows.append({"language": due.language, "action": f"started {run.name} ({run.id})", "reason": due.reason})
-        print(f"{due.language}: started {deployment} run {run.name} — {due.reason}")
+        print(redact(f"{due.language}: started {deployment} run {run.name} — {due.reason}"))
     rows += [{"language": d.language, "action": "none", "reason": d.reason} for d in scan.up_to_date]
     rows += [{"language": lang, "action": "none: invalid spec", "reason": err} for lang, err in scan.invalid.items()]
-    create_table_artifact(key="language-scan", table=rows, description="what the language scan started, and why")
+    create_table_artifact(key="language-scan", table=[{k: redact(v) for k, v in r.items()} for r in rows],
+                          description="what the language scan started, and why")
     if scan.invalid:
         # The valid languages were handled above; fail the scan so the broken spec is noticed.
         raise SpecError("invalid spec(s), fix them and the next scan picks them up:\n" + "\n".join(scan.invalid.values()))

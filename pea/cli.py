@@ -126,6 +126,7 @@ def _eval(args) -> None:
 
     from pea.embed import launch
     from pea.evaluate import evaluate, format_table
+    from pea.redact import redact
     from pea.registry import fetch_adapter, resolve, tracking_uri
     from pea.spec import lake_root, load_spec
 
@@ -139,7 +140,7 @@ def _eval(args) -> None:
     try:
         version = resolve(uri, MlflowClient(tracking_uri()))
     except MlflowException as err:
-        raise SystemExit(f"{uri} is not in the registry at {tracking_uri()}: {err.message}") from None
+        raise SystemExit(f"{uri} is not in the registry at {redact(tracking_uri())}: {err.message}") from None
     tags = version.tags
     for role, ref in (("teacher", spec.teacher), ("student", spec.student)):
         if tags.get(f"{role}_id") not in (None, ref.id):

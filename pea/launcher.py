@@ -3,7 +3,8 @@
 Shared by training (pea.train.launch) and the embed stage (pea.embed.launch), so both scale out the
 same way: the command is `deepspeed --num_gpus N [--num_nodes M --hostfile H --launcher R]
 [--master_addr A] [--master_port P] --module <module> ...`, run as a subprocess whose output is
-streamed line by line (a Prefect task logs it with log_prints). A failure raises LaunchError naming
+streamed line by line (a Prefect task logs it with log_prints), credentials masked (pea.redact: DeepSpeed's
+multi-node runners echo their command with every exported variable, MLflow tokens included). A failure raises LaunchError naming
 the command, its exit code and the ranks' last lines. The environment is forwarded: the launcher's
 local ranks inherit it; for several nodes the variables of spec.FORWARDED_ENV plus the layout's
 `forward_env` are written (owner-only) to `<workdir>/.deepspeed_env`, which the launcher exports on
@@ -22,6 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from pea.redact import redact
 from pea.spec import FORWARDED_ENV, PACKAGE_ROOT, LanguageSpec, LauncherSpec, home, lake_root, load_spec
 
 # Set by the launcher for each rank; ours (from an in-process run) must not leak into the children.
@@ -137,7 +139,7 @@ def run(command: list[str], layout: LauncherSpec, workdir: Path) -> None:
     if layout.num_nodes > 1:
         write_deepspeed_env(workdir, forwarded)
 
-    shown = shlex.join(command)
+    shown = redact(shlex.join(command))
     if layout.multinode_runner == "no_ssh" and layout.num_nodes > 1:  # this node's ranks only
         print(f"launching {layout.num_gpus} of {layout.world_size} processes: {shown}", flush=True)
     else:
@@ -146,7 +148,8 @@ def run(command: list[str], layout: LauncherSpec, workdir: Path) -> None:
     with subprocess.Popen(command, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, errors="replace", bufsize=1) as proc:
         try:
-            for line in proc.stdout:  # streamed as it comes
+            for line in proc.stdout:  # streamed as it comes; the multi-node runners echo exported tokens
+                line = redact(line)
                 print(line, end="", flush=True)
                 tail.append(line)
         except BaseException:  # interrupted or cancelled: do not leave the ranks running

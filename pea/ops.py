@@ -7,6 +7,9 @@
     mlflow_links(registration) -> dict   # UI links to the run and the model version
     with_overrides(spec, train={...})    # a run's overrides of spec sections, validated like the spec
 
+Every spec is checked before it counts as due (pea.discovery): it must validate and name only allowed model
+sources and paths; a refused one is reported under `invalid` with the file and fields, and the rest go on.
+
 A language is *due* when it has a spec but no model version yet, when its spec or manifests changed
 since its latest version was trained (source fingerprint), or when the filtered pairs in the lake are
 not the data its latest version was trained on (data fingerprint). A language whose latest version was
@@ -25,6 +28,8 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from pydantic import ValidationError
 
+from pea.discovery import check_sources
+from pea.redact import masked_errors, redact
 from pea.registry import Registration, model_name, tracking_uri
 from pea.spec import LanguageSpec, SpecError, available_languages, home, lake_root, load_spec
 from pea.table import data_fingerprint
@@ -96,6 +101,7 @@ def files_fingerprint(folder: Path, patterns: list[str]) -> str:
     return hashlib.sha256("\n".join(entries).encode()).hexdigest()[:16]
 
 
+@masked_errors()  # a failure names the tracking URI, which may hold a password
 def tag_sources(registration: Registration, spec: LanguageSpec) -> str:
     """Record the source fingerprint on the registered version, so a later scan can tell what changed."""
     fingerprint = source_fingerprint(spec)
@@ -104,16 +110,18 @@ def tag_sources(registration: Registration, spec: LanguageSpec) -> str:
     return fingerprint
 
 
+@masked_errors()
 def mlflow_links(registration: Registration) -> dict[str, str]:
-    """Links to the run and the model version in the MLflow UI (a local `mlflow ui` for a SQLite store)."""
+    """Links to the run and the model version in the MLflow UI (a local `mlflow ui` for a SQLite store), for
+    display: credentials in the tracking URI are masked."""
     uri = registration.tracking_uri
     served = uri.startswith(("http://", "https://"))
-    base = uri.rstrip("/") if served else "http://127.0.0.1:5000"
+    base = redact(uri.rstrip("/")) if served else "http://127.0.0.1:5000"
     experiment = MlflowClient(uri).get_experiment_by_name(registration.experiment)
     experiment_id = experiment.experiment_id if experiment else "0"
     return {"run": f"{base}/#/experiments/{experiment_id}/runs/{registration.run_id}",
             "model_version": f"{base}/#/models/{registration.name}/versions/{registration.version}",
-            "ui": base if served else f"mlflow ui --backend-store-uri {uri}   (then open {base})"}
+            "ui": base if served else f"mlflow ui --backend-store-uri {redact(uri)}   (then open {base})"}
 
 
 @dataclass(frozen=True)
@@ -166,16 +174,19 @@ def check_language(spec: LanguageSpec, client: MlflowClient, lake: Path) -> tupl
                    "promoted; change the spec or the data, or run train-language by hand")
 
 
+@masked_errors()
 def due_languages(profile: str | None = None, languages: list[str] | None = None) -> Scan:
     """Check every language of data/languages/ (or `languages`) against the model registry."""
     client = MlflowClient(tracking_uri())
     lake = lake_root()
     scan = Scan()
     for language in languages if languages is not None else available_languages():
-        try:
-            spec = load_spec(language, profile)
+        source = home() / "data" / "languages" / f"{language}.yaml"
+        try:  # a dropped-in spec runs nothing until it validates and names only allowed sources
+            spec = check_sources(load_spec(language, profile), f"{source}" + (f" with profile {profile}" if profile
+                                                                               else ""))
         except SpecError as err:
-            scan.invalid[language] = str(err)
+            scan.invalid[language] = redact(str(err))
             continue
         due, why = check_language(spec, client, lake)
         (scan.due if due else scan.up_to_date).append(Due(language, why))

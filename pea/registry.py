@@ -29,13 +29,14 @@ import mlflow
 import numpy as np
 import torch
 from mlflow import MlflowClient
-from mlflow.entities import Metric
+from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, DataType, Schema, TensorSpec
 
 from pea.evaluate import Evaluation
 from pea.hub import pinned_revision
+from pea.redact import masked_errors, redact, redact_all
 from pea.spec import LanguageSpec, home
 from pea.table import data_fingerprint
 from pea.train import TrainResult
@@ -99,8 +100,19 @@ def _flatten(data: dict, prefix: str = "") -> dict[str, str]:
         if isinstance(value, dict):
             flat.update(_flatten(value, f"{prefix}{key}."))
         else:
-            flat[f"{prefix}{key}"] = str(value)[:500]
+            flat[f"{prefix}{key}"] = redact(str(value))[:500]  # e.g. a signed manifest URL: masked
     return flat
+
+
+def log_spec(client: MlflowClient, run_id: str, spec: LanguageSpec, lineage_tags: dict[str, str]) -> None:
+    """The run's lineage tags, the spec as params and as spec.json, credentials masked (a signed manifest URL,
+    a URL with a password): whoever can read the run sees the settings, not the secrets."""
+    for key, value in lineage_tags.items():
+        client.set_tag(run_id, "pea." + key, redact(value))
+    items = list(_flatten(spec.model_dump(mode="json", exclude={"synthetic_captions"})).items())
+    for start in range(0, len(items), 100):  # MLflow's per-batch cap for params
+        client.log_batch(run_id, params=[Param(k, v) for k, v in items[start:start + 100]])
+    client.log_dict(run_id, redact_all(spec.model_dump(mode="json")), "spec.json")
 
 
 def _wait_ready(client: MlflowClient, name: str, version: str, timeout_s: float = 60) -> None:
@@ -264,6 +276,7 @@ def _input_example(spec: LanguageSpec) -> list[str]:
         return [""]
 
 
+@masked_errors()  # a failure names the tracking URI, which may hold a password
 def register(spec: LanguageSpec, trained: TrainResult, evaluation: Evaluation, artifacts: list[Path],
              pairs_path: Path) -> Registration:
     """Log the run (spec, ds_config, loss curves, evaluation tables and grids, data-quality report), register the
@@ -279,13 +292,7 @@ def register(spec: LanguageSpec, trained: TrainResult, evaluation: Evaluation, a
     # registering from two threads of one process cannot log into each other's experiment.
     with mlflow.start_run(experiment_id=experiment_id, run_name=trained.run_dir.name) as run:
         run_id = run.info.run_id
-        for key, value in lineage_tags.items():
-            client.set_tag(run_id, "pea." + key, value)
-        params = _flatten(spec.model_dump(mode="json", exclude={"synthetic_captions"}))
-        items = list(params.items())
-        for start in range(0, len(items), 100):  # MLflow's per-batch cap for params
-            mlflow.log_params(dict(items[start:start + 100]))
-        mlflow.log_dict(spec.model_dump(mode="json"), "spec.json")
+        log_spec(client, run_id, spec, lineage_tags)
         mlflow.log_dict(trained.ds_config, "ds_config.json")
         history = [json.loads(line) for line in trained.history_path.read_text().splitlines()]
         now = int(time.time() * 1000)
@@ -316,7 +323,7 @@ def register(spec: LanguageSpec, trained: TrainResult, evaluation: Evaluation, a
     _wait_ready(client, name, version)
     for key, value in {**lineage_tags, "run_id": run_id,
                        **{f"eval.{k}": f"{v:.6g}" for k, v in metrics_now.items()}}.items():
-        client.set_model_version_tag(name, version, key, value)
+        client.set_model_version_tag(name, version, key, redact(value))
     client.set_registered_model_alias(name, "challenger", version)
     champion, promotion = promote(spec, evaluation, name, version, trained.adapter_dir, client)
     return Registration(uri, experiment, run_id, name, version, champion, promotion)

@@ -135,6 +135,17 @@ class CorpusSpec(Strict):
     min_image_size: int = Field(0, ge=0, description="img2dataset guard: smaller decoded sides are not stored")
     max_image_area: int = Field(100_000_000, ge=64, description="img2dataset guard against decompression bombs")
     rows_per_shard: int = Field(10_000, ge=10)
+    allow_networks: list[str] = Field(default_factory=list, description="CIDRs the download may reach besides "
+                                      "public addresses (e.g. ['10.8.0.0/16'] for an internal image store); "
+                                      "loopback, private, link-local, multicast and reserved ones are refused "
+                                      "otherwise (pea.corpus.addresses)")
+
+    @field_validator("allow_networks")
+    @classmethod
+    def _cidrs(cls, cidrs: list[str]) -> list[str]:
+        from pea.corpus.addresses import networks
+
+        return [str(n) for n in networks(cidrs)]
 
     @field_validator("manifests", mode="before")
     @classmethod

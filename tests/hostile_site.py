@@ -107,6 +107,8 @@ class Hostile(BaseHTTPRequestHandler):
                 self._head(302, length=0, Location="/loop.png")
             elif path == "/to-file.png":
                 self._head(302, length=0, Location="file:///etc/passwd")
+            elif path == "/to-private.png":  # 127.0.0.2 is loopback but not the allowed 127.0.0.1/32: never contacted
+                self._head(302, length=0, Location="http://127.0.0.2:9/metadata.png")
             else:
                 self.send_error(404)
         except (BrokenPipeError, ConnectionResetError):
@@ -143,7 +145,9 @@ EXPECTED = {  # path -> reason (None: kept)
     "/huge.png": "download_too_large", "/corrupt.png": "download_not_image", "/truncated.png": "download_not_image",
     "/page.png": "download_not_image", "/loop.png": "download_redirect", "/to-file.png": "download_redirect",
     "ftp://127.0.0.1/x.png": "bad_url", "file:///etc/passwd": "bad_url",
+    "/to-private.png": "download_blocked_address", "http://127.0.0.2:9/x.png": "download_blocked_address",
 }
+ALLOWED = ("127.0.0.1/32",)  # what the embedded profile's corpus.allow_networks says
 
 
 
@@ -163,5 +167,6 @@ def hostile_spec(base: LanguageSpec, server: str, root: Path, **corpus: Any) -> 
     manifest = root / "hostile.csv.gz"
     manifest.write_bytes(gzip.compress(data))
     fields = {"synthetic": None, "manifests": [ManifestSpec(path=str(manifest))], "timeout_s": TIMEOUT_S,
-              "max_download_bytes": MAX_BYTES, "rows_per_shard": 100, "threads": 8, **corpus}
+              "max_download_bytes": MAX_BYTES, "rows_per_shard": 100, "threads": 8,
+              "allow_networks": list(ALLOWED), **corpus}
     return base.model_copy(update={"corpus": base.corpus.model_copy(update=fields)})

@@ -9,7 +9,7 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
-from hostile_site import EXPECTED, GOOD, MAX_BYTES, TIMEOUT_S, hostile_spec  # tests/hostile_site.py: the site
+from hostile_site import ALLOWED, EXPECTED, GOOD, MAX_BYTES, TIMEOUT_S, hostile_spec  # tests/hostile_site.py: the site
 
 from pea.corpus.acquire import acquire
 from pea.corpus.fetch import fetch_image
@@ -35,6 +35,12 @@ def test_every_hostile_url_ends_within_the_timeout_and_is_counted(acquired) -> N
     for name in ("/stall.png", "/trickle.png", "/slow-headers.png"):
         row = next(r for r in raw if r["url"].endswith(name))
         assert row["error_message"].startswith("timeout:"), (name, row["error_message"])
+    # In img2dataset's worker processes too: the spec's allow-list reached them (the good rows were fetched from
+    # 127.0.0.1) and nothing else non-public was contacted, directly or through a redirect.
+    assert spec.corpus.allow_networks == list(ALLOWED) and result.successes == len(GOOD)
+    for name in ("/to-private.png", "127.0.0.2:9/x.png"):
+        row = next(r for r in raw if r["url"].endswith(name))
+        assert row["error_message"].startswith("blocked_address: 127.0.0.2 is 127.0.0.2 (loopback)"), row
 
 
 @pytest.mark.parametrize("path", ["/slow-headers.png", "/trickle.png", "/loop.png"])
@@ -45,14 +51,14 @@ def test_one_deadline_bounds_the_whole_download_headers_and_redirects_included(h
     import img2dataset.downloader  # noqa: F401 - fetch_image imports it; its import time is no download time
 
     start = time.monotonic()
-    key, stream, error = fetch_image((7, hostile_server + path), TIMEOUT_S, max_bytes=MAX_BYTES)
+    key, stream, error = fetch_image((7, hostile_server + path), TIMEOUT_S, max_bytes=MAX_BYTES, allow_networks=ALLOWED)
     seconds = time.monotonic() - start
     assert key == 7 and stream is None and seconds < TIMEOUT_S + 1
     assert error.startswith("redirect:" if path == "/loop.png" else "timeout:"), error
 
 
 def test_fetch_still_downloads_a_good_image_through_the_deadline_reader(hostile_server: str) -> None:
-    key, stream, error = fetch_image((1, hostile_server + "/ok/3.png"), TIMEOUT_S, max_bytes=MAX_BYTES)
+    key, stream, error = fetch_image((1, hostile_server + "/ok/3.png"), TIMEOUT_S, max_bytes=MAX_BYTES, allow_networks=ALLOWED)
     assert error is None and stream.read() == GOOD["/ok/3.png"]
 
 

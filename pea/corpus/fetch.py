@@ -9,8 +9,11 @@ the time left; every read of the status line, the headers and the body goes thro
 which gives the socket only the time left and fails once none is; a TLS handshake is bounded per read by
 the time left at connect), bodies over
 `corpus.max_download_bytes` and non-image content types are refused unread, redirects may only lead to
-http/https, and every error message starts with its class (`http_error:`, `timeout:`, `connection:`,
-`redirect:`, `not_image:`, `too_large:`, `bad_url:`) so the filter counts drops per class.
+http/https, every connection (redirects included) goes only to a resolved address pea.corpus.addresses allows
+(public, or in `corpus.allow_networks`; checked on the address actually connected to, before anything is sent;
+no proxy from the environment, whose address would hide the target's), and every error message starts with its
+class (`http_error:`, `timeout:`, `connection:`, `redirect:`, `not_image:`, `too_large:`, `bad_url:`,
+`blocked_address:`) so the filter counts drops per class.
 
 The subclass is pickled by reference to this module, so the hardened fetch runs in img2dataset's
 spawned workers, and on pyspark/ray workers too (where pea must be installed).
@@ -33,6 +36,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from pea.corpus.addresses import Network, networks, refusal
+from pea.redact import redact
 from pea.spec import URL_SCHEMES, LanguageSpec
 
 # img2dataset imports wandb and albumentations, which reach for the network unless told not to.
@@ -88,12 +93,39 @@ class _DeadlineResponse(http.client.HTTPResponse):
 
 
 class _DeadlineConnection:
-    """Mixed into http.client's connections: connect within the time left, respond through _DeadlineResponse."""
+    """Mixed into http.client's connections: connect within the time left, only to an allowed address, and
+    respond through _DeadlineResponse."""
 
-    def __init__(self, *args: Any, deadline: float, limit: float, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, deadline: float, limit: float, allowed: tuple[Network, ...] = (),
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._deadline, self._limit = deadline, limit
+        self._deadline, self._limit, self._allowed = deadline, limit, allowed
         self.response_class = functools.partial(_DeadlineResponse, deadline=deadline, timeout=limit)
+        self._create_connection = self._connect_allowed  # http.client's connect() (and TLS after it) goes here
+
+    def _connect_allowed(self, address: tuple[str, int], timeout: float, source_address: Any = None) -> socket.socket:
+        """socket.create_connection, but resolving once and connecting only to addresses that pass the check: the
+        socket's peer is the address checked, the Host header and TLS name stay the URL's."""
+        host, port = address
+        refused, error = [], None
+        for family, kind, proto, _, sockaddr in socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM):
+            if (why := refusal(sockaddr[0], self._allowed)) is not None:
+                refused.append(f"{sockaddr[0]} ({why})")
+                continue
+            sock = socket.socket(family, kind, proto)
+            try:
+                sock.settimeout(timeout)
+                if source_address:
+                    sock.bind(source_address)
+                sock.connect(sockaddr)
+                return sock
+            except OSError as err:
+                sock.close()
+                error = err
+        if error is not None:
+            raise error
+        raise FetchError(f"blocked_address: {host} is {', '.join(refused)}; the fetch connects only to public "
+                         "addresses unless the spec's corpus.allow_networks lists the network")
 
     def connect(self) -> None:
         self.timeout = _time_left(self._deadline, self._limit)  # also what a TLS handshake's reads get
@@ -109,28 +141,31 @@ class _DeadlineHTTPSConnection(_DeadlineConnection, http.client.HTTPSConnection)
 
 
 class _DeadlineHTTPHandler(urllib.request.HTTPHandler):
-    def __init__(self, deadline: float, limit: float) -> None:
+    def __init__(self, deadline: float, limit: float, allowed: tuple[Network, ...]) -> None:
         super().__init__()
-        self._connection = functools.partial(_DeadlineHTTPConnection, deadline=deadline, limit=limit)
+        self._connection = functools.partial(_DeadlineHTTPConnection, deadline=deadline, limit=limit, allowed=allowed)
 
     def http_open(self, req: urllib.request.Request) -> Any:
         return self.do_open(self._connection, req)
 
 
 class _DeadlineHTTPSHandler(urllib.request.HTTPSHandler):
-    def __init__(self, deadline: float, limit: float) -> None:
+    def __init__(self, deadline: float, limit: float, allowed: tuple[Network, ...]) -> None:
         super().__init__()
-        self._connection = functools.partial(_DeadlineHTTPSConnection, deadline=deadline, limit=limit)
+        self._connection = functools.partial(_DeadlineHTTPSConnection, deadline=deadline, limit=limit,
+                                             allowed=allowed)
 
     def https_open(self, req: urllib.request.Request) -> Any:
         extra = {"check_hostname": self._check_hostname} if hasattr(self, "_check_hostname") else {}  # Python 3.11
         return self.do_open(self._connection, req, context=self._context, **extra)
 
 
-def _opener(deadline: float, limit: float) -> urllib.request.OpenerDirector:
-    """An opener for one download: every connection and read it makes, redirects included, ends by `deadline`."""
-    return urllib.request.build_opener(_HttpOnlyRedirects, _DeadlineHTTPHandler(deadline, limit),
-                                       _DeadlineHTTPSHandler(deadline, limit))
+def _opener(deadline: float, limit: float, allowed: tuple[Network, ...]) -> urllib.request.OpenerDirector:
+    """An opener for one download: every connection and read it makes, redirects included, ends by `deadline`
+    and goes only to an allowed address. No proxies: the check must see the target's address, not a proxy's."""
+    return urllib.request.build_opener(urllib.request.ProxyHandler({}), _HttpOnlyRedirects,
+                                       _DeadlineHTTPHandler(deadline, limit, allowed),
+                                       _DeadlineHTTPSHandler(deadline, limit, allowed))
 
 
 def _classify(err: BaseException) -> str:
@@ -164,9 +199,10 @@ def _check_canvas(stream: io.BytesIO, max_area: float) -> None:
 
 
 def fetch_image(row: tuple[int, str], timeout: float, user_agent_token: str | None = None,
-                disallowed_header_directives: Any = None, *, max_bytes: int,
-                max_area: float = float("inf")) -> tuple[int, io.BytesIO | None, str | None]:
-    """img2dataset's `download_image` contract: (key, bytes stream or None, error message or None)."""
+                disallowed_header_directives: Any = None, *, max_bytes: int, max_area: float = float("inf"),
+                allow_networks: tuple[str, ...] = ()) -> tuple[int, io.BytesIO | None, str | None]:
+    """img2dataset's `download_image` contract: (key, bytes stream or None, error message or None).
+    `allow_networks`: CIDRs the fetch may reach besides public addresses (corpus.allow_networks)."""
     from img2dataset.downloader import is_disallowed
 
     key, url = row
@@ -175,7 +211,7 @@ def fetch_image(row: tuple[int, str], timeout: float, user_agent_token: str | No
         if not isinstance(url, str) or urlsplit(url).scheme.lower() not in URL_SCHEMES:
             raise FetchError(f"bad_url: only {'/'.join(URL_SCHEMES)} URLs are fetched, not {str(url)[:80]!r}")
         request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
-        with _opener(deadline, timeout).open(request, timeout=timeout) as response:
+        with _opener(deadline, timeout, networks(allow_networks)).open(request, timeout=timeout) as response:
             if disallowed_header_directives and is_disallowed(response.headers, user_agent_token,
                                                               disallowed_header_directives):
                 raise FetchError("disallowed: X-Robots-Tag forbids using this image")
@@ -197,7 +233,7 @@ def fetch_image(row: tuple[int, str], timeout: float, user_agent_token: str | No
         stream.seek(0)
         return key, stream, None
     except Exception as err:  # noqa: BLE001 - every failure becomes a counted error message, as in img2dataset
-        return key, None, _classify(err)
+        return key, None, redact(_classify(err))  # messages quote URLs, which may carry signatures
 
 
 def _downloader_class() -> type:
@@ -206,15 +242,17 @@ def _downloader_class() -> type:
     class PeaDownloader(Downloader):
         """img2dataset's Downloader, fetching with `fetch_image` in whichever process runs the shard."""
 
-        def __init__(self, *args: Any, max_bytes: int, max_area: float, **kwargs: Any) -> None:
+        def __init__(self, *args: Any, max_bytes: int, max_area: float, allow_networks: tuple[str, ...] = (),
+                     **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
-            self.max_bytes, self.max_area = max_bytes, max_area
+            self.max_bytes, self.max_area, self.allow_networks = max_bytes, max_area, tuple(allow_networks)
 
         def __call__(self, row: Any) -> Any:
             import img2dataset.downloader as module
 
             original = module.download_image
-            module.download_image = functools.partial(fetch_image, max_bytes=self.max_bytes, max_area=self.max_area)
+            module.download_image = functools.partial(fetch_image, max_bytes=self.max_bytes, max_area=self.max_area,
+                                                      allow_networks=self.allow_networks)
             try:
                 return super().__call__(row)
             finally:
@@ -250,7 +288,7 @@ def download(spec: LanguageSpec, url_list: Path, raw_dir: Path, extra_columns: l
     downloader_cls = __getattr__("PeaDownloader")
     previous_signal, previous_downloader = signal.getsignal(signal.SIGINT), i2d_main.Downloader
     i2d_main.Downloader = functools.partial(downloader_cls, max_bytes=corpus.max_download_bytes,
-                                            max_area=corpus.max_image_area)
+                                            max_area=corpus.max_image_area, allow_networks=tuple(corpus.allow_networks))
     try:
         img2dataset.download(
             url_list=str(url_list), output_folder=str(raw_dir), input_format="parquet",

@@ -43,14 +43,15 @@ from pea.spec import LanguageSpec
 from pea.store import connect
 
 DOWNLOAD_REASONS = ("download_http_error", "download_redirect", "download_timeout", "download_connection",
-                    "download_not_image", "download_too_large", "download_disallowed", "download_other")
+                    "download_not_image", "download_too_large", "download_disallowed", "download_blocked_address",
+                    "download_other")
 REASONS = (*MANIFEST_REASONS, *DOWNLOAD_REASONS, "too_small", "too_large", "bad_aspect", "low_similarity", "unsafe",
            "watermark", "caption_empty", "caption_too_short", "caption_too_long", "caption_not_text", "wrong_language",
            "custom_where", "duplicate_image", "duplicate_caption")
 PAIRS_COLUMNS = ("key", "image_sha256", "caption_en", "caption", "width", "height", "raw_file", "native")
 ROW_GROUP = 100_000
 JOB_ROWS = 200_000  # raw rows judged by one task: ~100 MB of metadata and captions; fixed costs paid once
-RULES_VERSION = 3  # bump when a per-row rule changes meaning: judged parts of older rules are then redone
+RULES_VERSION = 4  # bump when a per-row rule changes meaning: judged parts of older rules are then redone
 
 # The global rules, over the rows every per-row rule kept (`candidates`). A row whose image an earlier key already
 # has is a duplicate image; among the rest, a caption pair beyond its first `keep` images (by key) is a duplicate

@@ -51,6 +51,7 @@ DOWNLOAD_CLASS = """CASE
     WHEN status = 'failed_to_resize' THEN CASE error_message
         WHEN 'image too small' THEN 'too_small' WHEN 'image area too large' THEN 'too_large'
         WHEN 'aspect ratio too large' THEN 'bad_aspect' ELSE 'download_not_image' END
+    WHEN error_message LIKE 'blocked_address:%' THEN 'download_blocked_address'
     WHEN error_message LIKE 'http_error:%' OR error_message LIKE 'HTTP Error 4%' OR error_message LIKE 'HTTP Error 5%'
         THEN 'download_http_error'
     WHEN error_message LIKE 'redirect:%' OR error_message LIKE 'HTTP Error 3%' THEN 'download_redirect'
