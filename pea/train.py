@@ -45,6 +45,7 @@ from pathlib import Path
 
 import torch
 
+from pea import checkpoints as checkpoints_lib
 from pea import launcher, models
 from pea.adapter import PEAAdapter
 from pea.distill import Conditioning, distill_loss, sdxl_time_ids
@@ -213,9 +214,11 @@ def train(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, run_dir: 
     checkpoints = run_dir / "checkpoints"
     history_path = run_dir / "history.jsonl"
     start = 0
-    if (checkpoints / "latest").is_file():
-        # Our own run directory, written by engine.save_checkpoint in this run or its interrupted start.
-        _, client = engine.load_checkpoint(str(checkpoints))
+    tag = checkpoints_lib.newest_intact(checkpoints) if checkpoints.is_dir() else None
+    if tag is not None:
+        # Our own run directory: the newest sealed, intact tag of this run or its interrupted start (not `latest`,
+        # which DeepSpeed writes in place and a kill can leave empty).
+        _, client = engine.load_checkpoint(str(checkpoints), tag=tag)
         start = int(client["step"])
     history = [h for h in (json.loads(line) for line in history_path.read_text().splitlines())
                if h["step"] <= start] if history_path.is_file() and start else []
@@ -276,6 +279,8 @@ def train(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, run_dir: 
                 tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
                 os.replace(tmp, history_path)
             engine.save_checkpoint(str(checkpoints), tag=f"step{step + 1:08d}", client_state={"step": step + 1})
+            if engine.global_rank == 0:  # save_checkpoint ended with a barrier: every rank's files are written
+                checkpoints_lib.seal(checkpoints / f"step{step + 1:08d}")
 
     data.close()
     adapter_dir = run_dir / "adapter"

@@ -84,6 +84,40 @@ def test_kill_9_mid_run_then_resume_equals_an_uninterrupted_run(lake, tmp_path):
     assert steps == list(range(1, 25))
 
 
+def test_resume_skips_a_torn_latest_a_half_written_tag_and_a_corrupt_one(lake, tmp_path, capfd):
+    """What a kill during DeepSpeed's save leaves (an empty `latest`, written in place; a newer tag without its
+    seal, one file cut short) and what a bad disk leaves (a sealed tag whose file changed): the resume takes the
+    newest intact tag, names the others, and ends equal to an uninterrupted run."""
+    env = _env(lake)
+    whole = tmp_path / "whole"
+    subprocess.run([sys.executable, *_train_cmd(whole)], env=env, check=True, capture_output=True)
+    run = tmp_path / "damaged"
+    shutil.copytree(whole, run)
+    shutil.rmtree(run / "adapter")
+    checkpoints = run / "checkpoints"
+    for tag in ("step00000016", "step00000020", "step00000024"):
+        shutil.rmtree(checkpoints / tag)
+    half = checkpoints / "step00000016"  # the save that was killed: files copied, one cut short, never sealed
+    shutil.copytree(checkpoints / "step00000012", half)
+    (half / "pea-seal.json").unlink()
+    biggest = max((p for p in half.rglob("*.pt")), key=lambda p: p.stat().st_size)
+    biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])
+    corrupt = max((p for p in (checkpoints / "step00000012").rglob("*.pt")), key=lambda p: p.stat().st_size)
+    data = bytearray(corrupt.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte: same size, wrong checksum
+    corrupt.write_bytes(bytes(data))
+    (checkpoints / "latest").write_text("")  # DeepSpeed's pointer, truncated by the kill
+
+    done = subprocess.run([sys.executable, *_train_cmd(run)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout + done.stderr
+    assert "checkpoint step00000016 skipped: not sealed" in out
+    assert f"checkpoint step00000012 skipped: {corrupt} does not match its checksum" in out
+    assert _max_diff(_adapter(run), _adapter(whole)) <= 1e-6  # resumed from step 8, the newest intact tag
+    steps = [int(line.split('"step": ')[1].split(",")[0]) for line in (run / "history.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 25))
+
+
 def test_two_processes_under_the_deepspeed_launcher_equal_one_with_the_same_global_batch(lake, tmp_path):
     env = _env(lake)
     launcher = Path(sys.executable).with_name("deepspeed")

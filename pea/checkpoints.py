@@ -1,0 +1,65 @@
+"""Which DeepSpeed checkpoint a run resumes from: the newest one that was saved completely and is intact on disk.
+
+DeepSpeed 0.19 writes a tag's files, then its `latest` pointer in place (not by rename), and keeps no record of
+what a complete tag holds. A kill while it writes leaves a half-written tag, or an empty or torn `latest`; a bad
+disk leaves a file that loads as garbage. So pea ignores `latest`: after each save (DeepSpeed's save ends with a
+barrier, so every rank's files are on disk) rank 0 seals the tag with `pea-seal.json`, every file's size and
+sha256, written under a temporary name and renamed. A resume takes the newest tag whose seal exists and whose
+files match it, and names every newer tag it skips and why. Checkpoints must be on storage every rank sees (as
+DeepSpeed's own multi-node resume needs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+SEAL = "pea-seal.json"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def seal(tag_dir: Path) -> Path:
+    """Record every file of a saved tag (size, sha256): the tag counts as complete from now on."""
+    files = {p.relative_to(tag_dir).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(tag_dir.rglob("*")) if p.is_file() and not p.name.startswith((SEAL, f".{SEAL}"))}
+    tmp = tag_dir / f".{SEAL}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(files, indent=1))
+    os.replace(tmp, tag_dir / SEAL)
+    return tag_dir / SEAL
+
+
+def problem(tag_dir: Path) -> str | None:
+    """Why `tag_dir` cannot be resumed from (None: it is complete and intact)."""
+    seal_path = tag_dir / SEAL
+    if not seal_path.is_file():
+        return "not sealed (its save did not finish)"
+    try:
+        files = json.loads(seal_path.read_text())
+    except ValueError:
+        return f"{seal_path} is not valid JSON"
+    for name, expected in files.items():
+        path = tag_dir / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != expected["bytes"] or _sha256(path) != expected["sha256"]:
+            return f"{path} does not match its checksum (corrupt or overwritten)"
+    return None
+
+
+def newest_intact(checkpoints: Path, log=print) -> str | None:  # noqa: ANN001 - any print-like callable
+    """The tag to resume from: the newest intact one (tags sort by step), or None to start from step 0."""
+    for tag_dir in sorted((p for p in checkpoints.glob("step*") if p.is_dir()), reverse=True):
+        why = problem(tag_dir)
+        if why is None:
+            return tag_dir.name
+        log(f"checkpoint {tag_dir.name} skipped: {why}")
+    return None
