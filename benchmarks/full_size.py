@@ -4,7 +4,7 @@ Builds once (pea.fullsize, random weights, fp16 files in `--models-dir`, default
 pipeline and the language's student at full size, then runs the stages the `pea` flow runs, in this process,
 on the profile `fullsize` merged on the language spec (data/profiles/fullsize.yaml) in a fresh temporary lake:
 acquire (the synthetic corpus over 127.0.0.1, image_size 512), filter, embed, pack, train (DeepSpeed, the spec's
-bf16, on the CPU), evaluate (held-out pairs, one grid row), register (MLflow on SQLite in the temp dir), and
+bf16 on the CPU, or fp32 on a CPU without fast bf16: `bf16_is_fast`), evaluate (held-out pairs, one grid row), register (MLflow on SQLite in the temp dir), and
 `pea generate` of one 512×512 image. Prints seconds and peak RSS (this process and its children, sampled) per
 stage and the bytes per pair of each store; LAST line `full_size_ok=<models> peak_rss_gb=<x>`.
 
@@ -94,6 +94,13 @@ def store_report(embedded) -> dict[str, dict]:
     return report
 
 
+def bf16_is_fast() -> bool:
+    """bf16 runs on a fast path here: a GPU, or a CPU whose oneDNN has bf16 kernels (AVX-512 BF16/AMX or emulated)."""
+    import torch
+
+    return torch.cuda.is_available() or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def rehearse(language: str = "zh", kind: str = "sd15", pairs: int = 12, steps: int = 2, work: Path | None = None,
              models_dir: Path | None = None, meter: Meter | None = None) -> dict:
     """Every stage once on full-size models; returns shapes, figures and the generated image's path."""
@@ -106,7 +113,14 @@ def rehearse(language: str = "zh", kind: str = "sd15", pairs: int = 12, steps: i
     models_dir = Path(models_dir or fullsize.root())
     profile = "fullsize" + (",fullsize-sdxl" if kind == "sdxl" else "")
     spec = load_spec(language, profile, zoo_dir=models_dir.parent)
-    spec = with_overrides(spec, corpus={"synthetic": SyntheticCorpus(size=pairs, seed=0)}, train={"steps": steps})
+    train_overrides: dict = {"steps": steps}
+    if spec.train.precision == "bf16" and not bf16_is_fast():
+        # A CPU without AVX-512 runs bf16 matmuls and convolutions on a slow fallback: one SD 1.5 UNet forward at
+        # 512 px did not finish in 10 min on an AMD EPYC with AVX2 only, against 27 s in fp32. Rehearse in fp32
+        # there (the GPU run keeps the spec's bf16) and say so.
+        train_overrides["precision"] = "fp32"
+        print("full_size: this CPU has no fast bf16 (no AVX-512): training in fp32 instead of the spec's bf16")
+    spec = with_overrides(spec, corpus={"synthetic": SyntheticCorpus(size=pairs, seed=0)}, train=train_overrides)
     lake = work / "lake"
     (work / "tracking").mkdir(parents=True, exist_ok=True)
     saved = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "PEA_LAKE")}

@@ -36,8 +36,9 @@ def test_stores_hold_the_real_shapes(rehearsal):
     assert stores["teacher"]["bytes_per_row"] > 77 * 768 * 2 * 0.5  # 16-bit, incompressible noise-like values
 
 
-def test_bf16_training_gives_a_finite_loss_and_a_registered_version(rehearsal):
-    assert rehearsal["spec"].train.precision == "bf16"
+def test_training_gives_a_finite_loss_and_a_registered_version(rehearsal):
+    # the spec's bf16 where this CPU runs bf16 fast, else fp32 (benchmarks/full_size.py: bf16_is_fast)
+    assert rehearsal["spec"].train.precision == ("bf16" if _benchmark().bf16_is_fast() else "fp32")
     assert math.isfinite(rehearsal["trained"].final_loss)
     assert rehearsal["registered"].version == "1"
     assert all(math.isfinite(v) for v in rehearsal["evaluation"].relative_error.values())
