@@ -98,7 +98,9 @@ def bf16_is_fast() -> bool:
     """bf16 runs on a fast path here: a GPU, or a CPU whose oneDNN has bf16 kernels (AVX-512 BF16/AMX or emulated)."""
     import torch
 
-    return torch.cuda.is_available() or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    from pea.models import cpu_bf16_is_fast
+
+    return torch.cuda.is_available() or cpu_bf16_is_fast()
 
 
 def rehearse(language: str = "zh", kind: str = "sd15", pairs: int = 12, steps: int = 2, work: Path | None = None,
