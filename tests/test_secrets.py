@@ -89,6 +89,9 @@ def server(tmp_path_factory):
 
 
 def test_mlflow_params_tags_and_spec_json_hold_no_signature(server, zoo_dir, monkeypatch):
+    # MLflow's telemetry thread sets and unsets _MLFLOW_TELEMETRY_SESSION_ID in os.environ, racing monkeypatch's
+    # restore (a KeyError, seen twice); this test is about params and tags, not telemetry.
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server)
     spec = load_spec("zh", "embedded", zoo_dir=zoo_dir)
     spec = spec.model_copy(update={"corpus": spec.corpus.model_copy(update={
