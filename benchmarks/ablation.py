@@ -80,7 +80,7 @@ def main() -> None:
         params = sum(p.numel() for p in PEAAdapter(kind="sd15", student_dim=64, hidden_dim=width,
                                                    token_dim=32).parameters())
         sweep.append((width, params, *gaps(e)))
-    print(f"\nAdapter width sweep (student 64 → tokens 32; the paper's 1024/2048 scaled by 1/16)")
+    print("\nAdapter width sweep (student 64 → tokens 32; the paper's 1024/2048 scaled by 1/16)")
     print(f"{'hidden_dim':>10} {'parameters':>11} {'gap closed':>11} {'image gap closed':>17}")
     for width, params, unet_gap, image_gap in sweep:
         print(f"{width:10d} {params:11,d} {unet_gap:11.3f} {image_gap:17.3f}")

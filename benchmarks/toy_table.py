@@ -89,7 +89,7 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     print("\n".join(rows))
     if len(args.seeds) > 1:
-        print(f"\nPEA per training seed (the table shows their mean)\n\n| language | "
+        print("\nPEA per training seed (the table shows their mean)\n\n| language | "
               + " | ".join(f"seed {s}" for s in args.seeds) + " | sd |\n|---|" + "---:|" * (len(args.seeds) + 1))
         print("\n".join(seed_rows))
     print(f"min_trained_vs_teacher={min(ratios.values()):.3f}")

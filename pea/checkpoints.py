@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
+
+from pea.atomic import publish
 
 SEAL = "pea-seal.json"
 
@@ -28,9 +29,8 @@ def seal(tag_dir: Path) -> Path:
     """Record every file of a saved tag (size, sha256): the tag counts as complete from now on."""
     files = {p.relative_to(tag_dir).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
              for p in sorted(tag_dir.rglob("*")) if p.is_file() and not p.name.startswith((SEAL, f".{SEAL}"))}
-    tmp = tag_dir / f".{SEAL}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(files, indent=1))
-    os.replace(tmp, tag_dir / SEAL)
+    with publish(tag_dir / SEAL, "train: checkpoint seal") as tmp:
+        tmp.write_text(json.dumps(files, indent=1))
     return tag_dir / SEAL
 
 

@@ -48,6 +48,7 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import torch
+from filelock import FileLock
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -221,24 +222,40 @@ def embed(spec: LanguageSpec, lake: Path, pairs_path: Path, worker: int = 0, wor
     computed, reused = {}, {}
     try:
         for name, load in (("teacher", teacher_encoder), ("student", student_encoder)):
-            query, computed[name], reused[name] = _missing(con, f"{name}_inputs", stores[name])
-            _fill(stores[name], _batches(con, query, "text", spec.embed.text_batch_size), computed[name], load, name)
-        query, computed["latents"], reused["latents"] = _missing(con, "latents_inputs", stores["latents"])
-        if computed["latents"]:
-            raw_files = [row[0] for row in con.execute(f"SELECT DISTINCT raw_file FROM ({query})").fetchall()]
-            # One pass over the raw shards' key and image columns, joined to the missing images (the smaller
-            # side, hashed); img2dataset names the image column after its encode format.
-            images = f"""SELECT m.hash, {{'hash': m.hash, 'key': m.key, 'raw_file': m.raw_file,
-                                          'data': r.{spec.corpus.encode_format}}} AS image FROM ({query}) m
-                JOIN read_parquet([{', '.join(_literal(f) for f in raw_files)}], filename = true) r
-                  ON r.key = m.key AND r.filename = m.raw_file"""
-            _fill(stores["latents"], _batches(con, images, "image", spec.embed.image_batch_size), computed["latents"],
-                  vae_encoder, "latents")
+            with _claim(stores[name], worker, workers):
+                query, computed[name], reused[name] = _missing(con, f"{name}_inputs", stores[name])
+                _fill(stores[name], _batches(con, query, "text", spec.embed.text_batch_size), computed[name], load,
+                      name)
+        with _claim(stores["latents"], worker, workers):
+            _fill_latents(spec, con, stores["latents"], vae_encoder, computed, reused)
     finally:
         con.close()
         shutil.rmtree(spill, ignore_errors=True)
     return EmbedResult(stores["teacher"].root, stores["student"].root, stores["latents"].root,
                        computed, reused, time.perf_counter() - started)
+
+
+def _claim(store: TensorStore, worker: int, workers: int) -> FileLock:
+    """Who computes a store's missing rows of one hash bucket: one process at a time. Two languages share the
+    English teacher store; without this, both would find the same captions missing and store them twice. Workers
+    of one run hold different buckets and never wait for each other. (filelock's flock: local disks and most
+    shared filesystems; where locks do not work, duplicates are harmless, as pack keeps one row per hash.)"""
+    return FileLock(store.root / f".claim-{worker}-of-{workers}.lock")
+
+
+def _fill_latents(spec: LanguageSpec, con: duckdb.DuckDBPyConnection, store: TensorStore, vae_encoder: Callable,
+                  computed: dict[str, int], reused: dict[str, int]) -> None:
+    query, computed["latents"], reused["latents"] = _missing(con, "latents_inputs", store)
+    if computed["latents"]:
+        raw_files = [row[0] for row in con.execute(f"SELECT DISTINCT raw_file FROM ({query})").fetchall()]
+        # One pass over the raw shards' key and image columns, joined to the missing images (the smaller
+        # side, hashed); img2dataset names the image column after its encode format.
+        images = f"""SELECT m.hash, {{'hash': m.hash, 'key': m.key, 'raw_file': m.raw_file,
+                                      'data': r.{spec.corpus.encode_format}}} AS image FROM ({query}) m
+            JOIN read_parquet([{', '.join(_literal(f) for f in raw_files)}], filename = true) r
+              ON r.key = m.key AND r.filename = m.raw_file"""
+        _fill(store, _batches(con, images, "image", spec.embed.image_batch_size), computed["latents"],
+              vae_encoder, "latents")
 
 
 def _total(results: list[EmbedResult], field_name: str) -> dict[str, int]:

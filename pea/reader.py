@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pea.shards import Shards
-from pea.store import as_tensor, decode_raw
+from pea.store import CorruptPart, as_tensor, decode_raw
 
 
 @dataclass
@@ -119,8 +119,14 @@ class ShardStream:
         parts: dict[str, list[np.ndarray]] = {c: [] for c in self.columns}
         for block in blocks:
             f, g, _ = self.blocks[block]
-            with self._fs.open_input_file(f"{self._root}/{self.shards.files[f]}") as handle:
-                table = pq.ParquetFile(handle).read_row_group(g, columns=self.columns)
+            path = f"{self._root}/{self.shards.files[f]}"
+            try:
+                with self._fs.open_input_file(path) as handle:
+                    table = pq.ParquetFile(handle, page_checksum_verification=True).read_row_group(
+                        g, columns=self.columns)
+            except OSError as err:  # a page's checksum failed (pea.shards writes them), or the file is unreadable
+                raise CorruptPart(f"training shard {path} is corrupt ({err}); delete the pack folder {self._root} "
+                                  "(the pack stage writes it again from the stores) and rerun") from err
             for name, (shape, _) in self.shards.tensors.items():
                 parts[name].append(decode_raw(table.column(name), shape))
             parts["native"].append(table.column("native").to_numpy(zero_copy_only=False).astype(np.float32))

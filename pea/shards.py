@@ -44,7 +44,8 @@ from safetensors.torch import load, save_file
 
 from pea.embed import EmbedResult
 from pea.spec import LanguageSpec
-from pea.store import TensorStore, connect, key_digest, tensor_meta, text_hash
+from pea.atomic import is_no_room, no_room
+from pea.store import CorruptPart, TensorStore, connect, corrupt_parts, key_digest, read_part, tensor_meta, text_hash
 
 FORMAT = 2  # bump when the layout of a pack changes (2: rows shuffled within each gathered chunk)
 
@@ -135,7 +136,10 @@ class _Gather:
     def part(self, file: str) -> pa.Table:
         if file not in self.cache:
             schema = pq.read_schema(file)
-            self.cache[file] = pq.read_table(file, columns=[c for c in self.columns if c in schema.names])
+            try:
+                self.cache[file] = read_part(file, columns=[c for c in self.columns if c in schema.names])
+            except CorruptPart as err:
+                raise corrupt_parts([file], err) from err
             while len(self.cache) > PARTS_CACHED:
                 self.cache.pop(next(iter(self.cache)))
         return self.cache[file]
@@ -221,7 +225,8 @@ def _write_row_groups(batches, folder: Path, rows: int) -> int:
     def emit(table: pa.Table) -> None:
         nonlocal writer, files, groups
         if writer is None:
-            writer = pq.ParquetWriter(folder / f"data_{files:06d}.parquet", table.schema, compression="none")
+            writer = pq.ParquetWriter(folder / f"data_{files:06d}.parquet", table.schema, compression="none",
+                                      write_page_checksum=True)  # verified by every reader (pea.reader)
         writer.write_table(table, row_group_size=rows)
         groups += 1
         if groups == ROW_GROUPS_PER_FILE:
@@ -270,6 +275,10 @@ def pack(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult) -> Packed:
             except OSError:  # another process (a rank) packed the same key first: its pack is the one
                 if not (root / "index.json").is_file():
                     raise
+        except OSError as err:
+            if is_no_room(err):
+                raise no_room("pack: training shards", root, err) from err
+            raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return Packed(root, Shards.open(root, "train"), Shards.open(root, "heldout"))

@@ -28,6 +28,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from pea.atomic import publish
+
 if TYPE_CHECKING:
     import torch
 
@@ -81,6 +83,46 @@ class StoreMismatch(ValueError):
     pass
 
 
+class CorruptPart(OSError):
+    """A Parquet part whose pages fail their checksums (or cannot be decoded)."""
+
+
+# Parquet's page CRCs, verified on read: without this pyarrow returns a flipped byte as data (DuckDB never checks
+# them, so tensors are read through pyarrow only).
+CHECKED = ds.ParquetFileFormat(
+    default_fragment_scan_options=ds.ParquetFragmentScanOptions(page_checksum_verification=True))
+QUARANTINE = "corrupt"
+
+
+def read_part(path: str | Path, columns: list[str] | None = None, filesystem=None) -> pa.Table:
+    """One Parquet part (a store part or a shard file) with its page checksums verified; CorruptPart names it."""
+    try:
+        return pq.read_table(path, columns=columns, filesystem=filesystem, page_checksum_verification=True)
+    except OSError as err:
+        raise CorruptPart(f"{path} is corrupt ({err})") from err
+
+
+def _intact(path: str | Path) -> bool:
+    try:
+        read_part(path)
+        return True
+    except CorruptPart:
+        return False
+
+
+def corrupt_parts(parts: list[str | Path], err: BaseException) -> CorruptPart:
+    """Move corrupt store parts aside (into `<store>/corrupt/`, kept for inspection) and say so: their rows are
+    missing from then on, so the next embed computes them again."""
+    moved = []
+    for path in map(Path, parts):
+        target = path.parent / QUARANTINE / path.name
+        target.parent.mkdir(exist_ok=True)
+        os.replace(path, target)
+        moved.append(str(target))
+    return CorruptPart(f"store part(s) failed their checksums ({str(err).splitlines()[0]}) and were moved aside: "
+                       f"{', '.join(moved)}. Rerun: the embed stage computes their rows again")
+
+
 class TensorStore:
     def __init__(self, root: Path, key: dict, dtype: str):
         self.root = Path(root)
@@ -125,16 +167,22 @@ class TensorStore:
             array, field = encode_tensor(name, tensor, self.dtype)
             fields.append(field)
             arrays.append(array)
-        name = f"part-{uuid.uuid4().hex}.parquet"
-        tmp = self.root / f".{name}.tmp"
-        pq.write_table(pa.Table.from_arrays(arrays, schema=pa.schema(fields)), tmp)
-        os.replace(tmp, self.root / name)
-        return self.root / name
+        path = self.root / f"part-{uuid.uuid4().hex}.parquet"
+        with publish(path, f"embed: {self.root.parent.name} store part") as tmp:
+            # Page checksums: a flipped bit on disk is refused by name where tensors are read (read_part).
+            pq.write_table(pa.Table.from_arrays(arrays, schema=pa.schema(fields)), tmp, write_page_checksum=True)
+        return path
 
     def read(self, hashes: list[str]) -> dict[str, torch.Tensor]:
         """Every tensor column for `hashes`, rows in that order (float32); every hash must be stored."""
         parts = self.parts()
-        found = ds.dataset(parts).to_table(filter=pc.field("hash").isin(list(set(hashes)))) if parts else None
+        found = None
+        if parts:
+            try:
+                found = ds.dataset(parts, format=CHECKED).to_table(filter=pc.field("hash").isin(list(set(hashes))))
+            except OSError as err:
+                bad = [p for p in parts if not _intact(p)]
+                raise corrupt_parts(bad or parts, err) from err
         position = {h: i for i, h in enumerate(found.column("hash").to_pylist())} if found is not None else {}
         missing = [h for h in set(hashes) if h not in position]
         if missing:

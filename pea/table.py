@@ -14,12 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import pyarrow.parquet as pq
 import torch
 
 from pea.embed import EmbedResult
 from pea.spec import LanguageSpec
-from pea.store import connect, decode_tensor, pair_hash
+from pea.store import CorruptPart, connect, decode_tensor, pair_hash, read_part
 
 Split = Literal["train", "heldout"]
 
@@ -82,7 +81,10 @@ def load_table(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, spli
         raise ValueError("only the held-out split is loaded whole; training streams its split (pea.reader)")
     shards = pack(spec, pairs_path, embedded).heldout
     fs, root = shards.filesystem()
-    table = pq.read_table(f"{root}/{shards.files[0]}", filesystem=fs)
+    try:
+        table = read_part(f"{root}/{shards.files[0]}", filesystem=fs)
+    except CorruptPart as err:
+        raise CorruptPart(f"{err}; delete the pack folder {root} (the pack stage writes it again) and rerun") from err
     tensors = {name: decode_tensor(table.column(name), shape=shape, dtype=dtype).float()
                for name, (shape, dtype) in shards.tensors.items()}
     empty = shards.empty()

@@ -48,6 +48,7 @@ import torch
 from pea import checkpoints as checkpoints_lib
 from pea import launcher, models
 from pea.adapter import PEAAdapter
+from pea.atomic import is_no_room, no_room, publish
 from pea.distill import Conditioning, distill_loss, sdxl_time_ids
 from pea.embed import EmbedResult, open_stores
 from pea.launcher import LaunchError, deepspeed_command, write_deepspeed_env  # noqa: F401 (part of this API)
@@ -162,11 +163,9 @@ def _export(engine, zero_stage: int, run_dir: Path, adapter_dir: Path) -> None:
         return
     adapter = PEAAdapter.from_config(engine.module.config)
     adapter.load_state_dict(state)
-    staging = run_dir / ".adapter.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    adapter.save_pretrained(staging, safe_serialization=True)
-    shutil.rmtree(adapter_dir, ignore_errors=True)
-    os.replace(staging, adapter_dir)
+    shutil.rmtree(adapter_dir, ignore_errors=True)  # a folder is renamed in only where none is
+    with publish(adapter_dir, "train: adapter") as staging:
+        adapter.save_pretrained(staging, safe_serialization=True)
 
 
 def train(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, run_dir: Path) -> TrainResult:
@@ -275,12 +274,18 @@ def train(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, run_dir: 
             # History first: a kill between the two leaves extra lines, which a resume drops (step > start);
             # the other order could leave a checkpoint whose steps the history lacks.
             if engine.global_rank == 0:
-                tmp = history_path.with_suffix(".tmp")
-                tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
-                os.replace(tmp, history_path)
-            engine.save_checkpoint(str(checkpoints), tag=f"step{step + 1:08d}", client_state={"step": step + 1})
+                with publish(history_path, "train: loss history") as tmp:
+                    tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
+            tag = checkpoints / f"step{step + 1:08d}"
+            try:
+                engine.save_checkpoint(str(checkpoints), tag=tag.name, client_state={"step": step + 1})
+            except (OSError, RuntimeError) as err:  # DeepSpeed's torch.save: 'file write failed', no errno
+                if is_no_room(err):  # unsealed, no resume would take it; removed so nothing partial stays
+                    shutil.rmtree(tag, ignore_errors=True)
+                    raise no_room("train: checkpoint", tag, err) from err
+                raise
             if engine.global_rank == 0:  # save_checkpoint ended with a barrier: every rank's files are written
-                checkpoints_lib.seal(checkpoints / f"step{step + 1:08d}")
+                checkpoints_lib.seal(tag)
 
     data.close()
     adapter_dir = run_dir / "adapter"

@@ -2,19 +2,15 @@
 runner, which echoes its command with every exported variable), MLflow params/tags/spec.json on a real server
 reached through a URI with a password, the flow's `model-<lang>` Prefect artifact and the printed summary."""
 
+import json
 import os
-import socket
 import stat
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
-from mlflow.artifacts import load_dict
 
+from mlflow_server import free_port, mlflow_server
 from pea import launcher, registry
 from pea.spec import LauncherSpec, ManifestSpec, load_spec
 
@@ -52,43 +48,14 @@ def test_deepspeed_multinode_runner_echo_is_masked_in_the_stream_and_the_error(t
     assert f"MLFLOW_TRACKING_TOKEN=tok-{SECRET}" in env_file.read_text() and env_file.stat().st_mode & 0o077 == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """A real `mlflow server` on 127.0.0.1, reached through a URI with a password (sent, and ignored: no auth)."""
-    root = tmp_path_factory.mktemp("mlflow-secrets")
-    port = _free_port()
-    log = open(root / "server.log", "wb")
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, cwd=root)
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"mlflow server did not come up: {(root / 'server.log').read_text()[-2000:]}")
-        time.sleep(0.5)
-    try:
-        yield f"http://alice:{SECRET}@127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
+    with mlflow_server(tmp_path_factory.mktemp("mlflow-secrets")) as running:
+        yield running.url.replace("http://", f"http://alice:{SECRET}@")
 
 
-def test_mlflow_params_tags_and_spec_json_hold_no_signature(server, zoo_dir, monkeypatch):
+def test_mlflow_params_tags_and_spec_json_hold_no_signature(server, zoo_dir, monkeypatch, tmp_path):
     # MLflow's telemetry thread sets and unsets _MLFLOW_TELEMETRY_SESSION_ID in os.environ, racing monkeypatch's
     # restore (a KeyError, seen twice); this test is about params and tags, not telemetry.
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -105,7 +72,9 @@ def test_mlflow_params_tags_and_spec_json_hold_no_signature(server, zoo_dir, mon
     params, tags = run.data.params, run.data.tags
     assert "X-Amz-Signature=***" in params["corpus.manifests"] and "X-Amz-Credential=***" in params["corpus.manifests"]
     assert tags["pea.teacher_id"] == spec.teacher.id and tags["pea.source"].endswith("X-Amz-Signature=***&v=1")
-    logged = load_dict(f"runs:/{run_id}/spec.json")
+    # Through this client, not mlflow.artifacts.load_dict: that resolves runs:/ with the process-global tracking URI,
+    # which an earlier module's register() set to its own (by now stopped) server.
+    logged = json.loads(Path(client.download_artifacts(run_id, "spec.json", str(tmp_path))).read_text())
     assert logged["corpus"]["manifests"][0]["path"].endswith("X-Amz-Signature=***&v=1")
     assert not [v for v in [*params.values(), *tags.values()] if SECRET in v] and SECRET not in str(logged)
 
@@ -148,7 +117,7 @@ def test_an_unreachable_tracking_server_fails_without_quoting_its_password(zoo_d
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
-    uri = f"http://alice:{SECRET}@127.0.0.1:{_free_port()}"  # nothing listens there
+    uri = f"http://alice:{SECRET}@127.0.0.1:{free_port()}"  # nothing listens there
     registered = registry.Registration(uri, "pea-zh", "0" * 32, "pea-adapter-zh", "1", True)
     with pytest.raises(MlflowException) as raised:  # MLflow's own message quotes the request URL
         ops.tag_sources(registered, load_spec("zh", "embedded", zoo_dir=zoo_dir))

@@ -35,6 +35,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pea.atomic import publish
 from pea.corpus.engine import map_tasks, session
 from pea.corpus.judge import PAIRS_SCHEMA, ShardJob, judge_shards, part_counts, part_keys
 from pea.corpus.manifest import MANIFEST_REASONS
@@ -150,27 +151,29 @@ def filter_pairs(spec: LanguageSpec, lake: Path) -> FilterResult:
 
     bounds = spec.corpus.duckdb
     spill = bounds.spill(lang_dir / ".spill", f"filter-{os.getpid()}")
-    pairs_path, tmp = out_dir / "pairs.parquet", out_dir / f".pairs.parquet.{os.getpid()}.tmp"
-    con = connect(spill, bounds.memory_limit, threads=bounds.threads)
-    try:
-        con.execute("SET VARIABLE parts = $parts", {"parts": [str(p) for p in parts]})  # a view takes no parameters
-        for statement in DUPLICATES:
-            con.execute(statement, {"keep": spec.filter.max_images_per_caption_pair or 2**62} if "$keep" in statement
-                        else None)
-        con.execute(FINAL)  # a view: each query below is one streamed scan of the parts
-        data = ReportData.start(con)
-        with pq.ParquetWriter(tmp, PAIRS_SCHEMA) as writer:
-            for batch in _kept_in_key_order(con, parts):  # memory: one batch, whatever the corpus
-                writer.write_batch(batch, row_group_size=ROW_GROUP)
-                data.add_pairs(batch)
-        counts = dict(con.execute("SELECT coalesce(reason, 'kept'), count(*) FROM final GROUP BY ALL").fetchall())
-        errors = con.execute("SELECT reason, error_message, count(*) AS n FROM final WHERE error_message IS NOT NULL "
-                             "GROUP BY ALL ORDER BY n DESC, error_message LIMIT 20").fetchall()
-        data.add_images(con)
-    finally:
-        con.close()
-        shutil.rmtree(spill, ignore_errors=True)
-    os.replace(tmp, pairs_path)
+    pairs_path = out_dir / "pairs.parquet"
+    with publish(pairs_path, "filter: kept pairs") as tmp:
+        con = connect(spill, bounds.memory_limit, threads=bounds.threads)
+        try:
+            # a view takes no parameters: the part list goes in as a variable
+            con.execute("SET VARIABLE parts = $parts", {"parts": [str(p) for p in parts]})
+            keep = {"keep": spec.filter.max_images_per_caption_pair or 2**62}
+            for statement in DUPLICATES:
+                con.execute(statement, keep if "$keep" in statement else None)
+            con.execute(FINAL)  # a view: each query below is one streamed scan of the parts
+            data = ReportData.start(con)
+            with pq.ParquetWriter(tmp, PAIRS_SCHEMA) as writer:
+                for batch in _kept_in_key_order(con, parts):  # memory: one batch, whatever the corpus
+                    writer.write_batch(batch, row_group_size=ROW_GROUP)
+                    data.add_pairs(batch)
+            counts = dict(con.execute("SELECT coalesce(reason, 'kept'), count(*) FROM final GROUP BY ALL")
+                          .fetchall())
+            errors = con.execute("SELECT reason, error_message, count(*) AS n FROM final WHERE error_message IS NOT "
+                                 "NULL GROUP BY ALL ORDER BY n DESC, error_message LIMIT 20").fetchall()
+            data.add_images(con)
+        finally:
+            con.close()
+            shutil.rmtree(spill, ignore_errors=True)
 
     before = _before_download(lang_dir)
     dropped = {reason: counts.get(reason, 0) + before.get(reason, 0) for reason in REASONS}

@@ -18,7 +18,6 @@ checked read-only expression (`pea.corpus.where`), after external access is swit
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pea.atomic import publish
 from pea.corpus.clean import clean_captions, text_ratios
 from pea.corpus.langid import wrong_language
 from pea.corpus.where import read_only_where
@@ -196,10 +196,8 @@ def judge_shards(job: ShardJob) -> dict[str, int]:
     bounds = None if keys["min"].as_py() is None else [keys["min"].as_py(), keys["max"].as_py()]
     part = pa.table(columns, schema=PART_SCHEMA.with_metadata({"pea_counts": json.dumps(counts),
                                                                "pea_keys": json.dumps(bounds)}))
-    out = Path(job.out)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    pq.write_table(part, tmp, use_dictionary=["reason", "status", "error_message", "raw_file"])  # the rest: unique
-    os.replace(tmp, out)
+    with publish(Path(job.out), "filter: judged part") as tmp:
+        pq.write_table(part, tmp, use_dictionary=["reason", "status", "error_message", "raw_file"])  # rest: unique
     return counts
 
 

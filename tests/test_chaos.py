@@ -1,0 +1,38 @@
+"""Chaos in CI (issue #18): benchmarks/chaos.py with one trial per fault on a subset of the faults (the benchmark
+runs every fault with more trials: docs/reliability.md). Each trial kills, fills the disk under, or corrupts a
+stage run in a child process, reruns it, and compares with an undisturbed reference run."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.chaos
+
+ROOT = Path(__file__).resolve().parents[1]
+FAULTS = ["kill:embed", "kill:train", "kill:register", "disk:embed", "disk:pack", "disk:train", "corrupt:store",
+          "corrupt:checkpoint", "shared:teacher"]
+
+
+def _benchmark():
+    spec = importlib.util.spec_from_file_location("chaos", ROOT / "benchmarks" / "chaos.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory):
+    chaos = _benchmark()
+    return chaos, chaos.campaign(FAULTS, trials=1, work=tmp_path_factory.mktemp("chaos"), seed=0)
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_the_rerun_after_the_fault_equals_the_undisturbed_run(outcomes, fault):
+    chaos, found = outcomes
+    (outcome,) = [o for o in found if o["fault"] == fault]
+    assert outcome["landed"], f"the fault did not happen: {outcome}"  # the kill hit a running stage, or the error came
+    assert outcome["rerun"] and outcome["identical"], outcome
+    assert not outcome["partial"] and not outcome["duplicates"], outcome
+    assert outcome.get("clear_error", True), f"unclear error: {outcome['message']}"
+    assert chaos.passed(outcome)
