@@ -301,7 +301,8 @@ def register(spec: LanguageSpec, trained: TrainResult, evaluation: Evaluation, a
     http_defaults()
     uri = tracking_uri()
     try:
-        return _register(spec, trained, evaluation, artifacts, pairs_path, uri)
+        with masked_errors():  # in place, before `down` quotes it: a traceback prints the whole chain
+            return _register(spec, trained, evaluation, artifacts, pairs_path, uri)
     except Exception as err:
         if (down := unreachable(err, uri, started)) is not None:
             raise down from err
@@ -332,7 +333,9 @@ def _register(spec: LanguageSpec, trained: TrainResult, evaluation: Evaluation, 
                     found.version.version, key)
     version, run_id = found.version.version, found.version.run_id
     abandon(client, found.runs, keep=run_id)
-    if client.get_run(run_id).info.status == "RUNNING":  # log_model is the run's last step: everything is logged
+    # RUNNING after a kill, FAILED after a create whose answer never came; but log_model is the run's last step,
+    # so a run with a version has everything logged.
+    if client.get_run(run_id).info.status != "FINISHED":
         client.set_terminated(run_id, "FINISHED")
     _wait_ready(client, name, version)
     for key_, value in {**lineage_tags, "run_id": run_id,
