@@ -74,9 +74,13 @@ def server(tmp_path_factory):
     patch.setenv("MLFLOW_TRACKING_URI", uri)
     patch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
     patch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    patch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "2")  # stated: pea's defaults leave the process as it was
     try:
         yield uri
     finally:
+        # register() sets MLflow's process-global URI, which outranks MLFLOW_TRACKING_URI: a later module's fluent
+        # calls (mlflow.artifacts.load_dict) would go to this server, gone by then.
+        mlflow.set_tracking_uri(None)
         patch.undo()
         proc.terminate()
         try:
@@ -418,6 +422,24 @@ def test_a_completed_registration_rerun_returns_it_and_creates_nothing(cycle, tr
     before = _totals(client)
     assert registry.register(spec, result, evaluation, [trained_sd15.pairs], trained_sd15.pairs) == reg
     assert _totals(client) == before
+
+
+def test_two_finished_versions_for_one_training_run_are_refused_by_name(cycle, trained_sd15, server):
+    """Not something pea makes: a second complete version of the same run (by hand, say). Neither is deleted;
+    registration names both and says what to do."""
+    client = MlflowClient(server)
+    reg, evaluation, spec, result = cycle["worse"]
+    source = client.get_model_version(NAME, reg.version).source  # models:/<logged model id>
+    extra = client.create_model_version(NAME, source, run_id=reg.run_id, tags={STATE_TAG: COMPLETE},
+                                        model_id=source.removeprefix("models:/")).version
+    try:
+        with pytest.raises(MlflowException, match="has 2 model versions") as raised:
+            registry.register(spec, result, evaluation, [], trained_sd15.pairs)
+        assert f"{NAME}/{reg.version} (run {reg.run_id}" in str(raised.value)
+        assert f"{NAME}/{extra} (run {reg.run_id}" in str(raised.value) and "delete the others" in str(raised.value)
+        assert client.get_model_version(NAME, extra).status == "READY"  # nothing deleted
+    finally:
+        client.delete_model_version(NAME, extra)
 
 
 @pytest.fixture
