@@ -9,7 +9,8 @@ Promotion: the new version always becomes `challenger`. `champion` moves to it o
 (`evaluate.promotion_metric`, `evaluate.promotion_tolerance`) holds against the CURRENT champion, both
 re-evaluated now on the same held-out pairs (same latents, noise, timesteps; or the same prompt sets and
 seeds for CLIPScore). The decision and both figures are recorded as version tags (`promotion.*`). Aliases are
-set only once the version is READY. Runs of the same language must not register at the same time (the flow's
+set only once the version is READY and tagged. Registration is idempotent per training run and bounded when the
+server does not answer (pea/registration.py). Runs of the same language must not register at the same time (the flow's
 per-language concurrency limit ensures it); different languages never touch each other's model or experiment.
 """
 
