@@ -37,7 +37,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Run, ViewType
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import INVALID_STATE, TEMPORARILY_UNAVAILABLE
+from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
 
 from pea.redact import redact
 
@@ -155,10 +155,11 @@ def find(client: MlflowClient, experiment_id: str, name: str, key: str, keep: st
     listing = "; ".join(f"{name}/{v.version} (run {v.run_id}, aliases {list(v.aliases) or 'none'}, "
                         f"{v.tags.get(STATE_TAG, 'incomplete')})" for v in versions)
     if len({v.run_id for v in versions}) > 1 or sum(map(_finished, versions)) > 1:
-        raise MlflowException(
+        # A ValueError: the flow's register task does not retry it (a person decides which version stays).
+        raise ValueError(
             f"registration {key} of {name} has {len(versions)} model versions: {listing}. One training run must have "
             "one version; decide which to keep and delete the others (MlflowClient().delete_model_version), then "
-            "rerun", error_code=INVALID_STATE)
+            "rerun")
     kept = min(versions, key=lambda v: (not _finished(v), v.version != keep, "run_id" not in v.tags, int(v.version)))
     for extra in versions:
         if extra.version != kept.version:

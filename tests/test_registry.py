@@ -433,7 +433,7 @@ def test_two_finished_versions_for_one_training_run_are_refused_by_name(cycle, t
     extra = client.create_model_version(NAME, source, run_id=reg.run_id, tags={STATE_TAG: COMPLETE},
                                         model_id=source.removeprefix("models:/")).version
     try:
-        with pytest.raises(MlflowException, match="has 2 model versions") as raised:
+        with pytest.raises(ValueError, match="has 2 model versions") as raised:
             registry.register(spec, result, evaluation, [], trained_sd15.pairs)
         assert f"{NAME}/{reg.version} (run {reg.run_id}" in str(raised.value)
         assert f"{NAME}/{extra} (run {reg.run_id}" in str(raised.value) and "delete the others" in str(raised.value)
