@@ -330,7 +330,7 @@ def _totals(client: MlflowClient) -> tuple[int, int]:
 def _assert_finished(client: MlflowClient, reg: registry.Registration, key: str, clean: registry.Registration) -> None:
     """One version for the key, READY, with every tag a clean registration leaves (`clean`'s), marked complete, its
     aliases as reg says, and reg what MLflow holds."""
-    runs, versions = _state(client, key)
+    _, versions = _state(client, key)
     assert [v.version for v in versions] == [reg.version], [(v.version, v.run_id) for v in versions]
     version = versions[0]
     assert version.status == "READY" and version.run_id == reg.run_id and version.tags["run_id"] == reg.run_id
