@@ -9,7 +9,8 @@ Promotion: the new version always becomes `challenger`. `champion` moves to it o
 (`evaluate.promotion_metric`, `evaluate.promotion_tolerance`) holds against the CURRENT champion, both
 re-evaluated now on the same held-out pairs (same latents, noise, timesteps; or the same prompt sets and
 seeds for CLIPScore). The decision and both figures are recorded as version tags (`promotion.*`). Aliases are
-set only once the version is READY. Runs of the same language must not register at the same time (the flow's
+set only once the version is READY and tagged. Registration is idempotent per training run and bounded when the
+server does not answer (pea/registration.py). Runs of the same language must not register at the same time (the flow's
 per-language concurrency limit ensures it); different languages never touch each other's model or experiment.
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import logging
 import os
 import subprocess
 import tempfile
@@ -37,10 +39,13 @@ from mlflow.types import ColSpec, DataType, Schema, TensorSpec
 from pea.evaluate import Evaluation
 from pea.hub import pinned_revision
 from pea.redact import masked_errors, redact, redact_all
+from pea.registration import (COMPLETE, KEY_TAG, STATE_TAG, abandon, find, http_defaults, promotion_tags,
+                              recorded_decision, registration_key, unreachable)
 from pea.spec import LanguageSpec, home
 from pea.table import data_fingerprint
 from pea.train import TrainResult
 
+log = logging.getLogger("pea.registry")
 SERVING_MODEL = Path(__file__).with_name("serving.py")
 # diffusers' and transformers' from_pretrained build modules under a process-global meta-device context, so a
 # module constructed in another thread meanwhile lands on `meta`. Two registrations in one process (threads)
@@ -244,8 +249,7 @@ def promote(spec: LanguageSpec, evaluation: Evaluation, name: str, version: str,
                          "promotion.reason": f"the champion was made for teacher {theirs[0]} at {theirs[1]}, this "
                                              f"version for {ours[0]} at {ours[1]}; a different base model cannot be "
                                              "compared: set the alias by hand"}
-                for key, value in tags.items():
-                    client.set_model_version_tag(name, version, key, value)
+                _set_promotion_tags(client, name, version, tags)
                 return False, tags
             dirs["champion"] = Path(mlflow.artifacts.download_artifacts(
                 f"models:/{name}/{champion.version}", dst_path=tmp)) / "artifacts" / "adapter"
@@ -258,11 +262,20 @@ def promote(spec: LanguageSpec, evaluation: Evaluation, name: str, version: str,
              "promotion.heldout_pairs": str(evaluation.heldout_pairs)}
     if "champion" in dirs:
         tags |= {"promotion.champion": f"{scores['champion']:.6g}", "promotion.champion_version": str(champion.version)}
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, value)
+    _set_promotion_tags(client, name, version, tags)
     if won:
         client.set_registered_model_alias(name, "champion", version)
     return won, tags
+
+
+def _set_promotion_tags(client: MlflowClient, name: str, version: str, tags: dict[str, str]) -> None:
+    """Replace the version's promotion.* tags, `promotion.decision` first off and last on: a version that has one
+    has all the others, from the same decision (a registration killed half way through writing them decides again)."""
+    old = promotion_tags(client.get_model_version(name, version).tags)
+    for stale in sorted(old.keys() - (tags.keys() - {"promotion.decision"}), key=lambda k: k != "promotion.decision"):
+        client.delete_model_version_tag(name, version, stale)
+    for key, value in sorted(tags.items(), key=lambda kv: kv[0] == "promotion.decision"):
+        client.set_model_version_tag(name, version, key, value)
 
 
 # --- register ------------------------------------------------------------------------------------------------------
@@ -280,17 +293,70 @@ def _input_example(spec: LanguageSpec) -> list[str]:
 def register(spec: LanguageSpec, trained: TrainResult, evaluation: Evaluation, artifacts: list[Path],
              pairs_path: Path) -> Registration:
     """Log the run (spec, ds_config, loss curves, evaluation tables and grids, data-quality report), register the
-    adapter as a pyfunc model with lineage tags, make it `challenger`, and decide whether it becomes `champion`."""
-    lineage_tags = lineage(spec, pairs_path)
+    adapter as a pyfunc model with lineage tags, make it `challenger`, and decide whether it becomes `champion`.
+
+    Idempotent per training run (pea.registration): a rerun after a completed registration returns it and logs
+    nothing; a rerun after one that died finishes it, or starts afresh if it died before its model version existed.
+    A server that does not answer fails within registration.bound_s() a request, naming the URI and the fix."""
+    started = time.monotonic()
+    http_defaults()
     uri = tracking_uri()
+    try:
+        with masked_errors():  # in place, before `down` quotes it: a traceback prints the whole chain
+            return _register(spec, trained, evaluation, artifacts, pairs_path, uri)
+    except Exception as err:
+        if (down := unreachable(err, uri, started)) is not None:
+            raise down from err
+        raise
+
+
+def _register(spec: LanguageSpec, trained: TrainResult, evaluation: Evaluation, artifacts: list[Path],
+              pairs_path: Path, uri: str) -> Registration:
+    lineage_tags = lineage(spec, pairs_path)
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     experiment, experiment_id = _experiment_id(client, spec.language, uri)
     name = model_name(spec.language)
+    key = registration_key(trained.run_dir, trained.adapter_dir)
+    found = find(client, experiment_id, name, key)
+    if found.complete:
+        promotion = promotion_tags(client.get_model_version(name, found.version.version).tags)
+        log.info("%s/%s is already registered for %s; nothing to do", name, found.version.version, key)
+        return Registration(uri, experiment, found.version.run_id, name, found.version.version,
+                            promotion.get("promotion.decision") == "promoted", promotion)
+    if found.version is None:
+        abandon(client, found.runs)  # attempts that died before MLflow created their version
+        created = _log_run(spec, trained, evaluation, artifacts, client, experiment_id, name, key, lineage_tags)
+        # MLflow's client retries a POST whose answer timed out: the create may have made two versions.
+        found = find(client, experiment_id, name, key, keep=created)
+    else:
+        log.warning("finishing %s/%s for %s: an earlier registration stopped before completing it", name,
+                    found.version.version, key)
+    version, run_id = found.version.version, found.version.run_id
+    abandon(client, found.runs, keep=run_id)
+    # RUNNING after a kill, FAILED after a create whose answer never came; but log_model is the run's last step,
+    # so a run with a version has everything logged.
+    if client.get_run(run_id).info.status != "FINISHED":
+        client.set_terminated(run_id, "FINISHED")
+    _wait_ready(client, name, version)
+    for key_, value in {**lineage_tags, "run_id": run_id,
+                        **{f"eval.{k}": f"{v:.6g}" for k, v in evaluation.metrics().items()}}.items():
+        client.set_model_version_tag(name, version, key_, redact(value))
+    client.set_registered_model_alias(name, "challenger", version)
+    decided = recorded_decision(client, name, version)
+    champion, promotion = decided or promote(spec, evaluation, name, version, trained.adapter_dir, client)
+    client.set_model_version_tag(name, version, STATE_TAG, COMPLETE)  # last: every tag and alias is set
+    return Registration(uri, experiment, run_id, name, version, champion, promotion)
+
+
+def _log_run(spec: LanguageSpec, trained: TrainResult, evaluation: Evaluation, artifacts: list[Path],
+             client: MlflowClient, experiment_id: str, name: str, key: str, lineage_tags: dict[str, str]) -> str:
+    """Log a new run with everything, its adapter last as model version N of `name`; returns N."""
     metrics_now = evaluation.metrics()
     # An explicit experiment id (not mlflow.set_experiment, which is process-global) so that two languages
-    # registering from two threads of one process cannot log into each other's experiment.
-    with mlflow.start_run(experiment_id=experiment_id, run_name=trained.run_dir.name) as run:
+    # registering from two threads of one process cannot log into each other's experiment. The key is set with the
+    # run's creation, so no attempt leaves a run that a rerun cannot find.
+    with mlflow.start_run(experiment_id=experiment_id, run_name=trained.run_dir.name, tags={KEY_TAG: key}) as run:
         run_id = run.info.run_id
         log_spec(client, run_id, spec, lineage_tags)
         mlflow.log_dict(trained.ds_config, "ds_config.json")
@@ -319,14 +385,7 @@ def register(spec: LanguageSpec, trained: TrainResult, evaluation: Evaluation, a
                 signature=signature(spec, trained), input_example=_input_example(spec),
                 # Stated, not inferred: inference would import the model in a subprocess just to list these.
                 pip_requirements=PIP_REQUIREMENTS, registered_model_name=name)
-    version = str(info.registered_model_version)
-    _wait_ready(client, name, version)
-    for key, value in {**lineage_tags, "run_id": run_id,
-                       **{f"eval.{k}": f"{v:.6g}" for k, v in metrics_now.items()}}.items():
-        client.set_model_version_tag(name, version, key, redact(value))
-    client.set_registered_model_alias(name, "challenger", version)
-    champion, promotion = promote(spec, evaluation, name, version, trained.adapter_dir, client)
-    return Registration(uri, experiment, run_id, name, version, champion, promotion)
+    return str(info.registered_model_version)
 
 
 def resolve(model_uri: str, client: MlflowClient):

@@ -1,22 +1,34 @@
 """The registry through a real `mlflow server` on 127.0.0.1: lineage, promotion, the pyfunc in a fresh process,
-two languages registering at once, and `pea eval` on a registered version."""
+two languages registering at once, `pea eval` on a registered version, and registration under faults: killed at a
+chosen point and rerun, a server that is down, a server too slow for MLflow's client (which then POSTs twice)."""
 
 import dataclasses
+import http.client
 import json
+import logging
 import os
+import pickle
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+import traceback
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import urlsplit
 
+import mlflow
 import numpy as np
 import pytest
 import torch
 from mlflow import MlflowClient
+from mlflow.entities import ViewType
+from mlflow.exceptions import MlflowException
 
 from pea import embed, registry
 from pea.adapter import PEAAdapter
@@ -25,6 +37,8 @@ from pea.baselines import untrained_like
 from pea.evaluate import evaluate
 from pea.models import load_student
 from pea.pipeline import prompt_kwargs
+from pea.registration import (COMPLETE, HTTP_DEFAULTS, KEY_TAG, STATE_TAG, backoff_s, promotion_tags,
+                              registration_key)
 from pea.spec import load_spec
 
 
@@ -60,9 +74,13 @@ def server(tmp_path_factory):
     patch.setenv("MLFLOW_TRACKING_URI", uri)
     patch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
     patch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    patch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "2")  # stated: pea's defaults leave the process as it was
     try:
         yield uri
     finally:
+        # register() sets MLflow's process-global URI, which outranks MLFLOW_TRACKING_URI: a later module's fluent
+        # calls (mlflow.artifacts.load_dict) would go to this server, gone by then.
+        mlflow.set_tracking_uri(None)
         patch.undo()
         proc.terminate()
         try:
@@ -91,7 +109,7 @@ def _variant(trained, name: str, adapter: PEAAdapter, tmp: Path):
 def cycle(server, trained_sd15, tmp_path_factory):
     """Three versions of zh, weights blended between the initialisation and the trained adapter: half way (first:
     champion), 15 % of the way (worse than the champion, better than untrained: refused as a regression), the
-    trained adapter (better: promoted)."""
+    trained adapter (better: promoted). Each: (Registration, Evaluation, spec, TrainResult)."""
     tmp = tmp_path_factory.mktemp("variants")
     t = trained_sd15
     trained = PEAAdapter.from_pretrained(t.adapter_dir).eval()
@@ -106,12 +124,12 @@ def cycle(server, trained_sd15, tmp_path_factory):
     registered = {}
     for name, adapter in (("blend", blend(0.5)), ("worse", blend(0.15)), ("trained", trained)):
         spec, result, evaluation = _variant(t, name, adapter, tmp)
-        registered[name] = (registry.register(spec, result, evaluation, [t.pairs], t.pairs), evaluation)
+        registered[name] = (registry.register(spec, result, evaluation, [t.pairs], t.pairs), evaluation, spec, result)
     return registered
 
 
 def test_every_version_carries_lineage_and_evaluation_tags(cycle, trained_sd15, server):
-    reg, evaluation = cycle["trained"]
+    reg, evaluation = cycle["trained"][:2]
     assert reg.tracking_uri == server and reg.model_uri == "models:/pea-adapter-zh/3"
     client = MlflowClient(server)
     tags = client.get_model_version(reg.name, reg.version).tags
@@ -276,3 +294,294 @@ def test_promotion_names_both_teacher_commits_when_they_differ(cycle, trained_sd
                                  MlflowClient(server))
     assert not won and tags["promotion.decision"] == "refused"
     assert f"at None, this version for org/teacher at {'0' * 40}" in tags["promotion.reason"]
+
+
+# --- idempotent registration: kill -9, a server down, a server slow (issue #18) ------------------------------------
+
+NAME = "pea-adapter-zh"
+SECRET = "s3cr3t-pw"
+CREATE = "/api/2.0/mlflow/model-versions/create"
+
+
+def _again(cycle, trained, run_dir: Path):
+    """Register-ready arguments for a new training run (its own key) with the trained weights: the trained variant's
+    evaluation holds for them, so nothing is evaluated again."""
+    _, evaluation, spec, _ = cycle["trained"]
+    return spec, dataclasses.replace(trained.result, run_dir=run_dir), evaluation
+
+
+def _state(client: MlflowClient, key: str) -> tuple[list, list]:
+    """The key's runs (deleted or not) and their model versions, read whole; an observer that changes nothing."""
+    experiment = client.get_experiment_by_name("pea-zh")
+    runs = client.search_runs([experiment.experiment_id], f"tags.`{KEY_TAG}` = '{key}'", run_view_type=ViewType.ALL)
+    if not runs:
+        return runs, []
+    ids = ", ".join(f"'{r.info.run_id}'" for r in runs)
+    found = client.search_model_versions(f"name = '{NAME}' and run_id IN ({ids})")
+    return runs, sorted((client.get_model_version(NAME, v.version) for v in found), key=lambda v: int(v.version))
+
+
+def _totals(client: MlflowClient) -> tuple[int, int]:
+    experiment = client.get_experiment_by_name("pea-zh")
+    return (len(client.search_runs([experiment.experiment_id], run_view_type=ViewType.ALL)),
+            len(client.search_model_versions(f"name = '{NAME}'")))
+
+
+def _assert_finished(client: MlflowClient, reg: registry.Registration, key: str, clean: registry.Registration) -> None:
+    """One version for the key, READY, with every tag a clean registration leaves (`clean`'s), marked complete, its
+    aliases as reg says, and reg what MLflow holds."""
+    _, versions = _state(client, key)
+    assert [v.version for v in versions] == [reg.version], [(v.version, v.run_id) for v in versions]
+    version = versions[0]
+    assert version.status == "READY" and version.run_id == reg.run_id and version.tags["run_id"] == reg.run_id
+    assert version.tags[STATE_TAG] == COMPLETE
+    assert set(version.tags) == set(client.get_model_version(NAME, clean.version).tags)
+    assert reg.promotion == promotion_tags(version.tags) and reg.promotion.keys() == clean.promotion.keys()
+    assert client.get_model_version_by_alias(NAME, "challenger").version == reg.version
+    assert (client.get_model_version_by_alias(NAME, "champion").version == reg.version) == reg.champion
+    assert reg.champion == (reg.promotion["promotion.decision"] == "promoted")
+    assert client.get_run(reg.run_id).info.status == "FINISHED"
+
+
+# Run in a child process that SIGKILLs itself at `point` of a registration.
+KILLED_CHILD = """
+import os, pickle, signal, sys
+from mlflow import MlflowClient
+from pea import registry
+from pea.registration import STATE_TAG
+
+spec, result, evaluation, pairs, point = pickle.loads(open(sys.argv[1], "rb").read())
+create, set_tag = MlflowClient._create_model_version, MlflowClient.set_model_version_tag
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def create_then_die(self, *args, **kwargs):
+    if point == "before_create":
+        die()
+    create(self, *args, **kwargs)
+    die()
+
+def die_before_complete(self, name, version, key, value):
+    if key == STATE_TAG:
+        die()
+    set_tag(self, name, version, key, value)
+
+if point == "before_complete":
+    MlflowClient.set_model_version_tag = die_before_complete
+else:
+    MlflowClient._create_model_version = create_then_die
+registry.register(spec, result, evaluation, [], pairs)
+print("registered: the kill point was never reached")
+"""
+
+
+@pytest.mark.parametrize("point", ["before_create", "after_create", "before_complete"])
+def test_a_registration_killed_at_any_point_is_finished_by_a_rerun(point, cycle, trained_sd15, server, tmp_path):
+    client = MlflowClient(server)
+    spec, result, evaluation = _again(cycle, trained_sd15, tmp_path / f"killed-{point}")
+    key = registration_key(result.run_dir, result.adapter_dir)
+    champion_before = client.get_model_version_by_alias(NAME, "champion").version
+    args = tmp_path / "args.pkl"
+    args.write_bytes(pickle.dumps((spec, result, evaluation, trained_sd15.pairs, point)))
+    child = subprocess.run([sys.executable, "-c", KILLED_CHILD, str(args)], capture_output=True, text=True,
+                           timeout=300)
+    assert child.returncode == -signal.SIGKILL, child.stdout[-2000:] + child.stderr[-3000:]
+
+    runs, versions = _state(client, key)
+    # What the kill left: the run ends (FINISHED) once log_model returns, so before_complete finds it ended.
+    assert len(runs) == 1 and runs[0].info.status == ("FINISHED" if point == "before_complete" else "RUNNING")
+    if point == "before_create":  # the run fully logged, no version
+        assert versions == []
+    elif point == "after_create":  # a version with none of pea's tags and no alias
+        assert len(versions) == 1 and not versions[0].aliases and "run_id" not in versions[0].tags
+    else:  # the decision recorded, the aliases set, completion not marked
+        tags = versions[0].tags
+        assert len(versions) == 1 and STATE_TAG not in tags and "challenger" in versions[0].aliases
+        assert ("champion" in versions[0].aliases) == (tags["promotion.decision"] == "promoted")
+
+    reg = registry.register(spec, result, evaluation, [], trained_sd15.pairs)
+    _assert_finished(client, reg, key, clean=cycle["trained"][0])
+    # Compared with the champion a clean registration would have faced, not with itself.
+    assert reg.promotion["promotion.champion_version"] == champion_before
+    assert float(reg.promotion["promotion.challenger"]) == pytest.approx(evaluation.relative_error["trained"],
+                                                                        rel=1e-4)
+    if point == "before_create":  # the versionless run is marked KILLED, a new one holds the version
+        assert reg.run_id != runs[0].info.run_id and client.get_run(runs[0].info.run_id).info.status == "KILLED"
+    else:  # finished, not registered again
+        assert (reg.run_id, reg.version) == (runs[0].info.run_id, versions[0].version)
+
+    before = _totals(client)
+    assert registry.register(spec, result, evaluation, [], trained_sd15.pairs) == reg
+    assert _totals(client) == before
+
+
+def test_a_completed_registration_rerun_returns_it_and_creates_nothing(cycle, trained_sd15, server):
+    client = MlflowClient(server)
+    reg, evaluation, spec, result = cycle["trained"]
+    before = _totals(client)
+    assert registry.register(spec, result, evaluation, [trained_sd15.pairs], trained_sd15.pairs) == reg
+    assert _totals(client) == before
+
+
+def test_two_finished_versions_for_one_training_run_are_refused_by_name(cycle, trained_sd15, server):
+    """Not something pea makes: a second complete version of the same run (by hand, say). Neither is deleted;
+    registration names both and says what to do."""
+    client = MlflowClient(server)
+    reg, evaluation, spec, result = cycle["worse"]
+    source = client.get_model_version(NAME, reg.version).source  # models:/<logged model id>
+    extra = client.create_model_version(NAME, source, run_id=reg.run_id, tags={STATE_TAG: COMPLETE},
+                                        model_id=source.removeprefix("models:/")).version
+    try:
+        with pytest.raises(ValueError, match="has 2 model versions") as raised:
+            registry.register(spec, result, evaluation, [], trained_sd15.pairs)
+        assert f"{NAME}/{reg.version} (run {reg.run_id}" in str(raised.value)
+        assert f"{NAME}/{extra} (run {reg.run_id}" in str(raised.value) and "delete the others" in str(raised.value)
+        assert client.get_model_version(NAME, extra).status == "READY"  # nothing deleted
+    finally:
+        client.delete_model_version(NAME, extra)
+
+
+@pytest.fixture
+def elsewhere(server, monkeypatch):
+    """For a test that points registration at another tracking URI: register sets MLflow's process-global URI, put
+    back to the module's server afterwards."""
+    yield monkeypatch
+    mlflow.set_tracking_uri(server)
+
+
+def test_a_dead_server_fails_within_the_bound_naming_the_masked_uri_and_the_fix(cycle, trained_sd15, tmp_path,
+                                                                                elsewhere):
+    for name in HTTP_DEFAULTS:  # pea's defaults, not the module's (set first, so that undo restores what was there)
+        elsewhere.setenv(name, "0")
+        elsewhere.delenv(name)
+    elsewhere.setenv("MLFLOW_TRACKING_URI", f"http://alice:{SECRET}@127.0.0.1:{_free_port()}")  # nothing listens
+    spec, result, evaluation = _again(cycle, trained_sd15, tmp_path / "down")
+    started = time.monotonic()
+    with pytest.raises(MlflowException) as raised:
+        registry.register(spec, result, evaluation, [], trained_sd15.pairs)
+    elapsed = time.monotonic() - started
+    message = str(raised.value)
+    print(f"dead server: failed after {elapsed:.1f} s (backoff bound {backoff_s():.0f} s): {message}")
+    assert "alice:***@127.0.0.1" in message and "did not answer" in message, message
+    assert "Start the server, or point MLFLOW_TRACKING_URI at a running one" in message and "rerun" in message
+    assert SECRET not in "".join(traceback.format_exception(raised.value))  # the chained causes too
+    # Every retry was made, with its backoff: urllib3 sleeps 0, then 4 and 8 s (+ up to 1 s jitter each).
+    assert 12 <= elapsed < backoff_s() + 20
+
+
+class _Proxy(ThreadingHTTPServer):
+    daemon_threads, block_on_close = True, False
+
+
+@contextmanager
+def _slow_proxy(target: str, delay_s: float, times: int):
+    """A reverse proxy on 127.0.0.1 in front of `target` that forwards every request at once, and holds back the
+    answer to the first `times` create_model_version requests by `delay_s`: the server has created the version,
+    the client sees a server too slow to answer. Yields (base URL with a password, {path: requests seen})."""
+    host, port = urlsplit(target).hostname, urlsplit(target).port
+    seen: dict[str, int] = {}
+    lock = threading.Lock()
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def forward(self) -> None:
+            if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                body = b""
+                while size := int(self.rfile.readline().split(b";")[0], 16):
+                    body += self.rfile.read(size)
+                    self.rfile.readline()
+                self.rfile.readline()
+            else:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            headers = {k: v for k, v in self.headers.items()
+                       if k.lower() not in ("host", "connection", "keep-alive", "transfer-encoding", "content-length")}
+            upstream = http.client.HTTPConnection(host, port, timeout=120)
+            upstream.request(self.command, self.path, body=body, headers=headers)
+            answer = upstream.getresponse()
+            data = answer.read()
+            upstream.close()
+            path = urlsplit(self.path).path
+            with lock:
+                seen[path] = seen.get(path, 0) + 1
+                held = path == CREATE and seen[path] <= times
+            if held:
+                time.sleep(delay_s)
+            try:
+                self.send_response(answer.status)
+                for k, v in answer.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+            except (BrokenPipeError, ConnectionResetError):  # the client stopped waiting
+                self.close_connection = True
+
+        do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = forward
+
+        def log_message(self, *args) -> None:
+            pass
+
+    proxy = _Proxy(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=proxy.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://alice:{SECRET}@127.0.0.1:{proxy.server_address[1]}", seen
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+
+
+def test_a_slow_create_retried_by_mlflow_leaves_one_version(cycle, trained_sd15, server, tmp_path, elsewhere, caplog):
+    """The first create_model_version answer comes after the client's timeout: MLflow's client POSTs it again, and
+    the server has made two versions for one run. Registration keeps the one it was answered with."""
+    client = MlflowClient(server)
+    spec, result, evaluation = _again(cycle, trained_sd15, tmp_path / "slow")
+    key = registration_key(result.run_dir, result.adapter_dir)
+    caplog.set_level(logging.WARNING, logger="pea.registration")
+    elsewhere.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    elsewhere.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    with _slow_proxy(server, delay_s=8, times=1) as (uri, seen):
+        elsewhere.setenv("MLFLOW_TRACKING_URI", uri)
+        reg = registry.register(spec, result, evaluation, [], trained_sd15.pairs)
+    assert seen[CREATE] == 2  # the POST went twice
+    duplicate = str(int(reg.version) - 1)
+    assert f"deleted model version {NAME}/{duplicate}: a duplicate of version {reg.version}" in caplog.text
+    with pytest.raises(MlflowException, match="not found|RESOURCE_DOES_NOT_EXIST"):
+        client.get_model_version(NAME, duplicate)
+    _assert_finished(client, reg, key, clean=cycle["trained"][0])
+
+
+def test_a_server_too_slow_for_create_fails_clearly_and_the_rerun_keeps_one_version(cycle, trained_sd15, server,
+                                                                                    tmp_path, elsewhere, caplog):
+    """Every create_model_version answer comes too late: registration fails naming the masked URI, leaving two
+    versions (one per POST), neither aliased nor complete; a rerun against the healthy server deletes one and
+    finishes the other."""
+    client = MlflowClient(server)
+    spec, result, evaluation = _again(cycle, trained_sd15, tmp_path / "too-slow")
+    key = registration_key(result.run_dir, result.adapter_dir)
+    caplog.set_level(logging.WARNING, logger="pea.registration")
+    elsewhere.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    elsewhere.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    with _slow_proxy(server, delay_s=8, times=2) as (uri, seen):
+        elsewhere.setenv("MLFLOW_TRACKING_URI", uri)
+        started = time.monotonic()
+        with pytest.raises(MlflowException) as raised:
+            registry.register(spec, result, evaluation, [], trained_sd15.pairs)
+        print(f"too slow: failed after {time.monotonic() - started:.1f} s")
+    message = str(raised.value)
+    assert "alice:***@127.0.0.1" in message and "did not answer" in message and "rerun" in message, message
+    assert SECRET not in "".join(traceback.format_exception(raised.value))
+    assert seen[CREATE] == 2
+    runs, versions = _state(client, key)
+    assert len(runs) == 1 and len(versions) == 2  # MLflow made one per POST
+    assert not any(v.aliases or STATE_TAG in v.tags for v in versions)  # nothing looks complete
+
+    elsewhere.setenv("MLFLOW_TRACKING_URI", server)
+    reg = registry.register(spec, result, evaluation, [], trained_sd15.pairs)
+    assert reg.version == versions[0].version
+    assert (f"deleted model version {NAME}/{versions[1].version}: a duplicate of version {reg.version}"
+            in caplog.text)
+    _assert_finished(client, reg, key, clean=cycle["trained"][0])
