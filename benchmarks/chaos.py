@@ -154,7 +154,7 @@ class Child:
         if not self.log.closed:
             self.log.flush()
         lines = [line for line in self.path.read_text(errors="replace").splitlines() if line.strip()]
-        return lines[-1][:300] if lines else ""
+        return lines[-1][:1000] if lines else ""
 
 
 def run(stage: str, work: Path, language: str = "zh", file_limit: int | None = None) -> tuple[int, float, str]:

@@ -9,13 +9,11 @@ import logging
 import os
 import pickle
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 import traceback
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -30,6 +28,7 @@ from mlflow import MlflowClient
 from mlflow.entities import ViewType
 from mlflow.exceptions import MlflowException
 
+from mlflow_server import free_port, mlflow_server
 from pea import embed, registry
 from pea.adapter import PEAAdapter
 from pea.corpus.synthetic import all_scenes, write_pairs
@@ -42,52 +41,22 @@ from pea.registration import (COMPLETE, HTTP_DEFAULTS, KEY_TAG, STATE_TAG, backo
 from pea.spec import load_spec
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
-    log = open(root / "server.log", "wb")
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, cwd=root)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while True:
+    with mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as running:
+        uri = running.url
+        patch = pytest.MonkeyPatch()
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        patch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
+        patch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        patch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "2")  # stated: pea's defaults leave the process as it was
         try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"mlflow server did not come up: {(root / 'server.log').read_text()[-2000:]}")
-        time.sleep(0.5)
-    patch = pytest.MonkeyPatch()
-    patch.setenv("MLFLOW_TRACKING_URI", uri)
-    patch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
-    patch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-    patch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "2")  # stated: pea's defaults leave the process as it was
-    try:
-        yield uri
-    finally:
-        # register() sets MLflow's process-global URI, which outranks MLFLOW_TRACKING_URI: a later module's fluent
-        # calls (mlflow.artifacts.load_dict) would go to this server, gone by then.
-        mlflow.set_tracking_uri(None)
-        patch.undo()
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+            yield uri
+        finally:
+            # register() sets MLflow's process-global URI, which outranks MLFLOW_TRACKING_URI: a later module's fluent
+            # calls (mlflow.artifacts.load_dict) would go to this server, gone by then.
+            mlflow.set_tracking_uri(None)
+            patch.undo()
 
 
 def _quick(spec):
@@ -455,7 +424,7 @@ def test_a_dead_server_fails_within_the_bound_naming_the_masked_uri_and_the_fix(
     for name in HTTP_DEFAULTS:  # pea's defaults, not the module's (set first, so that undo restores what was there)
         elsewhere.setenv(name, "0")
         elsewhere.delenv(name)
-    elsewhere.setenv("MLFLOW_TRACKING_URI", f"http://alice:{SECRET}@127.0.0.1:{_free_port()}")  # nothing listens
+    elsewhere.setenv("MLFLOW_TRACKING_URI", f"http://alice:{SECRET}@127.0.0.1:{free_port()}")  # nothing listens
     spec, result, evaluation = _again(cycle, trained_sd15, tmp_path / "down")
     started = time.monotonic()
     with pytest.raises(MlflowException) as raised:
