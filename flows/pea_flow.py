@@ -37,6 +37,7 @@ from pea import shards as shards_stage
 from pea import train as train_stage
 from pea.corpus import acquire as acquire_stage
 from pea.corpus import filter as filter_stage
+from pea.discovery import SCAN_TAG, check_sources
 from pea.embedded import prepare_zoo
 from pea.redact import redact
 from pea.spec import ENGINE_ADDRESS, LANGUAGE_CODE, LanguageSpec, lake_root, load_spec, profiles
@@ -109,8 +110,13 @@ def _transient(task_, task_run, state) -> bool:
 
 @task(retries=0)
 def load_language(language: str, profile: str | None, overrides: dict[str, dict[str, Any]]) -> LanguageSpec:
-    """Load and validate the spec, then apply the run's overrides (validated again, never retried)."""
-    return ops.with_overrides(load_spec(language, profile), **overrides)
+    """Load and validate the spec, then apply the run's overrides (validated again, never retried). A run the scan
+    started checks the spec's sources again (pea.discovery): the YAML may have changed since the scan read it."""
+    spec = ops.with_overrides(load_spec(language, profile), **overrides)
+    context = FlowRunContext.get()
+    if context is not None and context.flow_run is not None and SCAN_TAG in (context.flow_run.tags or []):
+        check_sources(spec, f"data/languages/{language}.yaml (run started by the scan)")
+    return spec
 
 
 @task

@@ -25,6 +25,7 @@ from prefect.client.schemas.objects import StateType
 from prefect.deployments import run_deployment
 
 from pea import ops
+from pea.discovery import SCAN_TAG
 from pea.redact import redact
 from pea.spec import SpecError
 
@@ -54,7 +55,7 @@ def scan_languages(profile: str | None = None, deployment: str = TRAIN_DEPLOYMEN
                          "reason": due.reason})
             continue
         run = run_deployment(deployment, parameters={"language": due.language, "profile": profile}, timeout=0,
-                             as_subflow=False, tags=["started-by-scan"])
+                             as_subflow=False, tags=[SCAN_TAG])
         started[due.language] = str(run.id)
         rows.append({"language": due.language, "action": f"started {run.name} ({run.id})", "reason": due.reason})
         print(redact(f"{due.language}: started {deployment} run {run.name} — {due.reason}"))

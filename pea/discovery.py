@@ -26,6 +26,8 @@ from urllib.parse import urlsplit
 from pea.corpus.addresses import networks, refusal
 from pea.spec import LanguageSpec, SpecError, home, lake_root
 
+SCAN_TAG = "started-by-scan"  # the tag of flow runs the scan started: their spec is checked again when they load it
+
 # The organisations of the shipped specs' models and of Stable Diffusion and CLIP releases.
 ALLOWED_MODELS = ("stable-diffusion-v1-5/*", "stabilityai/*", "runwayml/*", "OFA-Sys/*", "BAAI/*", "Bingsu/*",
                   "openai/*", "laion/*")

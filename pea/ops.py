@@ -28,6 +28,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from pydantic import ValidationError
 
+from pea.corpus.addresses import check_url, networks
 from pea.discovery import check_sources
 from pea.redact import masked_errors, redact
 from pea.registry import Registration, model_name, tracking_uri
@@ -45,14 +46,16 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _manifest_digest(location: str) -> str:
-    """sha256 of a local manifest; for a remote (fsspec) URL its size and ETag/modification time."""
+def _manifest_digest(location: str, allowed: tuple = ()) -> str:
+    """sha256 of a local manifest; for a remote (fsspec) URL its size and ETag/modification time (an http(s) one
+    only at a public address or in `allowed`: the scan asks every spec's manifest host)."""
     if "://" not in location:
         path = Path(location) if Path(location).is_absolute() else home() / location
         return _sha256_file(path) if path.is_file() else "missing"
     try:
         import fsspec
 
+        check_url(location, allowed)
         fs, _, (remote,) = fsspec.get_fs_token_paths(location)
         info = fs.info(remote)
         return f"{info.get('size')}:{info.get('ETag') or info.get('etag') or info.get('mtime') or info.get('LastModified')}"
@@ -63,7 +66,8 @@ def _manifest_digest(location: str) -> str:
 def manifests_fingerprint(spec: LanguageSpec) -> str:
     """A digest of the manifests' content (a manifest that is missing counts as 'missing': acquire names it)."""
     locations = [str(getattr(m, "path", m)) for m in spec.corpus.manifests]
-    parts = [f"{loc}:{_manifest_digest(loc)}" for loc in locations]
+    allowed = networks(spec.corpus.allow_networks)
+    parts = [f"{loc}:{_manifest_digest(loc, allowed)}" for loc in locations]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 

@@ -77,3 +77,40 @@ def test_other_escapes_are_named(project):
 @pytest.mark.parametrize("language", available_languages(REPO / "data" / "languages"))
 def test_every_shipped_spec_passes_as_shipped_and_embedded(language):
     assert problems(load_spec(language)) == [] and problems(load_spec(language, "embedded")) == []
+
+
+def test_a_run_the_scan_started_checks_the_spec_again_when_it_loads_it(project):
+    # The scan passed xa once; the YAML is what the run reads, whenever it starts. Only the scan's tag triggers it:
+    # a run someone starts by hand is not a discovered spec.
+    from prefect import flow, tags
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.pea_flow import load_language
+    from pea.discovery import SCAN_TAG
+    from pea.spec import SpecError
+
+    @flow
+    def load(language: str) -> str:
+        return load_language(language, None, {}).language
+
+    with prefect_test_harness(server_startup_timeout=180):
+        assert load("xa") == "xa"
+        with tags(SCAN_TAG), pytest.raises(SpecError, match=r"xa.yaml \(run started by the scan\) names sources"):
+            load("xa")
+        with tags(SCAN_TAG):
+            assert load("zh") == "zh"
+
+
+def test_a_remote_manifest_whose_host_resolves_to_a_private_address_is_refused(zoo_dir, tmp_path, monkeypatch):
+    # A name, not a literal address, so discovery could not judge it; reading it resolves it first. "localhost"
+    # resolves to loopback without any DNS; nothing listens on the port and nothing is sent.
+    from pea.corpus.manifest import prepare_url_list
+
+    monkeypatch.setenv("PEA_LAKE", str(tmp_path / "lake"))
+    spec = load_spec("zh", "embedded", zoo_dir=zoo_dir)
+    url = "http://localhost:9/zh.parquet"
+    spec = spec.model_copy(update={"corpus": spec.corpus.model_copy(update={
+        "synthetic": None, "allow_networks": [], "manifests": [ManifestSpec(path=url)]})})
+    with pytest.raises(PermissionError, match=r"localhost resolves to 127\.0\.0\.1 \(loopback\)"):
+        prepare_url_list(spec, spec.corpus.manifests, tmp_path / "urls")
+    assert ops._manifest_digest(url) == "unreadable (PermissionError)"

@@ -13,7 +13,9 @@ IPv4-mapped IPv6 address is judged as its IPv4 address.
 from __future__ import annotations
 
 import ipaddress
+import socket
 from collections.abc import Iterable
+from urllib.parse import urlsplit
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -43,3 +45,20 @@ def refusal(address: str | Address, allowed: Iterable[Network] = ()) -> str | No
         if getattr(ip, f"is_{kind}"):
             return kind.replace("_", "-")
     return None if ip.is_global else "not globally routable"
+
+
+def check_url(url: str, allowed: Iterable[Network] = (), what: str = "manifest") -> None:
+    """Refuse an http(s) URL whose host resolves to any address `refusal` refuses (a manifest is read by fsspec,
+    which resolves the name again when it connects: a rebinding DNS could still switch it in between, so this
+    guards against a misconfigured or hostile spec, not a hostile DNS server; the corpus fetch pins its address)."""
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        return
+    try:
+        resolved = {info[4][0] for info in socket.getaddrinfo(parts.hostname, parts.port or 443, 0,
+                                                                socket.SOCK_STREAM)}
+    except OSError as err:
+        raise FileNotFoundError(f"{what} {url}: cannot resolve {parts.hostname} ({err})") from None
+    if refused := sorted(f"{a} ({why})" for a in resolved if (why := refusal(a, allowed)) is not None):
+        raise PermissionError(f"{what} {url}: {parts.hostname} resolves to {', '.join(refused)}; pea reads only "
+                              "public addresses unless the spec's corpus.allow_networks lists the network")

@@ -30,6 +30,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pea.corpus.addresses import Network, check_url, networks
 from pea.corpus.urllist import GROUP_SHARDS, PART_SHARDS, PartWriter, clear_leftovers, digest, publish
 from pea.spec import URL_SCHEMES, LanguageSpec, ManifestSpec, home
 from pea.store import connect
@@ -85,8 +86,10 @@ READERS = {
 }
 
 
-def _location(manifest: ManifestSpec, con: duckdb.DuckDBPyConnection) -> str:
-    """A path DuckDB can read: local paths resolved against the project home, other fsspec URLs registered."""
+def _location(manifest: ManifestSpec, con: duckdb.DuckDBPyConnection, allowed: tuple[Network, ...] = ()) -> str:
+    """A path DuckDB can read: local paths resolved against the project home, other fsspec URLs registered (an
+    http(s) one only at a public address, or in the spec's corpus.allow_networks)."""
+    check_url(manifest.path, allowed)
     fs, path = fsspec.core.url_to_fs(manifest.path)
     protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
     if "file" in protocols or "local" in protocols:
@@ -135,7 +138,7 @@ class _Plan:
 
 def _plan(spec: LanguageSpec, index: int, manifest: ManifestSpec, con: duckdb.DuckDBPyConnection) -> _Plan:
     fmt = _format(manifest)
-    location = _location(manifest, con)
+    location = _location(manifest, con, networks(spec.corpus.allow_networks))
     source = READERS[fmt].format(rejects=f"pea_rejects_{index}")
     try:  # binds only: nothing is read beyond what the reader sniffs
         has = [row[0] for row in con.execute(f"DESCRIBE SELECT * FROM {source}", {"path": location}).fetchall()]
