@@ -47,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(Path(__file__).parent)]
 
 from chaos_checks import digest, inspect, same  # noqa: E402  (benchmarks/chaos_checks.py)
+from pea.launcher import DISTRIBUTED_ENV  # noqa: E402
 
 STAGES = ("acquire", "filter", "embed", "pack", "train", "evaluate", "register")
 FAULTS = (*(f"kill:{s}" for s in STAGES), "disk:embed", "disk:pack", "disk:train", "corrupt:store",
@@ -63,7 +64,9 @@ def _spec(language: str, work: Path):
     from pea import ops
     from pea.spec import load_spec
 
-    return ops.with_overrides(load_spec(language, "embedded", zoo_dir=work / "zoo"), **OVERRIDES)
+    steps = int(os.environ.get("CHAOS_TRAIN_STEPS", OVERRIDES["train"]["steps"]))  # benchmarks/two_runs.py
+    return ops.with_overrides(load_spec(language, "embedded", zoo_dir=work / "zoo"),
+                              **{**OVERRIDES, "train": {**OVERRIDES["train"], "steps": steps}})
 
 
 def run_stage(stage: str, language: str, work: Path) -> None:
@@ -107,9 +110,13 @@ def run_stage(stage: str, language: str, work: Path) -> None:
 class Child:
     """A stage in its own process group (img2dataset, DeepSpeed and DuckDB start helpers that die with it)."""
 
-    def __init__(self, stage: str, work: Path, language: str = "zh", file_limit: int | None = None):
-        env = {"OMP_NUM_THREADS": "1", **os.environ, "PYTHONPATH": str(ROOT), "PEA_LAKE": str(work / "trial" / "lake"),
-               "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'trial' / 'tracking' / 'mlflow.db'}"}
+    def __init__(self, stage: str, work: Path, language: str = "zh", file_limit: int | None = None,
+                 env: dict[str, str] | None = None):
+        # Not the parent's torch.distributed variables: a process that trained in-process (pea.train sets RANK and
+        # MASTER_PORT for its single-process group) would send the child to a port it still holds.
+        inherited = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV}
+        env = {"OMP_NUM_THREADS": "1", **inherited, "PYTHONPATH": str(ROOT), "PEA_LAKE": str(work / "trial" / "lake"),
+               "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'trial' / 'tracking' / 'mlflow.db'}", **(env or {})}
 
         def limit() -> None:  # in the child, before exec: its writes beyond the limit fail with EFBIG
             if file_limit is not None:

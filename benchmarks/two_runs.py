@@ -1,0 +1,79 @@
+"""Two runs on one machine (issue #18): with the thread budget, two languages training at once take about as long
+as the two one after the other; without it (every run with all cores) they thrash.
+
+    PYTHONPATH=. .venv/bin/python benchmarks/two_runs.py [--steps 200]
+
+zh and ja are acquired, filtered, embedded and packed once (benchmarks/chaos.py's stage children on the embedded
+default); then the train stage of both, from the same snapshot, three ways: one after the other with all cores
+each (what a lone run gets: `pea.launcher.thread_budget(1)`), both at once with the budget of a work pool
+whose concurrency limit is 2 (`thread_budget(2)`: cores / 2 each), and both at once with all cores each (no
+budget). Wall time is from the first train start to the last train end. LAST lines: `concurrent_vs_sequential=`
+(aim ≈ 1, ≤ 1.1) and `unbudgeted_vs_sequential=`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _chaos():
+    spec = importlib.util.spec_from_file_location("chaos", ROOT / "benchmarks" / "chaos.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def train_both(chaos, work: Path, threads: int, at_once: bool, steps: int) -> float:
+    chaos.restore(work, "packed-zh-ja")
+    env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "CHAOS_TRAIN_STEPS": str(steps)}
+    started = time.monotonic()
+    if at_once:
+        children = [chaos.Child("train", work, language, env=env) for language in ("zh", "ja")]
+        codes = [c.finish() for c in children]
+    else:
+        codes = []
+        for language in ("zh", "ja"):
+            child = chaos.Child("train", work, language, env=env)
+            codes.append(child.finish())
+    if any(codes):
+        raise SystemExit(f"a train run failed: see {work}/child-train-*.log")
+    return time.monotonic() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=200, help="training steps per run")
+    parser.add_argument("--work", type=Path, default=Path(f"/tmp/pea-two-runs-{os.getpid()}"))
+    args = parser.parse_args()
+    chaos = _chaos()
+    from pea.embedded import prepare_zoo
+    from pea.launcher import thread_budget
+
+    work = args.work
+    prepare_zoo(work / "zoo", image_size=32)
+    (work / "trial" / "lake").mkdir(parents=True, exist_ok=True)
+    for language in ("zh", "ja"):
+        for stage in ("acquire", "filter", "embed", "pack"):
+            code, _, tail = chaos.run(stage, work, language)
+            if code:
+                raise SystemExit(f"{language} {stage} failed: {tail}")
+    chaos.snapshot(work, "packed-zh-ja")
+    alone, shared = thread_budget(1), thread_budget(2)
+    sequential = train_both(chaos, work, alone, at_once=False, steps=args.steps)
+    concurrent = train_both(chaos, work, shared, at_once=True, steps=args.steps)
+    unbudgeted = train_both(chaos, work, alone, at_once=True, steps=args.steps)
+    print(f"{args.steps} steps per run, {alone} cores: one after the other with {alone} threads each {sequential:.1f} s; "
+          f"at once with {shared} each (budget) {concurrent:.1f} s; at once with {alone} each (no budget) "
+          f"{unbudgeted:.1f} s")
+    print(f"concurrent_vs_sequential={concurrent / sequential:.3f}")
+    print(f"unbudgeted_vs_sequential={unbudgeted / sequential:.3f}")
+
+
+if __name__ == "__main__":
+    main()
