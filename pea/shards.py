@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +43,7 @@ from safetensors.torch import load, save_file
 
 from pea.embed import EmbedResult
 from pea.spec import LanguageSpec
-from pea.atomic import is_no_room, no_room
+from pea.atomic import is_no_room, no_room, sweep, temp_path
 from pea.store import CorruptPart, TensorStore, connect, corrupt_parts, key_digest, read_part, tensor_meta, text_hash
 
 FORMAT = 2  # bump when the layout of a pack changes (2: rows shuffled within each gathered chunk)
@@ -256,8 +255,10 @@ def pack(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult) -> Packed:
     key = pack_key(spec, pairs_path, embedded)
     root = pairs_path.parent / "shards" / key_digest(key)
     if not (root / "index.json").is_file():
-        tmp = root.with_name(f".{root.name}-{uuid.uuid4().hex[:8]}.tmp")
-        tmp.mkdir(parents=True)
+        root.parent.mkdir(parents=True, exist_ok=True)
+        sweep(root.parent)  # packs a killed run left half-written (older than an hour: not a live rank's)
+        tmp = temp_path(root)
+        tmp.mkdir()
         try:
             splits = _write(spec, pairs_path, embedded, tmp)
             tensors = {}

@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from pea.atomic import publish
+from pea.atomic import publish, sweep
 
 if TYPE_CHECKING:
     import torch
@@ -129,6 +129,7 @@ class TensorStore:
         self.key = {**key, "dtype": dtype}
         self.dtype = dtype
         self.root.mkdir(parents=True, exist_ok=True)
+        sweep(self.root)  # parts a killed writer left half-written (older than an hour: not a live writer's)
         manifest = self.root / "store.json"
         if manifest.is_file():
             stored = json.loads(manifest.read_text())
