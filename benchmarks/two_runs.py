@@ -14,19 +14,11 @@ start-up included. LAST lines: `concurrent_vs_sequential=` (aim ≈ 1, ≤ 1.1) 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-def _chaos():
-    spec = importlib.util.spec_from_file_location("chaos", ROOT / "benchmarks" / "chaos.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def train_both(chaos, work: Path, threads: int, at_once: bool, steps: int, limit_s: float | None = None) -> float:
@@ -53,7 +45,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200, help="training steps per run")
     parser.add_argument("--work", type=Path, default=Path(f"/tmp/pea-two-runs-{os.getpid()}"))
     args = parser.parse_args()
-    chaos = _chaos()
+    import chaos  # benchmarks/chaos.py: this script's folder is on sys.path
+
     from pea.embedded import prepare_zoo
     from pea.launcher import thread_budget
 

@@ -2,23 +2,19 @@
 runs every fault with more trials: docs/reliability.md). Each trial kills, fills the disk under, or corrupts a
 stage run in a child process, reruns it, and compares with an undisturbed reference run."""
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 
+import bench
+
 pytestmark = pytest.mark.chaos
 
-ROOT = Path(__file__).resolve().parents[1]
 FAULTS = ["kill:embed", "kill:train", "kill:register", "disk:embed", "disk:pack", "disk:train", "corrupt:store",
           "corrupt:checkpoint", "shared:teacher"]
 
 
 def _benchmark():
-    spec = importlib.util.spec_from_file_location("chaos", ROOT / "benchmarks" / "chaos.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench.load("chaos")
 
 
 @pytest.fixture(scope="module")

@@ -2,23 +2,19 @@
 weights, real tokenizers) at 512 px on the CPU. Builds the models once into <lake>/zoo/full (≈ 4 GB of fp16
 files, about a minute), then a few minutes of stages; `-m "not fullsize"` leaves it out."""
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
+
+import bench
 from PIL import Image
 
 pytestmark = pytest.mark.fullsize
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _benchmark():
-    spec = importlib.util.spec_from_file_location("full_size", ROOT / "benchmarks" / "full_size.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench.load("full_size")
 
 
 @pytest.fixture(scope="module")
