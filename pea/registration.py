@@ -160,7 +160,8 @@ def find(client: MlflowClient, experiment_id: str, name: str, key: str, keep: st
             f"registration {key} of {name} has {len(versions)} model versions: {listing}. One training run must have "
             "one version; decide which to keep and delete the others (MlflowClient().delete_model_version), then "
             "rerun")
-    kept = min(versions, key=lambda v: (not _finished(v), v.version != keep, "run_id" not in v.tags, int(v.version)))
+    kept = min(versions, key=lambda v: (not _finished(v), str(v.version) != str(keep), "run_id" not in v.tags,
+                                        int(v.version)))
     for extra in versions:
         if extra.version != kept.version:
             client.delete_model_version(name, extra.version)

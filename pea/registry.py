@@ -322,7 +322,7 @@ def _register(spec: LanguageSpec, trained: TrainResult, evaluation: Evaluation, 
     if found.complete:
         promotion = promotion_tags(client.get_model_version(name, found.version.version).tags)
         log.info("%s/%s is already registered for %s; nothing to do", name, found.version.version, key)
-        return Registration(uri, experiment, found.version.run_id, name, found.version.version,
+        return Registration(uri, experiment, found.version.run_id, name, str(found.version.version),
                             promotion.get("promotion.decision") == "promoted", promotion)
     if found.version is None:
         abandon(client, found.runs)  # attempts that died before MLflow created their version
@@ -332,7 +332,8 @@ def _register(spec: LanguageSpec, trained: TrainResult, evaluation: Evaluation, 
     else:
         log.warning("finishing %s/%s for %s: an earlier registration stopped before completing it", name,
                     found.version.version, key)
-    version, run_id = found.version.version, found.version.run_id
+    # str: a SQLite store's search returns the number as an int, a server's as a string
+    version, run_id = str(found.version.version), found.version.run_id
     abandon(client, found.runs, keep=run_id)
     # RUNNING after a kill, FAILED after a create whose answer never came; but log_model is the run's last step,
     # so a run with a version has everything logged.
