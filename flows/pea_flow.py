@@ -268,7 +268,8 @@ def pea(language: Annotated[str, Field(pattern=LANGUAGE_CODE.pattern, descriptio
         client.upsert_global_concurrency_limit_by_name(language_limit(spec.language), 1)
     print(f"waiting for any other run of {spec.language} to finish (concurrency limit "
           f"{language_limit(spec.language)!r})")
-    with concurrency(language_limit(spec.language), occupy=1, strict=True):
+    # A 60 s lease (Prefect renews it while the run lives): a run killed with -9 holds the slot a minute, not five.
+    with concurrency(language_limit(spec.language), occupy=1, strict=True, lease_duration=60):
         if "embedded" in profiles(profile):
             build_zoo(spec)
         if "fullsize" in profiles(profile):

@@ -247,6 +247,47 @@ def test_a_second_run_of_the_same_language_waits_for_the_first(served, second_ru
     assert "acquire" not in _task_states(served, flow_run_id)
 
 
+def test_a_worker_killed_mid_training_then_the_run_retried_resumes_and_registers_once(served, second_run):
+    """kill -9 of the worker and its flow run once a checkpoint is sealed; the run marked crashed (what Prefect's
+    zombie automation does), `prefect flow-run retry`, a new worker: the same flow run resumes training from the
+    checkpoint in its run directory and registers one version."""
+    import psutil
+    from prefect.states import Crashed
+
+    created = served.sh(PREFECT, "deployment", "run", "pea/train-language", "-p", "language=zh", "-p", "steps=400",
+                        timeout=60)
+    flow_run_id = UUID(re.search(r"UUID: ([0-9a-f-]{36})", created.stdout).group(1))
+    runs = served.root / "lake" / "zh" / "runs"
+    deadline = time.monotonic() + 600
+    while not list(runs.glob(f"*-{str(flow_run_id)[:8]}/checkpoints/step*/pea-seal.json")):
+        assert time.monotonic() < deadline, f"no checkpoint was sealed:\n{_log_text(served, flow_run_id)[-3000:]}"
+        time.sleep(0.5)
+    worker = psutil.Process(int((Path(served.env["PEA_SERVE_DIR"]) / "worker.pid").read_text()))
+    for process in [*worker.children(recursive=True), worker]:
+        process.kill()
+    psutil.wait_procs([worker], timeout=30)
+    (run_dir,) = runs.glob(f"*-{str(flow_run_id)[:8]}")
+    assert not (run_dir / "train_result.json").exists()  # killed mid-training
+    with served.client() as client:
+        assert client.read_flow_run(flow_run_id).state.is_running()  # a kill -9 reports nothing
+        client.set_flow_run_state(flow_run_id, Crashed(message="its worker was killed"), force=True)
+    served.sh(PREFECT, "flow-run", "retry", str(flow_run_id), timeout=60)
+    served.sh("sh", "scripts/serve.sh", timeout=240)  # a new worker
+    while True:
+        with served.client() as client:
+            state = client.read_flow_run(flow_run_id).state
+        if state.is_final():
+            break
+        assert time.monotonic() < deadline + 600, "the retried run did not finish"
+        time.sleep(2)
+    assert state.is_completed(), _log_text(served, flow_run_id)[-4000:]
+    result = json.loads((run_dir / "train_result.json").read_text())
+    assert result["resumed_from"] >= 100 and result["steps"] == 400  # from the sealed checkpoint, same run dir
+    versions = MlflowClient(served.tracking).search_model_versions("name = 'pea-adapter-zh'")
+    mine = [v for v in versions if MlflowClient(served.tracking).get_run(v.run_id).info.run_name == run_dir.name]
+    assert len(mine) == 1, [(v.version, v.run_id) for v in mine]
+
+
 def test_an_unknown_language_fails_fast_naming_the_known_ones_without_retries(served):
     started = time.monotonic()
     done, flow_run_id = served.run_deployment("language=xx", timeout=120)
