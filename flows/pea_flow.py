@@ -32,7 +32,7 @@ from pydantic import Field
 
 from pea import embed as embed_stage
 from pea import evaluate as evaluate_stage
-from pea import launcher, ops, registry, results
+from pea import launcher, ops, progress, registry, results
 from pea import shards as shards_stage
 from pea import train as train_stage
 from pea.corpus import acquire as acquire_stage
@@ -255,6 +255,7 @@ def pea(language: Annotated[str, Field(pattern=LANGUAGE_CODE.pattern, descriptio
     and filter on that Ray cluster (spec corpus.engine). `refresh_cache` recomputes every stage instead of reusing
     cached results. Runs of the same language wait for each other.
     """
+    progress.for_logs()
     spec = load_language(language, profile, run_overrides(steps, micro_batch_size, engine_address))
     threads = launcher.thread_budget(_runs_at_once())
     launcher.apply_thread_budget(threads)
@@ -319,8 +320,17 @@ def pea(language: Annotated[str, Field(pattern=LANGUAGE_CODE.pattern, descriptio
         "table": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}
                   for row in evaluation.rows()],
         "grid": str(evaluation.grid),
+        "world": _world(spec),
         "model": model,
     }
+
+
+def _world(spec: LanguageSpec) -> str:
+    synthetic = spec.corpus.synthetic
+    if synthetic is None:
+        return "the spec's manifests"
+    return (f"synthetic corpus, {synthetic.mismatched:.0%} mismatched pairs, {synthetic.partial:.0%} partial captions, "
+            f"{synthetic.culture_rows} native culture rows")
 
 
 def publish_model(language: str, registered: registry.Registration, cached: list[str]) -> dict:
@@ -381,6 +391,14 @@ def print_summary(summary: dict) -> None:
         if "judge_trained_vs_teacher" in ev:
             console.print(f"judge: PEA draws {ev['judge_trained_vs_teacher']:.0%} as many held-out prompts right "
                           f"as the English teacher (aim ≥ 90%)")
+        if "judge_diffusion_only" in ev:
+            console.print(f"judge: PEA − diffusion loss only = {ev['judge_trained'] - ev['judge_diffusion_only']:+.3f} "
+                          f"on this corpus ({summary.get('world', 'its noise')}; aim ≥ +0.1 at 30 % mismatched pairs)")
+        if ev.get("judge_synthetic-culture_teacher_en"):
+            console.print(f"judge, held-out culture phrases: PEA {ev['judge_synthetic-culture_trained']:.3f}, "
+                          f"English teacher given the scene {ev['judge_synthetic-culture_teacher_en']:.3f}, "
+                          f"dictionary {ev.get('judge_synthetic-culture_dictionary', float('nan')):.3f} "
+                          "(aims: ≥ 0.8 × the teacher, ≥ dictionary + 0.3)")
 
 
 def main() -> None:

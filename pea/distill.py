@@ -71,13 +71,14 @@ class LossTerms:
 
 def distill_loss(unet: UNet2DConditionModel, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
                  target: torch.Tensor, teacher: Conditioning, student: Conditioning, native: torch.Tensor,
-                 output_weight: float = 1.0, feature_weight: float = 0.1, diffusion_everywhere: bool = False
-                 ) -> LossTerms:
+                 output_weight: float = 1.0, feature_weight: float = 0.1, diffusion_everywhere: bool = False,
+                 native_weight: float = 1.0) -> LossTerms:
     """One batch of the objective. Gradients reach only the student conditioning (the adapter's output).
 
     `diffusion_everywhere` applies the diffusion loss to every sample instead of KD (an ablation);
     otherwise it applies where `native` is 1, as in the paper. It never needs the teacher, so its pass is
-    skipped (the KD terms are then reported as NaN: not computed).
+    skipped (the KD terms are then reported as NaN: not computed). `native_weight` 0 drops native rows' loss
+    (the ablation without native captions).
     """
     if diffusion_everywhere:
         eps_student = unet(noisy_latents.to(unet.dtype), timesteps, **student.unet_kwargs(unet.dtype)).sample
@@ -92,5 +93,5 @@ def distill_loss(unet: UNet2DConditionModel, noisy_latents: torch.Tensor, timest
     output_kd = _per_sample_mse(eps_student, eps_teacher)
     feature_kd = sum(_per_sample_mse(s, t) for s, t in zip(student_maps, teacher_maps, strict=True))
     m = native.float()
-    per_sample = m * diffusion + (1 - m) * (output_weight * output_kd + feature_weight * feature_kd)
+    per_sample = m * native_weight * diffusion + (1 - m) * (output_weight * output_kd + feature_weight * feature_kd)
     return LossTerms(per_sample.mean(), diffusion.mean(), output_kd.mean(), feature_kd.mean())

@@ -50,9 +50,8 @@ import numpy as np
 import torch
 from filelock import FileLock
 from PIL import Image
-from tqdm.auto import tqdm
 
-from pea import launcher, models
+from pea import launcher, models, progress
 from pea.spec import LanguageSpec, lake_root
 from pea.store import FORMAT as STORE_FORMAT
 from pea.store import TensorStore, connect, key_digest
@@ -107,7 +106,7 @@ def _fill(store: TensorStore, batches: Iterator[tuple[list[str], list]], total: 
             hashes.clear()
             tensors.clear()
 
-    with tqdm(total=total, desc=f"embed {what}", unit="row") as bar:
+    with progress.bar(total=total, desc=f"embed {what}", unit="row") as bar:
         for keys, inputs in batches:
             for name, value in encode(inputs).items():
                 tensors.setdefault(name, []).append(value.detach().to("cpu", dtype))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pea.corpus.culture import culture_scenes
 from pea.corpus.synthetic import ENGLISH, all_scenes, caption
 from pea.models import build_tiny_clip, build_tiny_zoo
 from pea.spec import available_languages, lake_root, load_spec
@@ -19,8 +20,9 @@ def prepare_zoo(zoo_dir: Path | None = None, image_size: int = 32) -> dict[str, 
     students = {}
     for language in available_languages():
         captions = load_spec(language).synthetic_captions
-        if captions is not None:
-            students[language] = [caption(s, captions) for s in scenes]
+        if captions is not None:  # the culture phrases too: a tokenizer knows a language's words, seen or not
+            training, heldout = culture_scenes(captions)
+            students[language] = [caption(s, captions) for s in scenes] + [c for _, c in training + heldout]
     english = [caption(s, ENGLISH) for s in scenes]
     zoo = zoo_dir or lake_root() / "zoo"
     built = build_tiny_zoo(zoo, english, students, image_size=image_size)

@@ -6,10 +6,12 @@ Systems (rows of the table; docs/evaluation.md explains each figure):
 - `teacher_en`  translate-then-English: the English reference through the teacher (the ceiling)
 - `trained`     the PEA adapter under evaluation
 - `untrained`   the exact initialisation training started from (same seed, same config)
-- `linear_map`  the student encoder through a least-squares linear map to the teacher's conditioning,
-                fit in closed form on the training split
+- `linear_map`  the student's whole token grid through a ridge-regression map to the teacher's whole
+                conditioning, fit in closed form on a bounded sample of the training split (pea.baselines)
 - `diffusion_only` (optional, `evaluate.diffusion_only_baseline`) the adapter trained with the diffusion loss
                 alone, no distillation (the flow trains it beside the PEA adapter)
+- `output_kd`, `no_native` (optional, benchmarks/toy_table.py) ablations: output KD only (no feature KD), and
+                PEA without native captions (train.diffusion_loss: none)
 - `dictionary`  (optional, `evaluate.dictionary_baseline`) the target prompt translated word by word into
                 English with the synthetic lexicon, then the teacher: the paper's translation baseline in miniature
 
@@ -22,7 +24,10 @@ Figures (columns):
                 with the multilingual CLIP the spec names (`evaluate.clip_model`)
 - `judge`       (toy world, `evaluate.judge`) share of images, over every distinct held-out prompt and
                 `evaluate.judge_seeds` seeds each, whose count, colour, shape and position the attribute judge
-                (pea.toy) reads as the prompt says; `judge_<attribute>` per attribute
+                (pea.toy) reads as the prompt says; `judge_<attribute>` per attribute. Prompts that name only
+                part of a scene (corpus.synthetic.partial) are left out: the judge would have to guess.
+- `judge_<set>` the same on each prompt set of `evaluate.judged_sets` (e.g. synthetic-culture: held-out
+                culture-specific phrases, the English side the scene's plain description)
 
 Grids (PNG, drawn by pea.grids): English teacher | PEA trained | untrained | [diffusion only | dictionary |] linear
 map, at the same seeds, each row captioned in the target language and in English.
@@ -53,7 +58,7 @@ from pea.shards import pack
 from pea.table import TrainingTable, load_table
 
 SYSTEMS = ("teacher_en", "trained", "untrained", "linear_map")  # always in the table
-ORDER = ("teacher_en", "trained", "untrained", "diffusion_only", "dictionary", "linear_map")
+ORDER = ("teacher_en", "trained", "output_kd", "no_native", "untrained", "diffusion_only", "dictionary", "linear_map")
 JUDGED = ("all_right", "count", "color", "shape", "position")
 
 
@@ -74,6 +79,7 @@ class Evaluation:
     clip_model: str | None = None
     systems: tuple[str, ...] = SYSTEMS  # the table's rows, in ORDER
     judge: dict[str, dict[str, float]] = field(default_factory=dict)  # {system: {all_right, count, ...}}
+    judge_sets: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # {set: {system: {...}}}
 
     @property
     def improvement(self) -> float:
@@ -87,6 +93,8 @@ class Evaluation:
         for name, scores in self.clip_score.items():
             out |= {f"clip_{name}_{k}": v for k, v in scores.items()}
         out |= {f"judge_{k}": v["all_right"] for k, v in self.judge.items()}
+        for name, judged in self.judge_sets.items():
+            out |= {f"judge_{name}_{k}": v["all_right"] for k, v in judged.items()}
         if self.judge.get("teacher_en", {}).get("all_right"):
             out["judge_trained_vs_teacher"] = self.judge["trained"]["all_right"] / self.judge["teacher_en"]["all_right"]
         return out
@@ -101,6 +109,7 @@ class Evaluation:
             row |= {"rel_error": 0.0 if system == "teacher_en" else self.relative_error.get(system),
                     "image_mse": 0.0 if system == "teacher_en" else self.image_mse.get(system)}
             row |= {f"clip_{name}": scores.get(system) for name, scores in self.clip_score.items()}
+            row |= {f"judge_{name}": judged[system]["all_right"] for name, judged in self.judge_sets.items()}
             rows.append(row)
         return rows
 
@@ -246,12 +255,15 @@ def _draw(spec: LanguageSpec, pipe, student, adapters: dict[str, torch.nn.Module
 
 
 def judge_systems(spec: LanguageSpec, pipe, student, adapters: dict[str, torch.nn.Module],
-                  heldout: TrainingTable) -> dict[str, dict[str, float]]:
-    """The attribute judge over every distinct held-out prompt, `evaluate.judge_seeds` seeds each."""
-    from pea.toy import Judge, judge_score, scene_of, to_tensor
+                  prompts: list[tuple[str, str]]) -> dict[str, dict[str, float]]:
+    """The attribute judge over every distinct (target, English) prompt that names a whole scene,
+    `evaluate.judge_seeds` seeds each."""
+    from pea.toy import Judge, is_scene, judge_score, scene_of, to_tensor
 
     judge = Judge.load(Path(spec.evaluate.judge))
-    prompts = sorted(set(zip(heldout.captions, heldout.captions_en)))
+    prompts = sorted({p for p in prompts if is_scene(p[1])})
+    if not prompts:
+        raise ValueError("no prompt names a whole scene of the synthetic world: nothing for the judge to score")
     prompts = [p for p in prompts for _ in range(spec.evaluate.judge_seeds)]
     seeds = [spec.evaluate.seed + 1000 + i for i in range(len(prompts))]  # not the grid's seeds
     drawn = _draw(spec, pipe, student, adapters, prompts, seeds)
@@ -288,7 +300,10 @@ def evaluate(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, adapte
     image_mse = {name: _mse(images[name], images["teacher_en"]) for name in images if name != "teacher_en"}
     grid, missing = write_grid([[images[s][i] for s in systems] for i in range(n)], pairs,
                                [HEADER[s] for s in systems], out_dir / "grid.png")
-    judged = judge_systems(spec, pipe, student, adapters, heldout) if cfg.judge else {}
+    judged = judge_systems(spec, pipe, student, adapters, list(zip(heldout.captions, heldout.captions_en))) \
+        if cfg.judge else {}
+    judged_sets = {name: judge_systems(spec, pipe, student, adapters, load_prompts(spec.language, name))
+                   for name in cfg.judged_sets}
 
     clip_ref = ModelRef(id=cfg.clip_model, revision=cfg.clip_revision)
     clip, grids, prompt_sets = {}, {}, {}
@@ -306,7 +321,7 @@ def evaluate(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, adapte
 
     evaluation = Evaluation(len(heldout), relative, image_mse, grid, out_dir / "evaluation.json", clip, grids,
                             out_dir / "evaluation.csv", Path(pairs_path), embedded, Path(adapter_dir), cfg.clip_model,
-                            systems, judged)
+                            systems, judged, judged_sets)
     rows = evaluation.rows()
     with open(tmp := out_dir / ".evaluation.csv.tmp", "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -318,7 +333,7 @@ def evaluate(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, adapte
               "grid": str(grid), "grids": {k: str(v) for k, v in grids.items()},
               "grid_captions": [{"en": e, spec.language: t} for t, e in pairs],
               "prompt_sets": {k: [{"en": e, spec.language: t} for t, e in v] for k, v in prompt_sets.items()},
-              "judge": judged, "captions_without_font": sorted(set(missing))}
+              "judge": judged, "judge_sets": judged_sets, "captions_without_font": sorted(set(missing))}
     _write_atomic(evaluation.report, json.dumps(report, ensure_ascii=False, indent=2))
     return evaluation
 

@@ -14,7 +14,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 # Column titles of the evaluation's systems (pea.evaluate.ORDER).
 HEADER = {"teacher_en": "English teacher", "trained": "PEA", "untrained": "untrained", "linear_map": "linear map",
-          "diffusion_only": "diffusion only", "dictionary": "dictionary"}
+          "diffusion_only": "diffusion only", "dictionary": "dictionary", "output_kd": "output KD only",
+          "no_native": "PEA w/o native"}
 
 
 def _font_files() -> list[Path]:

@@ -32,7 +32,7 @@ from pea.corpus.addresses import check_url, networks
 from pea.discovery import check_sources
 from pea.redact import masked_errors, redact
 from pea.registry import Registration, model_name, tracking_uri
-from pea.spec import LanguageSpec, SpecError, available_languages, home, lake_root, load_spec
+from pea.spec import LanguageSpec, SpecError, deep_merge, available_languages, home, lake_root, load_spec
 from pea.table import data_fingerprint
 
 SOURCE_TAG = "source_fingerprint"
@@ -84,9 +84,9 @@ def with_overrides(spec: LanguageSpec, **sections: dict[str, Any]) -> LanguageSp
     sections = {name: values for name, values in sections.items() if values}
     if not sections:
         return spec
-    data = spec.model_dump()  # merged as plain data, then validated: a value may be a whole sub-section's dict
-    for name, values in sections.items():
-        data[name] = {**data[name], **values}
+    # Merged as plain data, deeply (corpus={"synthetic": {"mismatched": 0.3}} keeps the other synthetic fields),
+    # then validated.
+    data = deep_merge(spec.model_dump(), sections)
     try:
         spec = LanguageSpec.model_validate(data)
     except ValidationError as err:

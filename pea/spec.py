@@ -102,6 +102,27 @@ class StudentSpec(ModelRef):
         return self
 
 
+class CulturePhrase(Strict):
+    """A target-language phrase for some attributes of a scene that English says otherwise (pea.corpus.culture)."""
+
+    phrase: str = Field(min_length=1, description="e.g. 红日 (the red sun) for a red circle")
+    means: dict[Literal["count", "color", "shape", "position"], str] = Field(
+        min_length=1, description="the attributes it stands for, in the English vocabulary: {color: red, shape: circle}")
+    template: str | None = Field(None, description="a caption with the phrase and the slots it does not fill, e.g. "
+                                 "'{count} come un arancino {position}'; None: the language's template with the "
+                                 "phrase in the first slot it means and its other slots dropped")
+
+    @model_validator(mode="after")
+    def _template_fills_the_rest(self) -> CulturePhrase:
+        if self.template is not None:
+            rest = {"count", "color", "shape", "position"} - set(self.means)
+            used = set(re.findall(r"\{(\w+)\}", self.template))
+            if used != rest or self.phrase not in self.template:
+                raise ValueError(f"culture template {self.template!r} must hold the phrase {self.phrase!r} and the "
+                                 f"slots {sorted(rest)} (the ones `means` leaves open), no others")
+        return self
+
+
 class SyntheticCaptions(Strict):
     """How the synthetic corpus says a scene in this language (English lives in pea.corpus)."""
 
@@ -110,6 +131,8 @@ class SyntheticCaptions(Strict):
     shapes: dict[str, str]
     positions: dict[str, str]
     counts: dict[str, str]
+    culture: list[CulturePhrase] = Field(default_factory=list, description="culture-specific phrases, said only in "
+                                         "the corpus's native captions (corpus.synthetic.culture_rows)")
 
     @model_validator(mode="after")
     def _template_uses_every_slot(self) -> SyntheticCaptions:
@@ -152,10 +175,10 @@ class LanguageSpec(Strict):
         return "caption_" + self.language.replace("-", "_")
 
 
-def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in top.items():
-        merged[key] = _deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+        merged[key] = deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
     return merged
 
 
@@ -221,7 +244,7 @@ def load_spec(language: str, profile: str | None = None, *, data_dir: Path | Non
         overlay = yaml.safe_load(text) or {}
         if not isinstance(overlay, dict):
             raise SpecError(f"{profile_path}: expected a mapping of fields at the top level")
-        raw = _deep_merge(raw, overlay)
+        raw = deep_merge(raw, overlay)
         sources.append(str(profile_path))
     source = " with profile ".join(sources)
     try:

@@ -19,8 +19,17 @@ class Strict(BaseModel):
 
 
 class SyntheticCorpus(Strict):
-    size: int = Field(400, ge=10, description="number of good images")
+    """The synthetic corpus (pea.corpus.synthetic). Its web-like noise is off by default: the clean world."""
+
+    size: int = Field(400, ge=10, description="number of good parallel pairs")
     seed: int = 0
+    mismatched: float = Field(0.0, ge=0, le=1, description="share of pairs (exactly, rounded) whose image shows "
+                              "another scene: 1 to 4 of its attributes changed, as alt-text that describes another "
+                              "picture; both captions stay a faithful pair")
+    partial: float = Field(0.0, ge=0, le=1, description="share of parallel pairs whose captions (both languages) "
+                           "leave the position out: alt-text that names only part of the scene")
+    culture_rows: int = Field(0, ge=0, description="native-only rows (no English side) whose caption says one of "
+                              "synthetic_captions.culture's phrases, beside `size`; mismatched at the same share")
 
 
 URL_SCHEMES = ("http", "https")  # the only schemes acquire fetches; anything else is dropped and counted
@@ -337,9 +346,10 @@ class TrainSpec(Strict):
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     output_kd_weight: float = Field(1.0, ge=0, description="MSE(ε_student, ε_teacher)")
     feature_kd_weight: float = Field(0.1, ge=0, description="Σ MSE over UNet block outputs")
-    diffusion_loss: Literal["native", "all"] = Field(
+    diffusion_loss: Literal["native", "all", "none"] = Field(
         "native", description="native: MSE(ε_student, ε) only for native-only captions (the paper's rule); "
-                              "all: for every sample instead of KD (the diffusion-only ablation)")
+                              "all: for every sample instead of KD (the diffusion-only ablation); none: native-only "
+                              "captions get no loss at all (the ablation without native captions)")
     caption_dropout: float = Field(0.1, ge=0, le=1)
     noise_offset: float = Field(0.0, ge=0)
     checkpoint_every: int = Field(1000, ge=1)
@@ -391,6 +401,8 @@ class EvaluateSpec(Strict):
     judge: str | None = Field(None, description="an attribute judge (pea.toy, e.g. '{data}/toy/judge'): score "
                               "whether each system draws what held-out synthetic prompts name; None: no judge")
     judge_seeds: int = Field(4, ge=1, description="images per held-out prompt and system for the judge")
+    judged_sets: list[str] = Field(default_factory=list, description="prompt sets data/prompts/<language>/<name>.txt "
+                                   "of synthetic scenes the judge also scores, e.g. ['synthetic-culture'] (needs judge)")
     diffusion_only_baseline: bool = Field(False, description="also train the adapter with the diffusion loss "
                                           "alone (train.diffusion_loss: all) and put it in the table")
     dictionary_baseline: bool = Field(False, description="also translate prompts word by word into English with "
@@ -404,10 +416,17 @@ class EvaluateSpec(Strict):
     promotion_requires_beating_untrained: bool = Field(True, description="a challenger must also beat the untrained "
                                                        "adapter on the promotion metric")
 
-    @field_validator("prompt_sets")
+    @field_validator("prompt_sets", "judged_sets")
     @classmethod
     def _plain_set_names(cls, names: list[str]) -> list[str]:
         for name in names:
             if not re.fullmatch(r"[a-z][a-z0-9_-]*", name):
                 raise ValueError(f"prompt set {name!r} must be a plain file stem such as 'general'")
         return names
+
+    @model_validator(mode="after")
+    def _judged_sets_need_the_judge(self) -> EvaluateSpec:
+        if self.judged_sets and self.judge is None:
+            raise ValueError(f"evaluate.judged_sets {self.judged_sets} needs evaluate.judge (the attribute judge of "
+                             "the toy world); set judge or empty judged_sets")
+        return self

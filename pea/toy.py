@@ -44,10 +44,10 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from pea.corpus.synthetic import COUNTS, ENGLISH, REGIONS, RGB, Scene, all_scenes, caption, render
+from pea.progress import bar as progress_bar
 from pea.spec import home
 
 IMAGE_SIZE = 32
@@ -66,6 +66,11 @@ def scene_of(english_caption: str) -> Scene:
         raise ValueError(f"{english_caption!r} is not a caption of the synthetic world (e.g. "
                          f"{caption(all_scenes()[0], ENGLISH)!r}); the judge reads only those")
     return scene
+
+
+def is_scene(english_caption: str) -> bool:
+    """Whether the caption names a whole scene (a partial caption leaves something for the judge to guess)."""
+    return english_caption.strip() in _SCENES
 
 
 _SCENES = {caption(s, ENGLISH): s for s in all_scenes()}
@@ -171,7 +176,7 @@ def train_judge(steps: int = 1500, batch: int = 64, seed: int = 0) -> tuple[Judg
     judge = Judge()
     optimizer = torch.optim.AdamW(judge.parameters(), lr=2e-3, weight_decay=1e-4)
     schedule = get_cosine_schedule_with_warmup(optimizer, 50, steps)
-    for _ in tqdm(range(steps), desc="train judge", unit="step", mininterval=2):
+    for _ in progress_bar(range(steps), desc="train judge", unit="step"):
         drawn = rng.choices(scenes, k=batch)
         x = augment(render_batch(drawn, [rng.getrandbits(31) for _ in drawn]), g)
         y = labels(drawn)
@@ -234,7 +239,7 @@ def train_teacher(steps: int = 2000, batch: int = 32, seed: int = 0, lr: float =
     unet = pipe.unet.train()
     optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
     schedule = get_cosine_schedule_with_warmup(optimizer, 100, steps)
-    bar = tqdm(range(steps), desc="train toy teacher", unit="step", mininterval=2)
+    bar = progress_bar(range(steps), desc="train toy teacher", unit="step")
     for _ in bar:
         index = [rng.randrange(len(scenes)) for _ in range(batch)]
         x = render_batch([scenes[i] for i in index], [rng.getrandbits(31) for _ in index])

@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 
 from pea import checkpoints as checkpoints_lib
-from pea import launcher, models
+from pea import launcher, models, progress
 from pea.adapter import PEAAdapter
 from pea.atomic import is_no_room, no_room, publish
 from pea.distill import Conditioning, distill_loss, sdxl_time_ids
@@ -233,9 +233,8 @@ def train(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, run_dir: 
     size = spec.corpus.image_size
     time_ids = sdxl_time_ids(size, size, cfg.micro_batch_size).to(device) if spec.teacher.kind == "sdxl" else None
     accum = cfg.gradient_accumulation_steps
-    from tqdm.auto import tqdm
-    bar = tqdm(range(start, cfg.steps), desc="train adapter", unit="step", initial=start, total=cfg.steps,
-               disable=engine.global_rank != 0, mininterval=2)
+    bar = progress.bar(range(start, cfg.steps), desc="train adapter", unit="step", initial=start, total=cfg.steps,
+                       disable=engine.global_rank != 0)
     tick, seen = time.perf_counter(), 0
     for step in bar:
         step_started = time.perf_counter()
@@ -260,7 +259,8 @@ def train(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, run_dir: 
             target = (noise if noise_scheduler.config.prediction_type == "epsilon"
                       else noise_scheduler.get_velocity(latents, noise, timesteps))
             terms = distill_loss(unet, noisy, timesteps, target, teacher, student, batch.native.to(device),
-                                 cfg.output_kd_weight, cfg.feature_kd_weight, cfg.diffusion_loss == "all")
+                                 cfg.output_kd_weight, cfg.feature_kd_weight, cfg.diffusion_loss == "all",
+                                 0.0 if cfg.diffusion_loss == "none" else 1.0)
             engine.backward(terms.total)
             engine.step()
             seen += len(batch)
@@ -269,7 +269,7 @@ def train(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, run_dir: 
                   "samples_per_s": seen * world / (time.perf_counter() - tick),
                   "step_s": time.perf_counter() - step_started}
         history.append(record)
-        bar.set_postfix(loss=f"{record['loss']:.4f}")
+        bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)  # shown at the bar's own pace
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
             # History first: a kill between the two leaves extra lines, which a resume drops (step > start);
             # the other order could leave a checkpoint whose steps the history lacks.

@@ -94,9 +94,13 @@ def test_the_flow_runs_an_sdxl_teacher_when_the_spec_says_so(runs):
 @pytest.mark.e2e
 def test_the_toy_profile_prints_the_comparison_table_with_every_baseline(runs, capsys):
     toy = runs["toy"]
-    assert toy["cached"][:2] == ["acquire", "filter_pairs"]  # same corpus as the embedded runs
+    assert "acquire" not in toy["cached"]  # the 30 % world with culture rows: not the embedded runs' corpus
+    assert toy["filtered"]["rows_out"] == 360 + 84 and "30% mismatched" in toy["world"]
     table = {row["system"]: row for row in toy["table"]}
     assert list(table) == ["teacher_en", "trained", "untrained", "diffusion_only", "dictionary", "linear_map"]
+    # The held-out culture phrases: the teacher draws their English descriptions; the dictionary cannot say them.
+    assert table["teacher_en"]["judge_synthetic-culture"] >= 0.8
+    assert table["dictionary"]["judge_synthetic-culture"] <= 0.2
     # The shipped teacher draws held-out prompts right (toy.json: 0.97 over every caption); 40 steps of
     # distillation already draw each attribute right more often than the untrained adapter, which draws one fixed
     # picture. (All four right at once is too rare after 40 steps to compare: both can score 0.)
@@ -110,3 +114,4 @@ def test_the_toy_profile_prints_the_comparison_table_with_every_baseline(runs, c
     print_summary(toy)
     out = capsys.readouterr().out
     assert "held-out comparison" in out and "diffusion_only" in out and "as many held-out prompts right" in out
+    assert "PEA − diffusion loss only" in out and "held-out culture phrases" in out

@@ -28,7 +28,7 @@ from pea.corpus.engine import session
 from pea.corpus.fetch import download
 from pea.corpus.manifest import UrlList, prepare_url_list
 from pea.corpus.synthetic import make_corpus, serve
-from pea.spec import LanguageSpec, ManifestSpec
+from pea.spec import ColumnMapping, LanguageSpec, ManifestSpec
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ def _synthetic_manifest(spec: LanguageSpec, corpus_dir: Path, base_url: str) -> 
     tmp = served.with_name(served.name + ".tmp")
     pq.write_table(table.set_column(table.schema.get_field_index("url"), "url", urls), tmp)
     tmp.replace(served)
-    return ManifestSpec(path=str(served))
+    return ManifestSpec(path=str(served), columns=ColumnMapping(native="native"))
 
 
 def acquire(spec: LanguageSpec, lake: Path) -> AcquireResult:

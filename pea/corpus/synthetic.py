@@ -3,6 +3,11 @@
 The embedded default downloads this corpus with img2dataset over real HTTP, so every stage runs the
 code path of a real corpus. Besides the good samples the manifest holds one broken entry per drop
 reason of the filter stage (see `BROKEN`), so a run always exercises and counts every reason.
+
+Web-like noise, from `corpus.synthetic` (all off in the clean world): a share of pairs whose image shows
+another scene (`mismatched`), a share whose captions leave the position out (`partial`), and native-only
+rows that say a culture-specific phrase (`culture_rows`, pea.corpus.culture). The English side is always a
+faithful translation of the target caption; only the image or the caption's coverage is noisy.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ BACKGROUND = (242, 240, 235)
 REGIONS = {"left": (0.0, 0.25, 0.5, 0.75), "right": (0.5, 0.25, 1.0, 0.75), "top": (0.25, 0.0, 0.75, 0.5),
            "bottom": (0.25, 0.5, 0.75, 1.0), "center": (0.25, 0.25, 0.75, 0.75)}
 COUNTS = {"one": 1, "two": 2}
+SLOTS = ("count", "color", "shape", "position")
 SUPERSAMPLE = 4  # draw large, then downscale: clean edges even at 32x32
 
 # Manifest entries that must fail, each with the filter reason it triggers. The 404 URL is never written.
@@ -63,12 +69,24 @@ def all_scenes() -> list[Scene]:
     return [Scene(*combo) for combo in itertools.product(COUNTS, RGB, ENGLISH.shapes, REGIONS)]
 
 
-def caption(scene: Scene, captions: SyntheticCaptions) -> str:
+def caption(scene: Scene, captions: SyntheticCaptions, partial: bool = False) -> str:
+    """The scene in the captions' language; `partial` leaves the position out (and collapses the spaces)."""
     words = {"count": captions.counts[scene.count], "color": captions.colors[scene.color],
              "shape": captions.shapes[scene.shape], "position": captions.positions[scene.position]}
     if captions == ENGLISH and COUNTS[scene.count] > 1:
         words["shape"] += "s"  # the spec schema has no plural forms; English needs only this one
+    if partial:
+        return " ".join(captions.template.format(**(words | {"position": ""})).split())
     return captions.template.format(**words)
+
+
+def mismatch(scene: Scene, rng: random.Random) -> Scene:
+    """Another scene: 1 to 4 of the attributes changed (all four: an unrelated picture)."""
+    changed = rng.sample(SLOTS, rng.randint(1, len(SLOTS)))
+    values = {slot: getattr(scene, slot) for slot in SLOTS}
+    for slot in changed:
+        values[slot] = rng.choice([v for v in getattr(ENGLISH, slot + "s") if v != values[slot]])
+    return Scene(**values)
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill: tuple[int, int, int]) -> None:
@@ -110,6 +128,11 @@ def _check_words(captions: SyntheticCaptions, where: str) -> None:
         missing = sorted(set(getattr(ENGLISH, slot)) - set(getattr(captions, slot)))
         if missing:
             raise ValueError(f"{where}.{slot} lacks {missing}; add a word for each")
+    for i, phrase in enumerate(captions.culture):
+        for slot, value in phrase.means.items():
+            if value not in getattr(ENGLISH, slot + "s"):
+                raise ValueError(f"{where}.culture[{i}] ({phrase.phrase}) means {slot} {value!r}, which the synthetic "
+                                 f"world lacks; use one of {list(getattr(ENGLISH, slot + 's'))}")
 
 
 def _write_if_changed(path: Path, data: bytes) -> None:
@@ -121,7 +144,9 @@ def _write_if_changed(path: Path, data: bytes) -> None:
 
 
 def make_corpus(spec: LanguageSpec, out_dir: Path) -> Path:
-    """Write images/ and manifest.parquet (url relative to out_dir, caption_en, the caption column) into out_dir.
+    """Write images/ and manifest.parquet (url relative to out_dir, caption_en, the caption column, native) into
+    out_dir: `size` parallel pairs, then `culture_rows` native-only rows (caption_en empty), the noise of
+    `corpus.synthetic` drawn from its own generator (so the clean world's images do not depend on it).
 
     The entries of `BROKEN` follow the good samples; `wrong-language` only when the spec checks the language.
 
@@ -135,11 +160,22 @@ def make_corpus(spec: LanguageSpec, out_dir: Path) -> Path:
     scenes = all_scenes()
     rng = random.Random(synthetic.seed)
     files: dict[str, bytes] = {}
-    rows: list[tuple[str, str, str]] = []
+    rows: list[tuple[str, str, str, bool]] = []
     seen: set[str] = set()
+    noise = random.Random(f"{synthetic.seed}-noise")
+    from pea.corpus.culture import culture_scenes  # it builds on this module's captions
 
-    def sample(i: int) -> tuple[Scene, bytes]:
-        scene, seed = scenes[i % len(scenes)], rng.getrandbits(32)
+    culture = culture_scenes(target)[0]
+    if synthetic.culture_rows and not culture:
+        raise ValueError(f"spec {spec.language}: corpus.synthetic.culture_rows is {synthetic.culture_rows} but "
+                         "synthetic_captions.culture lists no phrase; add phrases or set culture_rows to 0")
+    # Exact shares, as the spec says them.
+    wrong = set(noise.sample(range(synthetic.size), round(synthetic.mismatched * synthetic.size)))
+    wrong_native = set(noise.sample(range(synthetic.culture_rows), round(synthetic.mismatched * synthetic.culture_rows)))
+    partial = set(noise.sample(range(synthetic.size), round(synthetic.partial * synthetic.size)))
+
+    def sample(i: int, scene: Scene | None = None) -> tuple[Scene, bytes]:
+        scene, seed = scene or scenes[i % len(scenes)], rng.getrandbits(32)
         while True:  # a jitter that repeats an earlier image of the scene would make a duplicate: move on
             data = _png(render(scene, pixels, seed))
             digest = hashlib.sha256(data).hexdigest()
@@ -148,14 +184,21 @@ def make_corpus(spec: LanguageSpec, out_dir: Path) -> Path:
                 return scene, data
             seed += 1
 
-    def add(name: str, scene: Scene, data: bytes | None, target_caption: str | None = None) -> None:
+    def add(name: str, scene: Scene, data: bytes | None, target_caption: str | None = None, part: bool = False) -> None:
         if data is not None:
             files[f"images/{name}.png"] = data
-        text = caption(scene, target) if target_caption is None else target_caption
-        rows.append((f"images/{name}.png", caption(scene, ENGLISH), text))
+        text = caption(scene, target, part) if target_caption is None else target_caption
+        rows.append((f"images/{name}.png", caption(scene, ENGLISH, part), text, False))
 
     for i in range(synthetic.size):
-        add(f"{i:05d}", *sample(i))
+        scene = scenes[i % len(scenes)]
+        _, data = sample(i, mismatch(scene, noise) if i in wrong else scene)
+        add(f"{i:05d}", scene, data, part=i in partial)
+    for j in range(synthetic.culture_rows):  # native-only: the culture caption, no English side
+        scene, text = culture[j % len(culture)]
+        _, data = sample(j, mismatch(scene, noise) if j in wrong_native else scene)
+        files[f"images/culture-{j:05d}.png"] = data
+        rows.append((f"images/culture-{j:05d}.png", "", text, True))
     # One broken entry per filter reason (BROKEN), each failing in that one way only.
     scene, good = sample(synthetic.size)
     add("missing", scene, None)  # never written: a 404
@@ -176,8 +219,8 @@ def make_corpus(spec: LanguageSpec, out_dir: Path) -> Path:
     images.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():
         _write_if_changed(out_dir / name, data)
-    urls, english, captions = (list(column) for column in zip(*rows))
-    table = pa.table({"url": urls, "caption_en": english, spec.caption_column: captions})
+    urls, english, captions, native = (list(column) for column in zip(*rows))
+    table = pa.table({"url": urls, "caption_en": english, spec.caption_column: captions, "native": native})
     manifest = out_dir / "manifest.parquet"
     if manifest.is_file() and pq.read_table(manifest).equals(table):
         return manifest
