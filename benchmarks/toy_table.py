@@ -1,7 +1,7 @@
 """The toy world's comparison table (docs/results.md): PEA against its ablations and baselines on web-like pairs.
 
     .venv/bin/python benchmarks/toy_table.py --languages zh --noise 0 0.3 0.6 --ablations-at 0.3 --threads 1
-    .venv/bin/python benchmarks/toy_table.py --languages ko ru it vi --noise 0.3 --no-ablations --threads 1
+    .venv/bin/python benchmarks/toy_table.py --languages ko ru it vi --noise 0.3 --ablations --threads 1
     .venv/bin/python benchmarks/toy_table.py --languages ja --seeds 0 1 2 --noise 0 0.3 0.6   # ~3x the time
 
 For each language and noise share (corpus.synthetic.mismatched: that share of pairs shows another scene; the
@@ -33,10 +33,11 @@ from pathlib import Path
 HELDOUT = ("teacher_en", "trained", "output_kd", "diffusion_only", "dictionary", "linear_map")
 CULTURE = ("teacher_en", "trained", "no_native", "diffusion_only", "dictionary")
 SET = "synthetic-culture"
+ABLATIONS = {"output_kd": {"feature_kd_weight": 0.0}, "no_native": {"diffusion_loss": "none"}}
 
 
-def run_cell(language: str, lake: Path, noise: float, seeds: list[int], ablations: bool, steps: int | None = None
-             ) -> dict:
+def run_cell(language: str, lake: Path, noise: float, seeds: list[int], ablations: list[str],
+             steps: int | None = None) -> dict:
     """One language at one noise share: {system: [judge score per seed]} for both prompt sets, and the time."""
     from pea import embed, evaluate, ops, train
     from pea.corpus import acquire, filter as filter_stage
@@ -51,9 +52,7 @@ def run_cell(language: str, lake: Path, noise: float, seeds: list[int], ablation
     acquire.acquire(base, world)
     filtered = filter_stage.filter_pairs(base, world)
     embedded = embed.embed(base, world, filtered.pairs_path)
-    variants = {"diffusion_only": {"diffusion_loss": "all"}}
-    if ablations:
-        variants |= {"output_kd": {"feature_kd_weight": 0.0}, "no_native": {"diffusion_loss": "none"}}
+    variants = {"diffusion_only": {"diffusion_loss": "all"}} | {name: ABLATIONS[name] for name in ablations}
     heldout: dict[str, list[float]] = {}
     culture: dict[str, list[float]] = {}
     for i, seed in enumerate(seeds):
@@ -86,10 +85,11 @@ def main() -> None:
     parser.add_argument("--languages", nargs="*", default=None, help="default: every shipped language")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds of the adapters")
     parser.add_argument("--noise", type=float, nargs="+", default=[0.3], help="shares of mismatched pairs")
+    parser.add_argument("--ablations", nargs="*", choices=sorted(ABLATIONS), default=sorted(ABLATIONS),
+                        help="ablations trained too (first seed only): output KD only, PEA without native captions; "
+                             "none with an empty list")
     parser.add_argument("--ablations-at", type=float, nargs="*", default=None,
-                        help="noise shares at which output-KD-only and PEA-without-native-captions are trained too "
-                             "(first seed only); default: every share run")
-    parser.add_argument("--no-ablations", action="store_true", help="train neither ablation")
+                        help="noise shares at which the ablations are trained; default: every share run")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (1 beside another job)")
     parser.add_argument("--lake", type=Path, default=None, help="default: a temporary directory")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the profile's; fewer "
@@ -98,7 +98,7 @@ def main() -> None:
     if args.threads:
         launcher.apply_thread_budget(args.threads)
     languages = args.languages or available_languages()
-    ablate = set() if args.no_ablations else set(args.noise if args.ablations_at is None else args.ablations_at)
+    ablate = set(args.noise if args.ablations_at is None else args.ablations_at)
     results: dict[tuple[str, float], dict] = {}
     with tempfile.TemporaryDirectory() as scratch:
         root = args.lake or Path(scratch)
@@ -106,7 +106,8 @@ def main() -> None:
             lake = root / language
             os.environ["PEA_LAKE"] = str(lake)
             for noise in args.noise:
-                results[language, noise] = run_cell(language, lake, noise, args.seeds, noise in ablate, args.steps)
+                results[language, noise] = run_cell(language, lake, noise, args.seeds,
+                                                    args.ablations if noise in ablate else [], args.steps)
     print(f"\nHeld-out prompts (judge: share of images with all four attributes right; mean over seeds {args.seeds})\n")
     print("| language | mismatched | (1) English teacher | (2) PEA | output KD only | diffusion loss only | "
           "dictionary → teacher | linear map | (2) − diffusion only | (2)/(1) | minutes |")

@@ -118,12 +118,13 @@ class Evaluation:
 
 @torch.no_grad()
 def relative_errors(spec: LanguageSpec, table: TrainingTable, adapters: dict[str, torch.nn.Module],
-                    states: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+                    states: dict[str, torch.Tensor] | None = None, unet=None) -> dict[str, float]:
     """Σ‖ε_adapter − ε_teacher‖² / Σ‖ε_teacher‖² over the table, every timestep of the spec, one fixed noise draw
     (`evaluate.seed`): any two calls on the same table see the same latents, noise and timesteps. `states` gives an
-    adapter student states other than the table's (an adapter trained on another student encoder)."""
+    adapter student states other than the table's (an adapter trained on another student encoder); `unet` another
+    UNet than the spec's teacher (e.g. with a LoRA: benchmarks/lora_robustness.py)."""
     states = states or {}
-    unet = models.load_unet(spec.teacher, models.inference_dtype(spec.train.precision))
+    unet = unet or models.load_unet(spec.teacher, models.inference_dtype(spec.train.precision))
     scheduler = models.load_noise_scheduler(spec.teacher)
     g = torch.Generator().manual_seed(spec.evaluate.seed)
     noise = torch.randn(table.latents.shape, generator=g)

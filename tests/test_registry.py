@@ -7,7 +7,6 @@ import http.client
 import json
 import logging
 import os
-import pickle
 import signal
 import subprocess
 import sys
@@ -36,6 +35,7 @@ from pea.baselines import untrained_like
 from pea.evaluate import evaluate
 from pea.models import load_student
 from pea.pipeline import prompt_kwargs
+from pea.results import encode
 from pea.registration import (COMPLETE, HTTP_DEFAULTS, KEY_TAG, STATE_TAG, backoff_s, promotion_tags,
                               registration_key)
 from pea.spec import load_spec
@@ -314,12 +314,16 @@ def _assert_finished(client: MlflowClient, reg: registry.Registration, key: str,
 
 # Run in a child process that SIGKILLs itself at `point` of a registration.
 KILLED_CHILD = """
-import os, pickle, signal, sys
+import json, os, signal, sys
 from mlflow import MlflowClient
 from pea import registry
 from pea.registration import STATE_TAG
+from pea.results import decode
+from pea.spec import LanguageSpec
 
-spec, result, evaluation, pairs, point = pickle.loads(open(sys.argv[1], "rb").read())
+args = json.loads(open(sys.argv[1], encoding="utf-8").read())  # JSON, not a pickle: nothing to execute
+spec = LanguageSpec.model_validate_json(args["spec"])
+result, evaluation, pairs, point = decode(args["rest"])
 create, set_tag = MlflowClient._create_model_version, MlflowClient.set_model_version_tag
 
 def die():
@@ -351,8 +355,9 @@ def test_a_registration_killed_at_any_point_is_finished_by_a_rerun(point, cycle,
     spec, result, evaluation = _again(cycle, trained_sd15, tmp_path / f"killed-{point}")
     key = registration_key(result.run_dir, result.adapter_dir)
     champion_before = client.get_model_version_by_alias(NAME, "champion").version
-    args = tmp_path / "args.pkl"
-    args.write_bytes(pickle.dumps((spec, result, evaluation, trained_sd15.pairs, point)))
+    args = tmp_path / "args.json"
+    args.write_text(json.dumps({"spec": spec.model_dump_json(),
+                                "rest": encode((result, evaluation, trained_sd15.pairs, point))}), encoding="utf-8")
     child = subprocess.run([sys.executable, "-c", KILLED_CHILD, str(args)], capture_output=True, text=True,
                            timeout=300)
     assert child.returncode == -signal.SIGKILL, child.stdout[-2000:] + child.stderr[-3000:]

@@ -14,9 +14,13 @@ synthetic corpus's list changes its port every run). With
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,10 +28,12 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pea.atomic import publish
 from pea.corpus.engine import session
 from pea.corpus.fetch import download
 from pea.corpus.manifest import UrlList, prepare_url_list
 from pea.corpus.synthetic import make_corpus, serve
+from pea.corpus.urllist import DIGEST_FILE
 from pea.spec import ColumnMapping, LanguageSpec, ManifestSpec
 
 
@@ -44,6 +50,9 @@ class AcquireResult:
     url_list: Path | None = None
 
 
+RAW_LIST_FILE = "_url_list"
+
+
 def _stats(raw_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in sorted(raw_dir.glob("*_stats.json"))]
 
@@ -53,6 +62,22 @@ def _missing_shards(raw_dir: Path, expected: int) -> list[int]:
     done once a `<id>_*.json` exists); when none is missing img2dataset (seconds of start-up) is not called."""
     done = {int(p.name.split("_")[0]) for p in raw_dir.glob("*.json") if p.name.split("_")[0].isdigit()}
     return sorted(set(range(expected)) - done)
+
+
+def _shards_of(raw_dir: Path, identity: str) -> None:
+    """Raw shards are numbered, and img2dataset takes a numbered shard as done: shards of another url list would
+    stay under the new list's numbers (stale rows and images). The list they came from is recorded beside them
+    (`_url_list`); shards of another list are removed first, so the whole new list is downloaded. Shards with
+    no record (an older lake) are kept and the record written."""
+    record = raw_dir / RAW_LIST_FILE
+    if record.is_file() and record.read_text().strip() != identity:
+        stale = raw_dir.with_name(f".{raw_dir.name}-stale-{uuid.uuid4().hex[:8]}")
+        os.rename(raw_dir, stale)  # one rename: never a raw folder holding half of each list
+        shutil.rmtree(stale)
+        raw_dir.mkdir()
+    if not record.is_file():
+        with publish(record, "acquire: the url list of the raw shards") as tmp:
+            tmp.write_text(identity + "\n")
 
 
 def _synthetic_manifest(spec: LanguageSpec, corpus_dir: Path, base_url: str) -> ManifestSpec:
@@ -76,12 +101,15 @@ def acquire(spec: LanguageSpec, lake: Path) -> AcquireResult:
     lang_dir = Path(lake) / spec.language
     raw_dir = lang_dir / "raw"
     raw_dir.mkdir(parents=True, exist_ok=True)
-    skipped = len(_stats(raw_dir))
+    skipped = 0
     url_path = lang_dir / "manifest-urls"
     (lang_dir / "manifest-urls.parquet").unlink(missing_ok=True)  # the single-file list of earlier versions
 
-    def run(manifests: list[ManifestSpec]) -> UrlList:
+    def run(manifests: list[ManifestSpec], identity: str | None = None) -> UrlList:
+        nonlocal skipped
         urls = prepare_url_list(spec, manifests, url_path)
+        _shards_of(raw_dir, identity or (urls.path / DIGEST_FILE).read_text().strip())
+        skipped = len(_stats(raw_dir))
         if _missing_shards(raw_dir, urls.shards(spec.corpus.rows_per_shard)):
             download(spec, urls.path, raw_dir, urls.extra_columns)
         return urls
@@ -90,7 +118,9 @@ def acquire(spec: LanguageSpec, lake: Path) -> AcquireResult:
         if spec.corpus.synthetic is not None:
             corpus_dir = lang_dir / "synthetic"
             with serve(corpus_dir) as base_url:
-                urls = run([_synthetic_manifest(spec, corpus_dir, base_url)])
+                manifest = _synthetic_manifest(spec, corpus_dir, base_url)
+                # Its served URLs name a new port each run: the list is identified by the corpus's own manifest.
+                urls = run([manifest], hashlib.sha256((corpus_dir / "manifest.parquet").read_bytes()).hexdigest())
         else:
             urls = run(list(spec.corpus.manifests))
 

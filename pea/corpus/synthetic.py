@@ -184,11 +184,18 @@ def make_corpus(spec: LanguageSpec, out_dir: Path) -> Path:
                 return scene, data
             seed += 1
 
+    def url(name: str, data: bytes | None) -> str:
+        """Named by content too: a corpus whose noise changed serves other bytes under other URLs, so acquire
+        re-downloads them instead of keeping the shards of the same URLs (as it would for a real site)."""
+        if data is None:
+            return f"images/{name}.png"
+        path = f"images/{name}-{hashlib.sha256(data).hexdigest()[:12]}.png"
+        files[path] = data
+        return path
+
     def add(name: str, scene: Scene, data: bytes | None, target_caption: str | None = None, part: bool = False) -> None:
-        if data is not None:
-            files[f"images/{name}.png"] = data
         text = caption(scene, target, part) if target_caption is None else target_caption
-        rows.append((f"images/{name}.png", caption(scene, ENGLISH, part), text, False))
+        rows.append((url(name, data), caption(scene, ENGLISH, part), text, False))
 
     for i in range(synthetic.size):
         scene = scenes[i % len(scenes)]
@@ -197,8 +204,7 @@ def make_corpus(spec: LanguageSpec, out_dir: Path) -> Path:
     for j in range(synthetic.culture_rows):  # native-only: the culture caption, no English side
         scene, text = culture[j % len(culture)]
         _, data = sample(j, mismatch(scene, noise) if j in wrong_native else scene)
-        files[f"images/culture-{j:05d}.png"] = data
-        rows.append((f"images/culture-{j:05d}.png", "", text, True))
+        rows.append((url(f"culture-{j:05d}", data), "", text, True))
     # One broken entry per filter reason (BROKEN), each failing in that one way only.
     scene, good = sample(synthetic.size)
     add("missing", scene, None)  # never written: a 404
@@ -213,7 +219,7 @@ def make_corpus(spec: LanguageSpec, out_dir: Path) -> Path:
     if spec.filter.language_id is not None:
         add("wrong-language", scene, good, caption(scene, ENGLISH))  # English where the target language belongs
     rows.append(rows[0])  # the same URL and captions as sample 0: a duplicate
-    rows.append(("ftp://127.0.0.1/images/00000.png", *rows[0][1:]))  # never fetched: http(s) only
+    rows.append(("ftp://127.0.0.1/" + rows[0][0], *rows[0][1:]))  # never fetched: http(s) only
 
     images = out_dir / "images"
     images.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,183 @@
+"""How much of an adapter's gain survives a LoRA it never saw (#19, docs/results.md): plug-and-play, measured.
+
+    .venv/bin/python benchmarks/lora_robustness.py --lake /work/tables/zh --noise 0.3     # a toy_table.py lake
+
+The UNet is frozen, so a LoRA made for the English model should work with the adapter. Random rank-4 LoRAs
+(peft, through diffusers' `add_adapter`) on the toy teacher's UNet: on every attention projection, on the
+cross-attention to_k/to_v alone, or on self-attention alone; each is scaled (secant steps on B's scale) so that it moves the
+teacher's own output by a chosen multiple of the conditioning's effect (the untrained adapter's relative error).
+Under each LoRA, every system's held-out UNet-output error is measured against the teacher *with the same LoRA*,
+and the gap it keeps is (1 − err/err_untrained) under the LoRA ÷ the same without it (1.0: unaffected).
+
+Systems: the PEA adapter, the diffusion-loss-only adapter and the linear map of the lake's seed-0 run. The linear
+map outputs the teacher's whole 77-token context, the adapters one token per student token (16): so whether the
+linear map keeps its gap says whether the adapters' losses come from matching the teacher's attention *output*
+with another set of tokens, which a change of the key/value projections undoes.
+
+Also prints, for SD 1.5's and SDXL's UNet configs (pea.fullsize, built on the meta device: shapes only), each
+cross-attention width against its context width: where the context is wider, to_k/to_v have a null space
+(context − width dimensions) in which tokens may differ unseen until a LoRA changes the projection.
+
+Prints, last, `gap_kept_min_3x=<min over LoRA targets of PEA's gap kept at 3× the conditioning's effect>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+from pathlib import Path
+
+import torch
+
+TARGETS = {"all attention": ["to_q", "to_k", "to_v", "to_out.0"], "cross-attn to_k/to_v": ["attn2.to_k", "attn2.to_v"],
+           "self-attn only": ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0"]}
+
+
+def context_widths() -> list[str]:
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    from pea.fullsize import SD15_UNET, SDXL_UNET
+
+    lines = []
+    for name, config in (("SD 1.5", SD15_UNET), ("SDXL", SDXL_UNET)):
+        with init_empty_weights():
+            unet = UNet2DConditionModel(**config)
+        widths: dict[int, int] = {}
+        for module_name, module in unet.named_modules():
+            if module_name.endswith("attn2.to_k"):
+                widths[module.out_features] = widths.get(module.out_features, 0) + 1
+        context = unet.config.cross_attention_dim
+        lines += [f"| {name} | {context} | {width} | {count} | {max(0, context - width)} |"
+                  for width, count in sorted(widths.items())]
+    return lines
+
+
+def _teacher_outputs(spec, table, unet) -> list[torch.Tensor]:
+    """The UNet's outputs under the teacher's conditioning, with relative_errors' latents, noise and timesteps."""
+    from pea import models
+
+    scheduler = models.load_noise_scheduler(spec.teacher)
+    noise = torch.randn(table.latents.shape, generator=torch.Generator().manual_seed(spec.evaluate.seed))
+    out = []
+    with torch.no_grad():
+        for t in spec.evaluate.timesteps:
+            for rows in torch.arange(len(table)).split(32):
+                steps = torch.full((len(rows),), t)
+                noisy = scheduler.add_noise(table.latents[rows].float(), noise[rows], steps)
+                out.append(unet(noisy, steps, encoder_hidden_states=table.teacher[rows].float()).sample)
+    return out
+
+
+def _random_lora(unet, targets: list[str], seed: int) -> dict[str, torch.Tensor]:
+    """A rank-4 LoRA with random A and B on `targets`; returns B's initial values (scaled later)."""
+    from peft import LoraConfig
+
+    name = f"random-{seed}"
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=targets, init_lora_weights=False), adapter_name=name)
+    unet.set_adapters(name)
+    g = torch.Generator().manual_seed(seed)
+    b0 = {}
+    for module_name, module in unet.named_modules():
+        if hasattr(module, "lora_A") and name in module.lora_A:
+            a, b = module.lora_A[name].weight, module.lora_B[name].weight
+            with torch.no_grad():
+                a.copy_(torch.randn(a.shape, generator=g) / a.shape[1] ** 0.5)
+                b.copy_(torch.randn(b.shape, generator=g) / b.shape[1] ** 0.5)
+            b0[module_name] = b.detach().clone()
+    return b0
+
+
+def _scale(unet, b0: dict[str, torch.Tensor], factor: float) -> None:
+    for module_name, module in unet.named_modules():
+        if module_name in b0:
+            with torch.no_grad():
+                next(iter(module.lora_B.values())).weight.copy_(b0[module_name] * factor)
+
+
+def _effect(reference: list[torch.Tensor], outputs: list[torch.Tensor]) -> float:
+    return sum(float((o - r).pow(2).sum()) for o, r in zip(outputs, reference)) / sum(float(r.pow(2).sum())
+                                                                                     for r in reference)
+
+
+def main() -> None:
+    from pea import embed, models, ops
+    from pea.adapter import PEAAdapter
+    from pea.baselines import LinearMap, untrained_like
+    from pea.corpus import filter as filter_stage
+    from pea.evaluate import relative_errors
+    from pea.shards import pack
+    from pea.spec import load_spec
+    from pea.table import load_table
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--lake", type=Path, required=True, help="a benchmarks/toy_table.py lake (one language)")
+    parser.add_argument("--language", default="zh")
+    parser.add_argument("--noise", type=float, default=0.3)
+    parser.add_argument("--multiples", type=float, nargs="+", default=[1.0, 3.0])
+    parser.add_argument("--loras", type=int, default=3, help="random LoRAs per target and multiple")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 beside other jobs)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    world = args.lake / f"noise-{args.noise:g}"
+    spec = ops.with_overrides(load_spec(args.language, "embedded,toy", zoo_dir=args.lake / "zoo"),
+                              corpus={"synthetic": {"mismatched": args.noise}})
+    filtered = filter_stage.filter_pairs(spec, world)
+    embedded = embed.embed(spec, world, filtered.pairs_path)
+    table = load_table(spec, filtered.pairs_path, embedded, "heldout").with_english()
+    run = world / args.language / "seed-0"
+    trained = PEAAdapter.from_pretrained(run / "adapter").eval()
+    systems = {"PEA": trained, "untrained": untrained_like(trained, spec.train.seed),
+               "diffusion only": PEAAdapter.from_pretrained(run / "diffusion_only" / "adapter").eval(),
+               "linear map": LinearMap.fit(pack(spec, filtered.pairs_path, embedded).train,
+                                           spec.evaluate.linear_map_rows, spec.evaluate.seed)}
+    unet = models.load_unet(spec.teacher)
+    base = relative_errors(spec, table, systems, unet=unet)
+    conditioning = base["untrained"]
+    reference = _teacher_outputs(spec, table, unet)
+    print(f"held-out pairs {len(table)}; without a LoRA: " + ", ".join(f"{k} {v:.4f}" for k, v in base.items())
+          + f"; the conditioning's effect (untrained) {conditioning:.4f}", flush=True)
+    gaps = {k: 1 - base[k] / conditioning for k in systems if k != "untrained"}
+    rows, kept_3x = [], {}
+    for target, modules in TARGETS.items():
+        for multiple in args.multiples:
+            kept: dict[str, list[float]] = {k: [] for k in gaps}
+            effects = []
+            for seed in range(args.loras):
+                b0 = _random_lora(unet, modules, seed)
+                factor, goal, seen = 1.0, multiple * conditioning, []
+                for _ in range(10):  # secant steps in log-log (the effect grows about as B's scale squared)
+                    _scale(unet, b0, factor)
+                    effect = _effect(reference, _teacher_outputs(spec, table, unet))
+                    if abs(effect / goal - 1) < 0.03:
+                        break
+                    seen.append((math.log(factor), math.log(effect)))
+                    slope = 2.0 if len(seen) < 2 else (seen[-1][1] - seen[-2][1]) / (seen[-1][0] - seen[-2][0] or 1e-9)
+                    factor *= math.exp(math.log(goal / effect) / min(max(slope, 0.5), 6.0))
+                effects.append(effect)
+                errors = relative_errors(spec, table, systems, unet=unet)
+                for k in gaps:
+                    kept[k].append((1 - errors[k] / errors["untrained"]) / gaps[k])
+                unet.delete_adapters(f"random-{seed}")
+            # A system with no gap to keep (worse than untrained without a LoRA) has no ratio to report.
+            rows.append(f"| {target} | {multiple:g}× ({statistics.fmean(effects):.3f}) | "
+                        + " | ".join(f"{statistics.fmean(v):.2f} ({min(v):.2f})" if gaps[k] > 0 else "— (no gap)"
+                                     for k, v in kept.items()) + " |")
+            print(rows[-1], flush=True)
+            if multiple == 3.0:
+                kept_3x[target] = statistics.fmean(kept["PEA"])
+    print("\n| LoRA on | effect on the teacher (relative error) | " + " | ".join(f"{k}: gap kept, mean (min)"
+                                                                            for k in gaps) + " |")
+    print("|---|---:|" + "---:|" * len(gaps))
+    print("\n".join(rows))
+    print("\n| model | context width | cross-attention width | layers | null space of to_k/to_v on the context |")
+    print("|---|---:|---:|---:|---:|")
+    print("\n".join(context_widths()))
+    if kept_3x:
+        print(f"gap_kept_min_3x={min(kept_3x.values()):.3f}")
+
+
+if __name__ == "__main__":
+    main()
