@@ -33,7 +33,6 @@ from pea.corpus.engine import session
 from pea.corpus.fetch import download
 from pea.corpus.manifest import UrlList, prepare_url_list
 from pea.corpus.synthetic import make_corpus, serve
-from pea.corpus.urllist import DIGEST_FILE
 from pea.spec import ColumnMapping, LanguageSpec, ManifestSpec
 
 
@@ -65,10 +64,11 @@ def _missing_shards(raw_dir: Path, expected: int) -> list[int]:
 
 
 def _shards_of(raw_dir: Path, identity: str) -> None:
-    """Raw shards are numbered, and img2dataset takes a numbered shard as done: shards of another url list would
-    stay under the new list's numbers (stale rows and images). The list they came from is recorded beside them
-    (`_url_list`); shards of another list are removed first, so the whole new list is downloaded. Shards with
-    no record (an older lake) are kept and the record written."""
+    """Raw shards are numbered, and img2dataset takes a numbered shard as done, so shards of another list stay
+    under the new list's numbers. For a manifest that is what incremental downloading wants (docs/data.md); for
+    the synthetic corpus, whose rows and images change with its spec, it kept stale ones: its manifest's digest
+    is recorded beside the shards (`_url_list`) and shards of another are removed first. Shards with no record
+    (an older lake) are kept and the record written."""
     record = raw_dir / RAW_LIST_FILE
     if record.is_file() and record.read_text().strip() != identity:
         stale = raw_dir.with_name(f".{raw_dir.name}-stale-{uuid.uuid4().hex[:8]}")
@@ -108,7 +108,8 @@ def acquire(spec: LanguageSpec, lake: Path) -> AcquireResult:
     def run(manifests: list[ManifestSpec], identity: str | None = None) -> UrlList:
         nonlocal skipped
         urls = prepare_url_list(spec, manifests, url_path)
-        _shards_of(raw_dir, identity or (urls.path / DIGEST_FILE).read_text().strip())
+        if identity is not None:
+            _shards_of(raw_dir, identity)
         skipped = len(_stats(raw_dir))
         if _missing_shards(raw_dir, urls.shards(spec.corpus.rows_per_shard)):
             download(spec, urls.path, raw_dir, urls.extra_columns)
@@ -119,7 +120,8 @@ def acquire(spec: LanguageSpec, lake: Path) -> AcquireResult:
             corpus_dir = lang_dir / "synthetic"
             with serve(corpus_dir) as base_url:
                 manifest = _synthetic_manifest(spec, corpus_dir, base_url)
-                # Its served URLs name a new port each run: the list is identified by the corpus's own manifest.
+                # Its images change with the spec (noise, culture rows) under the same numbering, and its served
+                # URLs name a new port each run: its shards are tied to the corpus's own manifest.
                 urls = run([manifest], hashlib.sha256((corpus_dir / "manifest.parquet").read_bytes()).hexdigest())
         else:
             urls = run(list(spec.corpus.manifests))
