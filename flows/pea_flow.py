@@ -383,8 +383,12 @@ def print_summary(summary: dict) -> None:
     rows = summary.get("table") or []
     if rows:
         comparison = Table(title=f"held-out comparison · {summary['language']} (docs/evaluation.md)")
-        for column in rows[0]:
-            comparison.add_column(column, justify="left" if column == "system" else "right")
+        for column in rows[0]:  # short headers, and system names never cut: the table must fit 110 columns
+            if column == "system":
+                comparison.add_column(column, justify="left", no_wrap=True, min_width=len("diffusion_only"))
+            else:
+                header = column.replace("judge_synthetic-culture", "culture").replace("judge_", "")
+                comparison.add_column(header, justify="right")
         for row in rows:
             comparison.add_row(*("—" if v is None else str(v) for v in row.values()))
         console.print(comparison)
