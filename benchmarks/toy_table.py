@@ -30,9 +30,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from pea.corpus.culture import PROMPT_SET as SET  # the held-out culture prompts
+
 HELDOUT = ("teacher_en", "trained", "output_kd", "diffusion_only", "dictionary", "linear_map")
 CULTURE = ("teacher_en", "trained", "no_native", "diffusion_only", "dictionary")
-SET = "synthetic-culture"
 ABLATIONS = {"output_kd": {"feature_kd_weight": 0.0}, "no_native": {"diffusion_loss": "none"}}
 
 

@@ -37,6 +37,7 @@ from pea import shards as shards_stage
 from pea import train as train_stage
 from pea.corpus import acquire as acquire_stage
 from pea.corpus import filter as filter_stage
+from pea.corpus.culture import PROMPT_SET as CULTURE_SET
 from pea.discovery import SCAN_TAG, check_sources
 from pea.embedded import prepare_zoo
 from pea.redact import redact
@@ -387,7 +388,7 @@ def print_summary(summary: dict) -> None:
             if column == "system":
                 comparison.add_column(column, justify="left", no_wrap=True, min_width=len("diffusion_only"))
             else:
-                header = column.replace("judge_synthetic-culture", "culture").replace("judge_", "")
+                header = column.replace(f"judge_{CULTURE_SET}", "culture").replace("judge_", "")
                 comparison.add_column(header, justify="right")
         for row in rows:
             comparison.add_row(*("—" if v is None else str(v) for v in row.values()))
@@ -398,10 +399,11 @@ def print_summary(summary: dict) -> None:
         if "judge_diffusion_only" in ev:
             console.print(f"judge: PEA − diffusion loss only = {ev['judge_trained'] - ev['judge_diffusion_only']:+.3f} "
                           f"on this corpus ({summary.get('world', 'its noise')}; aim ≥ +0.1 at 30 % mismatched pairs)")
-        if ev.get("judge_synthetic-culture_teacher_en"):
-            console.print(f"judge, held-out culture phrases: PEA {ev['judge_synthetic-culture_trained']:.3f}, "
-                          f"English teacher given the scene {ev['judge_synthetic-culture_teacher_en']:.3f}, "
-                          f"dictionary {ev.get('judge_synthetic-culture_dictionary', float('nan')):.3f} "
+        culture = {k.removeprefix(f"judge_{CULTURE_SET}_"): v for k, v in ev.items()
+                   if k.startswith(f"judge_{CULTURE_SET}_")}
+        if culture.get("teacher_en"):
+            console.print(f"judge, held-out culture phrases: PEA {culture['trained']:.3f}, English teacher given the "
+                          f"scene {culture['teacher_en']:.3f}, dictionary {culture.get('dictionary', float('nan')):.3f} "
                           "(aims: ≥ 0.8 × the teacher, ≥ dictionary + 0.3)")
 
 

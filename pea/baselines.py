@@ -61,14 +61,14 @@ class LinearMap(torch.nn.Module):
                 parts["teacher"].append(batch.teacher[pairs].float().flatten(1))
                 if batch.teacher_pooled is not None:
                     parts["pooled"].append(batch.teacher_pooled[pairs].float())
-        rows = {k: torch.cat(v)[:max_rows - 1] for k, v in parts.items() if v}
+        rows = {k: torch.cat(v) for k, v in parts.items() if v}
         # And the empty caption: the pipeline's unconditional branch (classifier-free guidance) goes through the map.
         # (The pack keeps no pooled vector for it: an SDXL map extrapolates that row instead.)
         empty = shards.empty()
         extra = {"student": empty["student"], "teacher": empty["teacher"], "pooled": empty.get("teacher_pooled")}
-        if any(extra[k] is None for k in rows):
-            return {k: torch.cat(v)[:max_rows] for k, v in parts.items() if v}
-        return {k: torch.cat([v, extra[k].float().reshape(1, -1)]) for k, v in rows.items()}
+        if all(extra[k] is not None for k in rows):
+            rows = {k: torch.cat([v[:max_rows - 1], extra[k].float().reshape(1, -1)]) for k, v in rows.items()}
+        return {k: v[:max_rows] for k, v in rows.items()}
 
     @classmethod
     def fit(cls, shards: Shards, max_rows: int, seed: int) -> LinearMap:

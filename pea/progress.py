@@ -18,9 +18,9 @@ from tqdm.auto import tqdm
 LOG_INTERVAL_S = 60.0  # a five-minute stage: five lines
 
 
-def interactive(stream: TextIO | None = None) -> bool:
-    stream = stream or sys.stderr
-    return bool(getattr(stream, "isatty", lambda: False)())
+def interactive() -> bool:
+    """Whether stderr, where the bars go, is a terminal."""
+    return sys.stderr.isatty()
 
 
 class _Lines:

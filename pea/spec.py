@@ -102,11 +102,15 @@ class StudentSpec(ModelRef):
         return self
 
 
+SLOTS = ("count", "color", "shape", "position")  # a synthetic scene's attributes, in caption-template names
+Slot = Literal["count", "color", "shape", "position"]
+
+
 class CulturePhrase(Strict):
     """A target-language phrase for some attributes of a scene that English says otherwise (pea.corpus.culture)."""
 
     phrase: str = Field(min_length=1, description="e.g. 红日 (the red sun) for a red circle")
-    means: dict[Literal["count", "color", "shape", "position"], str] = Field(
+    means: dict[Slot, str] = Field(
         min_length=1, description="the attributes it stands for, in the English vocabulary: {color: red, shape: circle}")
     template: str | None = Field(None, description="a caption with the phrase and the slots it does not fill, e.g. "
                                  "'{count} come un arancino {position}'; None: the language's template with the "
@@ -115,7 +119,7 @@ class CulturePhrase(Strict):
     @model_validator(mode="after")
     def _template_fills_the_rest(self) -> CulturePhrase:
         if self.template is not None:
-            rest = {"count", "color", "shape", "position"} - set(self.means)
+            rest = set(SLOTS) - set(self.means)
             used = set(re.findall(r"\{(\w+)\}", self.template))
             if used != rest or self.phrase not in self.template:
                 raise ValueError(f"culture template {self.template!r} must hold the phrase {self.phrase!r} and the "
@@ -136,7 +140,7 @@ class SyntheticCaptions(Strict):
 
     @model_validator(mode="after")
     def _template_uses_every_slot(self) -> SyntheticCaptions:
-        missing = [s for s in ("count", "color", "shape", "position") if "{" + s + "}" not in self.template]
+        missing = [s for s in SLOTS if "{" + s + "}" not in self.template]
         if missing:
             raise ValueError(f"template must use {{{'}, {'.join(missing)}}}")
         return self

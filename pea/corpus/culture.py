@@ -19,8 +19,8 @@ import hashlib
 import itertools
 import re
 
-from pea.corpus.synthetic import ENGLISH, SLOTS, Scene, caption
-from pea.spec import CulturePhrase, SyntheticCaptions, available_languages, home, load_spec
+from pea.corpus.synthetic import ENGLISH, Scene, caption
+from pea.spec import SLOTS, CulturePhrase, SyntheticCaptions, available_languages, home, load_spec
 
 PROMPT_SET = "synthetic-culture"
 HELD_OUT_SHARE = 3  # one scene in three of each phrase is held out

@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
-from pea.spec import LanguageSpec, SyntheticCaptions
+from pea.spec import SLOTS, LanguageSpec, SyntheticCaptions
 
 ENGLISH = SyntheticCaptions(
     template="{count} {color} {shape} {position}",
@@ -47,7 +47,6 @@ BACKGROUND = (242, 240, 235)
 REGIONS = {"left": (0.0, 0.25, 0.5, 0.75), "right": (0.5, 0.25, 1.0, 0.75), "top": (0.25, 0.0, 0.75, 0.5),
            "bottom": (0.25, 0.5, 0.75, 1.0), "center": (0.25, 0.25, 0.75, 0.75)}
 COUNTS = {"one": 1, "two": 2}
-SLOTS = ("count", "color", "shape", "position")
 SUPERSAMPLE = 4  # draw large, then downscale: clean edges even at 32x32
 
 # Manifest entries that must fail, each with the filter reason it triggers. The 404 URL is never written.
@@ -174,14 +173,14 @@ def make_corpus(spec: LanguageSpec, out_dir: Path) -> Path:
     wrong_native = set(noise.sample(range(synthetic.culture_rows), round(synthetic.mismatched * synthetic.culture_rows)))
     partial = set(noise.sample(range(synthetic.size), round(synthetic.partial * synthetic.size)))
 
-    def sample(i: int, scene: Scene | None = None) -> tuple[Scene, bytes]:
-        scene, seed = scene or scenes[i % len(scenes)], rng.getrandbits(32)
+    def image(scene: Scene) -> bytes:
+        seed = rng.getrandbits(32)
         while True:  # a jitter that repeats an earlier image of the scene would make a duplicate: move on
             data = _png(render(scene, pixels, seed))
             digest = hashlib.sha256(data).hexdigest()
             if digest not in seen:
                 seen.add(digest)
-                return scene, data
+                return data
             seed += 1
 
     def url(name: str, data: bytes | None) -> str:
@@ -199,14 +198,14 @@ def make_corpus(spec: LanguageSpec, out_dir: Path) -> Path:
 
     for i in range(synthetic.size):
         scene = scenes[i % len(scenes)]
-        _, data = sample(i, mismatch(scene, noise) if i in wrong else scene)
-        add(f"{i:05d}", scene, data, part=i in partial)
+        add(f"{i:05d}", scene, image(mismatch(scene, noise) if i in wrong else scene), part=i in partial)
     for j in range(synthetic.culture_rows):  # native-only: the culture caption, no English side
         scene, text = culture[j % len(culture)]
-        _, data = sample(j, mismatch(scene, noise) if j in wrong_native else scene)
+        data = image(mismatch(scene, noise) if j in wrong_native else scene)
         rows.append((url(f"culture-{j:05d}", data), "", text, True))
     # One broken entry per filter reason (BROKEN), each failing in that one way only.
-    scene, good = sample(synthetic.size)
+    scene = scenes[synthetic.size % len(scenes)]
+    good = image(scene)
     add("missing", scene, None)  # never written: a 404
     add("corrupt", scene, b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)  # a PNG signature, then garbage
     add("tiny", scene, _png(render(scene, 4, synthetic.seed)))
