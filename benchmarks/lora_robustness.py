@@ -4,7 +4,8 @@
 
 The UNet is frozen, so a LoRA made for the English model should work with the adapter. Random rank-4 LoRAs
 (peft, through diffusers' `add_adapter`) on the toy teacher's UNet: on every attention projection, on the
-cross-attention to_k/to_v alone, or on self-attention alone; each is scaled (secant steps on B's scale) so that it moves the
+cross-attention to_k/to_v alone, or on self-attention alone (pea.perturb.RandomLoRA, drawn from seeds training
+never uses); each is scaled (secant steps on ρ = ‖B·A‖/‖W‖, the same on every projection) so that it moves the
 teacher's own output by a chosen multiple of the conditioning's effect (the untrained adapter's relative error).
 Under each LoRA, every system's held-out UNet-output error is measured against the teacher *with the same LoRA*,
 and the gap it keeps is (1 − err/err_untrained) under the LoRA ÷ the same without it (1.0: unaffected).
@@ -30,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+# toy_table.py's ablations trained under random perturbations (train.perturbation), measured when present.
+PERTURBED = ("perturbed",)
 TARGETS = {"all attention": ["to_q", "to_k", "to_v", "to_out.0"], "cross-attn to_k/to_v": ["attn2.to_k", "attn2.to_v"],
            "self-attn only": ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0"]}
 
@@ -70,30 +73,13 @@ def _teacher_outputs(spec, table, unet) -> list[torch.Tensor]:
     return out
 
 
-def _random_lora(unet, targets: list[str], seed: int) -> dict[str, torch.Tensor]:
-    """A rank-4 LoRA with random A and B on `targets`; returns B's initial values (scaled later)."""
-    from peft import LoraConfig
+def _unseen_lora(unet, targets: list[str], seed: int):
+    """A rank-4 LoRA on `targets` drawn from its own seed (training's perturbations come from other streams);
+    `.apply(generator(seed), ρ)` sets ‖B·A‖ = ρ‖W‖ on every projection, same directions at every ρ."""
+    from pea.perturb import RandomLoRA
+    from pea.spec import PerturbationSpec
 
-    name = f"random-{seed}"
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=targets, init_lora_weights=False), adapter_name=name)
-    unet.set_adapters(name)
-    g = torch.Generator().manual_seed(seed)
-    b0 = {}
-    for module_name, module in unet.named_modules():
-        if hasattr(module, "lora_A") and name in module.lora_A:
-            a, b = module.lora_A[name].weight, module.lora_B[name].weight
-            with torch.no_grad():
-                a.copy_(torch.randn(a.shape, generator=g) / a.shape[1] ** 0.5)
-                b.copy_(torch.randn(b.shape, generator=g) / b.shape[1] ** 0.5)
-            b0[module_name] = b.detach().clone()
-    return b0
-
-
-def _scale(unet, b0: dict[str, torch.Tensor], factor: float) -> None:
-    for module_name, module in unet.named_modules():
-        if module_name in b0:
-            with torch.no_grad():
-                next(iter(module.lora_B.values())).weight.copy_(b0[module_name] * factor)
+    return RandomLoRA(unet, PerturbationSpec(share=1.0, rank=4, targets=targets), seed, name=f"unseen-{seed}")
 
 
 def _effect(reference: list[torch.Tensor], outputs: list[torch.Tensor]) -> float:
@@ -101,15 +87,36 @@ def _effect(reference: list[torch.Tensor], outputs: list[torch.Tensor]) -> float
                                                                                      for r in reference)
 
 
-def main() -> None:
-    from pea import embed, models, ops
+def load_systems(lake: Path, language: str, noise: float):
+    """A toy_table.py lake's held-out table and its seed-0 systems: (spec, table, {name: adapter or map})."""
+    from pea import embed, ops
     from pea.adapter import PEAAdapter
     from pea.baselines import LinearMap, untrained_like
     from pea.corpus import filter as filter_stage
-    from pea.evaluate import relative_errors
     from pea.shards import pack
     from pea.spec import load_spec
     from pea.table import load_table
+
+    world = lake / f"noise-{noise:g}"
+    spec = ops.with_overrides(load_spec(language, "embedded,toy", zoo_dir=lake / "zoo"),
+                              corpus={"synthetic": {"mismatched": noise}})
+    filtered = filter_stage.filter_pairs(spec, world)
+    embedded = embed.embed(spec, world, filtered.pairs_path)
+    table = load_table(spec, filtered.pairs_path, embedded, "heldout").with_english()
+    run = world / language / "seed-0"
+    trained = PEAAdapter.from_pretrained(run / "adapter").eval()
+    systems = {"PEA": trained, "untrained": untrained_like(trained, spec.train.seed),
+               "diffusion only": PEAAdapter.from_pretrained(run / "diffusion_only" / "adapter").eval(),
+               **{f"PEA {name}": PEAAdapter.from_pretrained(run / name / "adapter").eval() for name in PERTURBED
+                  if (run / name / "adapter").is_dir()},
+               "linear map": LinearMap.fit(pack(spec, filtered.pairs_path, embedded).train,
+                                           spec.evaluate.linear_map_rows, spec.evaluate.seed)}
+    return spec, table, systems
+
+
+def main() -> None:
+    from pea import models
+    from pea.evaluate import relative_errors
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--lake", type=Path, required=True, help="a benchmarks/toy_table.py lake (one language)")
@@ -117,22 +124,12 @@ def main() -> None:
     parser.add_argument("--noise", type=float, default=0.3)
     parser.add_argument("--multiples", type=float, nargs="+", default=[1.0, 3.0])
     parser.add_argument("--loras", type=int, default=3, help="random LoRAs per target and multiple")
+    parser.add_argument("--targets", nargs="+", choices=sorted(TARGETS), default=list(TARGETS))
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 beside other jobs)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    world = args.lake / f"noise-{args.noise:g}"
-    spec = ops.with_overrides(load_spec(args.language, "embedded,toy", zoo_dir=args.lake / "zoo"),
-                              corpus={"synthetic": {"mismatched": args.noise}})
-    filtered = filter_stage.filter_pairs(spec, world)
-    embedded = embed.embed(spec, world, filtered.pairs_path)
-    table = load_table(spec, filtered.pairs_path, embedded, "heldout").with_english()
-    run = world / args.language / "seed-0"
-    trained = PEAAdapter.from_pretrained(run / "adapter").eval()
-    systems = {"PEA": trained, "untrained": untrained_like(trained, spec.train.seed),
-               "diffusion only": PEAAdapter.from_pretrained(run / "diffusion_only" / "adapter").eval(),
-               "linear map": LinearMap.fit(pack(spec, filtered.pairs_path, embedded).train,
-                                           spec.evaluate.linear_map_rows, spec.evaluate.seed)}
+    spec, table, systems = load_systems(args.lake, args.language, args.noise)
     unet = models.load_unet(spec.teacher)
     base = relative_errors(spec, table, systems, unet=unet)
     conditioning = base["untrained"]
@@ -141,36 +138,38 @@ def main() -> None:
           + f"; the conditioning's effect (untrained) {conditioning:.4f}", flush=True)
     gaps = {k: 1 - base[k] / conditioning for k in systems if k != "untrained"}
     rows, kept_3x = [], {}
-    for target, modules in TARGETS.items():
+    for target, modules in ((t, TARGETS[t]) for t in args.targets):
         for multiple in args.multiples:
             kept: dict[str, list[float]] = {k: [] for k in gaps}
-            effects = []
+            effects, sizes = [], []
             for seed in range(args.loras):
-                b0 = _random_lora(unet, modules, seed)
-                factor, goal, seen = 1.0, multiple * conditioning, []
-                for _ in range(10):  # secant steps in log-log (the effect grows about as B's scale squared)
-                    _scale(unet, b0, factor)
+                lora = _unseen_lora(unet, modules, seed)
+                size, goal, seen = 0.1, multiple * conditioning, []
+                for _ in range(10):  # secant steps in log-log (the effect grows about as ρ squared)
+                    lora.apply(torch.Generator().manual_seed(10_000 + seed), size)
                     effect = _effect(reference, _teacher_outputs(spec, table, unet))
                     if abs(effect / goal - 1) < 0.03:
                         break
-                    seen.append((math.log(factor), math.log(effect)))
+                    seen.append((math.log(size), math.log(effect)))
                     slope = 2.0 if len(seen) < 2 else (seen[-1][1] - seen[-2][1]) / (seen[-1][0] - seen[-2][0] or 1e-9)
-                    factor *= math.exp(math.log(goal / effect) / min(max(slope, 0.5), 6.0))
+                    size *= math.exp(math.log(goal / effect) / min(max(slope, 0.5), 6.0))
+                sizes.append(size)
                 effects.append(effect)
                 errors = relative_errors(spec, table, systems, unet=unet)
                 for k in gaps:
                     kept[k].append((1 - errors[k] / errors["untrained"]) / gaps[k])
-                unet.delete_adapters(f"random-{seed}")
+                lora.remove()
             # A system with no gap to keep (worse than untrained without a LoRA) has no ratio to report.
             rows.append(f"| {target} | {multiple:g}× ({statistics.fmean(effects):.3f}) | "
+                        f"{statistics.fmean(sizes):.3f} | "
                         + " | ".join(f"{statistics.fmean(v):.2f} ({min(v):.2f})" if gaps[k] > 0 else "— (no gap)"
                                      for k, v in kept.items()) + " |")
             print(rows[-1], flush=True)
             if multiple == 3.0:
                 kept_3x[target] = statistics.fmean(kept["PEA"])
-    print("\n| LoRA on | effect on the teacher (relative error) | " + " | ".join(f"{k}: gap kept, mean (min)"
-                                                                            for k in gaps) + " |")
-    print("|---|---:|" + "---:|" * len(gaps))
+    print("\n| LoRA on | effect on the teacher (relative error) | ‖B·A‖/‖W‖ | "
+          + " | ".join(f"{k}: gap kept, mean (min)" for k in gaps) + " |")
+    print("|---|---:|---:|" + "---:|" * len(gaps))
     print("\n".join(rows))
     print("\n| model | context width | cross-attention width | layers | null space of to_k/to_v on the context |")
     print("|---|---:|---:|---:|---:|")

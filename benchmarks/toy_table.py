@@ -3,14 +3,18 @@
     .venv/bin/python benchmarks/toy_table.py --languages zh --noise 0 0.3 0.6 --ablations-at 0.3 --threads 1
     .venv/bin/python benchmarks/toy_table.py --languages ko ru it vi --noise 0.3 --ablations --threads 1
     .venv/bin/python benchmarks/toy_table.py --languages ja --seeds 0 1 2 --noise 0 0.3 0.6   # ~3x the time
+    .venv/bin/python benchmarks/toy_table.py --languages zh --noise 0.3 --native-noise 0 --ablations no_native
 
 For each language and noise share (corpus.synthetic.mismatched: that share of pairs shows another scene; the
 English caption stays a faithful translation) the stages of the main job (`--profile embedded,toy`: its 84
 native culture rows, its training settings) run in a scratch lake: acquire the synthetic corpus over 127.0.0.1,
 filter, embed, then train per training seed the PEA adapter and the diffusion-loss-only adapter, and at the
-`--ablations-at` shares also output KD only (no feature KD) and PEA without native captions
-(train.diffusion_loss: none); evaluate them with the attribute judge on the held-out prompts and on the
-held-out culture prompt set (data/prompts/<language>/synthetic-culture.txt). No registration.
+`--ablations-at` shares also output KD only (no feature KD), PEA without native captions
+(train.diffusion_loss: none) and PEA distilled under random LoRAs (`perturbed`: train.perturbation, for
+benchmarks/lora_robustness.py and style_lora.py); evaluate them with the attribute judge on the held-out prompts and on the
+held-out culture prompt set (data/prompts/<language>/synthetic-culture.txt). No registration. `--native-noise`
+gives the native culture rows their own share of mismatched images (default: the pairs'), in a world folder of
+its own.
 
 Prints, per language and noise, one row of each table (held-out prompts; culture prompts), the per-seed
 figures, and last:
@@ -32,13 +36,17 @@ from pathlib import Path
 
 from pea.corpus.culture import PROMPT_SET as SET  # the held-out culture prompts
 
-HELDOUT = ("teacher_en", "trained", "output_kd", "diffusion_only", "dictionary", "linear_map")
+HELDOUT = ("teacher_en", "trained", "output_kd", "perturbed", "diffusion_only", "dictionary", "linear_map")
 CULTURE = ("teacher_en", "trained", "no_native", "diffusion_only", "dictionary")
-ABLATIONS = {"output_kd": {"feature_kd_weight": 0.0}, "no_native": {"diffusion_loss": "none"}}
+# perturbed: half the steps under a random all-attention LoRA of up to 4× the projection's norm (in the toy UNet
+# ≈ 2.3 moves the teacher's output as much as the conditioning does, ≈ 3.4 three times as much:
+# benchmarks/lora_robustness.py prints the size of each LoRA it measures with).
+ABLATIONS = {"output_kd": {"feature_kd_weight": 0.0}, "no_native": {"diffusion_loss": "none"},
+             "perturbed": {"perturbation": {"share": 0.5, "relative_norm": 4.0}}}
 
 
 def run_cell(language: str, lake: Path, noise: float, seeds: list[int], ablations: list[str],
-             steps: int | None = None) -> dict:
+             steps: int | None = None, native_noise: float | None = None) -> dict:
     """One language at one noise share: {system: [judge score per seed]} for both prompt sets, and the time."""
     from pea import embed, evaluate, ops, train
     from pea.corpus import acquire, filter as filter_stage
@@ -47,9 +55,10 @@ def run_cell(language: str, lake: Path, noise: float, seeds: list[int], ablation
 
     started = time.perf_counter()
     prepare_zoo(lake / "zoo", 32)
-    world = lake / f"noise-{noise:g}"
+    world = lake / (f"noise-{noise:g}" + ("" if native_noise is None else f"-native-{native_noise:g}"))
     base = ops.with_overrides(load_spec(language, "embedded,toy", zoo_dir=lake / "zoo"),
-                              corpus={"synthetic": {"mismatched": noise}}, train={"steps": steps} if steps else {})
+                              corpus={"synthetic": {"mismatched": noise, "native_mismatched": native_noise}},
+                              train={"steps": steps} if steps else {})
     acquire.acquire(base, world)
     filtered = filter_stage.filter_pairs(base, world)
     embedded = embed.embed(base, world, filtered.pairs_path)
@@ -86,9 +95,11 @@ def main() -> None:
     parser.add_argument("--languages", nargs="*", default=None, help="default: every shipped language")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds of the adapters")
     parser.add_argument("--noise", type=float, nargs="+", default=[0.3], help="shares of mismatched pairs")
+    parser.add_argument("--native-noise", type=float, default=None, help="share of mismatched native (culture) rows; "
+                        "default: the same as the pairs'")
     parser.add_argument("--ablations", nargs="*", choices=sorted(ABLATIONS), default=sorted(ABLATIONS),
-                        help="ablations trained too (first seed only): output KD only, PEA without native captions; "
-                             "none with an empty list")
+                        help="ablations trained too (first seed only): output KD only, PEA without native captions, "
+                             "PEA distilled under random LoRAs (train.perturbation); none with an empty list")
     parser.add_argument("--ablations-at", type=float, nargs="*", default=None,
                         help="noise shares at which the ablations are trained; default: every share run")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (1 beside another job)")
@@ -108,17 +119,20 @@ def main() -> None:
             os.environ["PEA_LAKE"] = str(lake)
             for noise in args.noise:
                 results[language, noise] = run_cell(language, lake, noise, args.seeds,
-                                                    args.ablations if noise in ablate else [], args.steps)
+                                                    args.ablations if noise in ablate else [], args.steps,
+                                                    args.native_noise)
     print(f"\nHeld-out prompts (judge: share of images with all four attributes right; mean over seeds {args.seeds})\n")
-    print("| language | mismatched | (1) English teacher | (2) PEA | output KD only | diffusion loss only | "
-          "dictionary → teacher | linear map | (2) − diffusion only | (2)/(1) | minutes |")
-    print("|---|---:|" + "---:|" * 9)
+    print("| language | mismatched | (1) English teacher | (2) PEA | output KD only | PEA, LoRA-noised | diffusion loss "
+          "only | dictionary → teacher | linear map | (2) − diffusion only | (2)/(1) | minutes |")
+    print("|---|---:|" + "---:|" * 10)
     for (language, noise), r in results.items():
         h = r["heldout"]
         margin = statistics.fmean(h["trained"]) - statistics.fmean(h["diffusion_only"])
         print(f"| {language} | {noise:.0%} | {_cells(h, HELDOUT)} | {margin:+.3f} | "
               f"{statistics.fmean(h['trained']) / statistics.fmean(h['teacher_en']):.2f} | {r['minutes']:.1f} |")
-    print("\nHeld-out culture prompts (synthetic-culture; the teacher is given the scene's English description)\n")
+    native = "as the pairs" if args.native_noise is None else f"{args.native_noise:.0%}"
+    print(f"\nHeld-out culture prompts (synthetic-culture; the teacher is given the scene's English description; "
+          f"native rows mismatched: {native})\n")
     print("| language | mismatched | (1) English teacher | (2) PEA | PEA without native captions | diffusion loss only | "
           "dictionary → teacher | (2)/(1) |")
     print("|---|---:|" + "---:|" * 6)

@@ -58,7 +58,7 @@ from pea.shards import pack
 from pea.table import TrainingTable, load_table
 
 SYSTEMS = ("teacher_en", "trained", "untrained", "linear_map")  # always in the table
-ORDER = ("teacher_en", "trained", "output_kd", "no_native", "untrained", "diffusion_only", "dictionary", "linear_map")
+ORDER = ("teacher_en", "trained", "output_kd", "no_native", "perturbed", "untrained", "diffusion_only", "dictionary", "linear_map")
 JUDGED = ("all_right", "count", "color", "shape", "position")
 
 
@@ -256,9 +256,10 @@ def _draw(spec: LanguageSpec, pipe, student, adapters: dict[str, torch.nn.Module
 
 
 def judge_systems(spec: LanguageSpec, pipe, student, adapters: dict[str, torch.nn.Module],
-                  prompts: list[tuple[str, str]]) -> dict[str, dict[str, float]]:
+                  prompts: list[tuple[str, str]], expected=None) -> dict[str, dict[str, float]]:
     """The attribute judge over every distinct (target, English) prompt that names a whole scene,
-    `evaluate.judge_seeds` seeds each."""
+    `evaluate.judge_seeds` seeds each. `expected(scene) -> scene`: what an image should show instead of the
+    prompt's own scene (a style LoRA that recolours, benchmarks/lora_robustness.py); default the scene itself."""
     from pea.toy import Judge, is_scene, judge_score, scene_of, to_tensor
 
     judge = Judge.load(Path(spec.evaluate.judge))
@@ -268,7 +269,7 @@ def judge_systems(spec: LanguageSpec, pipe, student, adapters: dict[str, torch.n
     prompts = [p for p in prompts for _ in range(spec.evaluate.judge_seeds)]
     seeds = [spec.evaluate.seed + 1000 + i for i in range(len(prompts))]  # not the grid's seeds
     drawn = _draw(spec, pipe, student, adapters, prompts, seeds)
-    scenes = [scene_of(e) for _, e in prompts]
+    scenes = [(expected or (lambda scene: scene))(scene_of(e)) for _, e in prompts]
     return {name: judge_score(judge, to_tensor(images), scenes).as_dict() for name, images in drawn.items()}
 
 

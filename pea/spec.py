@@ -6,7 +6,7 @@ zoo and the manifests for the synthetic corpus. Every stage takes the part of th
 
 Here: loading, profiles and merging, the language code, home/lake_root, and what a language is (LanguageSpec,
 its teacher, student and synthetic captions). The per-stage sections (corpus, filter, embed, train and its
-launcher, evaluate) are in pea.spec_sections and are importable from here.
+launcher, evaluate) are in pea.spec_sections and pea.spec_training and are importable from here.
 
     from pea.spec import load_spec
     spec = load_spec("zh", profile="embedded")
@@ -22,13 +22,15 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-# The per-stage sections live in pea.spec_sections; specs are the project's public API, so every one of them is
-# re-exported here and `from pea.spec import X` keeps working for each (import them from here, not from there).
+# The per-stage sections live in pea.spec_sections and pea.spec_training; specs are the project's public API, so
+# every one of them is re-exported here and `from pea.spec import X` keeps working for each (import them from
+# here, not from there).
 from pea.spec_sections import (  # noqa: F401 (re-exported)
-    ENGINE_ADDRESS, ENV_NAME, FORWARDED_ENV, MANIFEST_FORMATS, URL_SCHEMES, CleaningSpec, ColumnMapping, CorpusSpec,
-    DataSpec, DuckDBSpec, EngineSpec,
-    EmbedSpec, EvaluateSpec, FilterSpec, LanguageIdSpec, LauncherSpec, ManifestSpec, Strict, SyntheticCorpus,
-    TrainSpec,
+    ENGINE_ADDRESS, MANIFEST_FORMATS, URL_SCHEMES, CleaningSpec, ColumnMapping, CorpusSpec, DuckDBSpec, EngineSpec,
+    EvaluateSpec, FilterSpec, LanguageIdSpec, ManifestSpec, Strict, SyntheticCorpus,
+)
+from pea.spec_training import (  # noqa: F401 (re-exported)
+    ENV_NAME, FORWARDED_ENV, DataSpec, EmbedSpec, LauncherSpec, PerturbationSpec, TrainSpec,
 )
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]

@@ -54,6 +54,7 @@ from pea.embed import EmbedResult, open_stores
 from pea.launcher import LaunchError, deepspeed_command, write_deepspeed_env  # noqa: F401 (part of this API)
 from pea.launcher import forwarded_env as _forwarded_env  # noqa: F401 (kept for callers of the old name)
 from pea.launcher import free_port as _free_port
+from pea.perturb import RandomLoRA
 from pea.reader import ShardStream
 from pea.shards import pack
 from pea.spec import LanguageSpec, TrainSpec, home, lake_root
@@ -208,6 +209,8 @@ def train(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, run_dir: 
     # windows in host memory and each micro-batch is copied over.
     device = engine.device
     unet.to(device)
+    # Plug-and-play training (spec train.perturbation, off by default): some steps run under a random LoRA.
+    perturbation = RandomLoRA(unet, cfg.perturbation, cfg.seed) if cfg.perturbation.share > 0 else None
     empty = {name: tensor.to(device) for name, tensor in shards.empty().items()}
 
     checkpoints = run_dir / "checkpoints"
@@ -246,6 +249,8 @@ def train(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, run_dir: 
             noise, timesteps, drop = (t.to(device) for t in _draws(cfg, i, positions, latents.shape[1:],
                                                                    noise_scheduler.config.num_train_timesteps))
             noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+            if perturbation is not None:  # drawn per micro-step: teacher and student passes see the same UNet
+                perturbation.draw(i)
             # Caption dropout swaps the token context for that of "" on both sides; the pooled vector is
             # kept (METHOD.md). The adapter sees the empty caption as one extra row of the same batch.
             states = torch.cat([batch.student.to(device, torch.float32), empty["student"][None]]).to(dtype)

@@ -55,6 +55,18 @@ def test_the_mismatched_share_is_the_specs_and_the_english_stays_a_faithful_tran
     assert sum(d != training[t] for d, t in zip(culture_drawn, native.caption_zh)) == round(0.3 * CULTURE)
 
 
+def test_native_rows_take_their_own_share_when_the_spec_gives_one(tmp_path):
+    spec = ops.with_overrides(load_spec("zh", "embedded,toy"), corpus={"synthetic": {
+        "size": 60, "mismatched": 0.3, "culture_rows": CULTURE, "native_mismatched": 0.0}})
+    table = pq.read_table(make_corpus(spec, tmp_path)).to_pandas()
+    native = table[table.native]
+    training = dict((text, scene) for scene, text in culture_scenes(spec.synthetic_captions)[0])
+    assert _read(tmp_path, native.url) == [training[t] for t in native.caption_zh]  # every native image right
+    pairs = table[~table.native & table.url.str.startswith("images/0")].drop_duplicates("url")  # less BROKEN's copy
+    scenes = all_scenes()
+    assert sum(d != scenes[i % len(scenes)] for i, d in enumerate(_read(tmp_path, pairs.url))) == round(0.3 * 60)
+
+
 def test_the_partial_share_leaves_the_position_out_of_both_captions(noisy):
     spec, _, rows = noisy
     pairs = rows[~rows.native]

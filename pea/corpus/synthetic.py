@@ -170,7 +170,8 @@ def make_corpus(spec: LanguageSpec, out_dir: Path) -> Path:
                          "synthetic_captions.culture lists no phrase; add phrases or set culture_rows to 0")
     # Exact shares, as the spec says them.
     wrong = set(noise.sample(range(synthetic.size), round(synthetic.mismatched * synthetic.size)))
-    wrong_native = set(noise.sample(range(synthetic.culture_rows), round(synthetic.mismatched * synthetic.culture_rows)))
+    native_share = synthetic.mismatched if synthetic.native_mismatched is None else synthetic.native_mismatched
+    wrong_native = set(noise.sample(range(synthetic.culture_rows), round(native_share * synthetic.culture_rows)))
     partial = set(noise.sample(range(synthetic.size), round(synthetic.partial * synthetic.size)))
 
     def image(scene: Scene) -> bytes:

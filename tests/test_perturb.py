@@ -1,0 +1,97 @@
+"""Distillation under random LoRAs (pea.perturb, spec train.perturbation): the draws are what the spec says,
+seeded by the micro-step, invisible when off, never trained, and a perturbed training run resumes exactly."""
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pea import models, ops, train
+from pea.corpus.synthetic import all_scenes, write_pairs
+from pea.embed import embed
+from pea.perturb import ADAPTER_NAME, RandomLoRA
+from pea.spec import PerturbationSpec, SpecError, load_spec
+
+
+def _inputs(unet):
+    g = torch.Generator().manual_seed(0)
+    size = unet.config.sample_size
+    return (torch.randn(2, unet.config.in_channels, size, size, generator=g), torch.tensor([50, 700]),
+            torch.randn(2, 77, unet.config.cross_attention_dim, generator=g))
+
+
+def _out(unet, inputs):
+    latents, t, context = inputs
+    with torch.no_grad():
+        return unet(latents, t, encoder_hidden_states=context).sample
+
+
+def _updates(unet) -> list[float]:
+    """‖B·A‖ / ‖W‖ of every perturbed projection."""
+    ratios = []
+    for module in unet.modules():
+        if hasattr(module, "lora_A") and ADAPTER_NAME in module.lora_A:
+            update = module.lora_B[ADAPTER_NAME].weight.float() @ module.lora_A[ADAPTER_NAME].weight.float()
+            ratios.append(float(update.norm() / module.base_layer.weight.float().norm()))
+    return ratios
+
+
+def test_draws_follow_the_spec_and_the_step_and_leave_the_unet_as_loaded(zh_spec):
+    unet = models.load_unet(zh_spec.teacher)
+    inputs = _inputs(unet)
+    plain = _out(unet, inputs)
+    cfg = PerturbationSpec(share=0.5, relative_norm=0.4)
+    lora = RandomLoRA(unet, cfg, seed=3)
+    assert len(lora.layers) == len(_updates(unet)) > 0
+    torch.testing.assert_close(_out(unet, inputs), plain, rtol=0, atol=0)  # added, off
+
+    sizes = [lora.draw(step) for step in range(200)]
+    on = [s for s in sizes if s > 0]
+    assert 70 <= len(on) <= 130 and max(on) <= 0.4 and min(on) < 0.1  # share 0.5, sizes uniform up to 0.4
+    assert not any(p.requires_grad for p in unet.parameters())  # peft switches adapters to trainable; not here
+
+    step = next(i for i, s in enumerate(sizes) if s > 0)
+    assert lora.draw(step) == sizes[step]
+    torch.testing.assert_close(torch.tensor(_updates(unet)), torch.full((len(lora.layers),), sizes[step]))
+    perturbed = _out(unet, inputs)
+    assert (perturbed - plain).abs().max() > 1e-4
+
+    other = models.load_unet(zh_spec.teacher)  # another process, same seed and step: the same perturbed UNet
+    RandomLoRA(other, cfg, seed=3).draw(step)
+    torch.testing.assert_close(_out(other, inputs), perturbed, rtol=0, atol=0)
+    RandomLoRA(models.load_unet(zh_spec.teacher), cfg, seed=4)  # another seed draws another one
+    off = next(i for i, s in enumerate(sizes) if s == 0)
+    assert lora.draw(off) == 0.0
+    torch.testing.assert_close(_out(unet, inputs), plain, rtol=0, atol=0)
+    lora.draw(step)
+    lora.remove()
+    torch.testing.assert_close(_out(unet, inputs), plain, rtol=0, atol=0)
+
+
+def test_targets_that_match_nothing_are_refused(zh_spec):
+    with pytest.raises(ValueError, match="train.perturbation.targets.*match no layer"):
+        RandomLoRA(models.load_unet(zh_spec.teacher), PerturbationSpec(share=1, targets=["to_nothing"]), seed=0)
+    with pytest.raises(SpecError, match="share"):
+        ops.with_overrides(zh_spec, train={"perturbation": {"share": 1.5}})
+
+
+def test_a_perturbed_run_resumes_exactly_and_differs_from_a_plain_one(tmp_path, zoo_dir):
+    spec = ops.with_overrides(load_spec("zh", "embedded", zoo_dir=zoo_dir),
+                              train={"steps": 6, "checkpoint_every": 3, "warmup_steps": 1,
+                                     "perturbation": {"share": 1.0, "relative_norm": 1.0}})
+    pairs = write_pairs(tmp_path, spec, all_scenes()[:48])
+    embedded = embed(spec, tmp_path, pairs)
+    whole = train.train(spec, pairs, embedded, tmp_path / "whole")
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "whole" / "checkpoints", resumed_dir / "checkpoints",
+                    ignore=lambda folder, names: [n for n in names if n == "step00000006"])
+    shutil.copy(tmp_path / "whole" / "history.jsonl", resumed_dir / "history.jsonl")
+    resumed = train.train(spec, pairs, embedded, resumed_dir)
+    assert resumed.resumed_from == 3
+    a, b = (load_file(r.adapter_dir / "diffusion_pytorch_model.safetensors") for r in (whole, resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    plain = train.train(ops.with_overrides(spec, train={"perturbation": {"share": 0.0}}), pairs, embedded,
+                        tmp_path / "plain")
+    c = load_file(plain.adapter_dir / "diffusion_pytorch_model.safetensors")
+    assert any(not torch.equal(a[k], c[k]) for k in a)
