@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-# toy_table.py's ablations trained under random perturbations (train.perturbation), measured when present.
-PERTURBED = ("perturbed",)
+# toy_table.py's plug-and-play ablations (train.perturbation, train.adapter_tokens), measured when present.
+PERTURBED = ("perturbed", "aligned", "aligned_perturbed")
 TARGETS = {"all attention": ["to_q", "to_k", "to_v", "to_out.0"], "cross-attn to_k/to_v": ["attn2.to_k", "attn2.to_v"],
            "self-attn only": ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0"]}
 

@@ -36,13 +36,18 @@ from pathlib import Path
 
 from pea.corpus.culture import PROMPT_SET as SET  # the held-out culture prompts
 
-HELDOUT = ("teacher_en", "trained", "output_kd", "perturbed", "diffusion_only", "dictionary", "linear_map")
+HELDOUT = ("teacher_en", "trained", "output_kd", "perturbed", "aligned", "aligned_perturbed", "diffusion_only",
+           "dictionary", "linear_map")
 CULTURE = ("teacher_en", "trained", "no_native", "diffusion_only", "dictionary")
 # perturbed: half the steps under a random all-attention LoRA of up to 4× the projection's norm (in the toy UNet
 # ≈ 2.3 moves the teacher's output as much as the conditioning does, ≈ 3.4 three times as much:
 # benchmarks/lora_robustness.py prints the size of each LoRA it measures with).
 ABLATIONS = {"output_kd": {"feature_kd_weight": 0.0}, "no_native": {"diffusion_loss": "none"},
-             "perturbed": {"perturbation": {"share": 0.5, "relative_norm": 4.0}}}
+             "perturbed": {"perturbation": {"share": 0.5, "relative_norm": 4.0}},
+             # aligned: the teacher's token count through the adapter's token mixer, aligned token by token
+             "aligned": {"adapter_tokens": "teacher", "token_kd_weight": 1.0},
+             "aligned_perturbed": {"adapter_tokens": "teacher", "token_kd_weight": 1.0,
+                                   "perturbation": {"share": 0.5, "relative_norm": 2.0}}}
 
 
 def run_cell(language: str, lake: Path, noise: float, seeds: list[int], ablations: list[str],
@@ -122,9 +127,10 @@ def main() -> None:
                                                     args.ablations if noise in ablate else [], args.steps,
                                                     args.native_noise)
     print(f"\nHeld-out prompts (judge: share of images with all four attributes right; mean over seeds {args.seeds})\n")
-    print("| language | mismatched | (1) English teacher | (2) PEA | output KD only | PEA, LoRA-noised | diffusion loss "
-          "only | dictionary → teacher | linear map | (2) − diffusion only | (2)/(1) | minutes |")
-    print("|---|---:|" + "---:|" * 10)
+    print("| language | mismatched | (1) English teacher | (2) PEA | output KD only | PEA, LoRA-noised | PEA, aligned "
+          "tokens | aligned + LoRA-noised | diffusion loss only | dictionary → teacher | linear map | (2) − diffusion "
+          "only | (2)/(1) | minutes |")
+    print("|---|---:|" + "---:|" * 12)
     for (language, noise), r in results.items():
         h = r["heldout"]
         margin = statistics.fmean(h["trained"]) - statistics.fmean(h["diffusion_only"])

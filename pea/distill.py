@@ -2,9 +2,10 @@
 teacher's conditioning into the same UNet under the adapter's conditioning.
 
 Per sample, with m = 1 for native-only captions and 0 for parallel pairs:
-    L = m·MSE(ε_s, ε) + (1−m)·[MSE(ε_s, ε_t) + w·Σ_F MSE(F_s, F_t)]
+    L = m·MSE(ε_s, ε) + (1−m)·[MSE(ε_s, ε_t) + w·Σ_F MSE(F_s, F_t) + w_tok·MSE(c_s, c_t)]
 F are the outputs of every down block (its hidden state, not the skip tuple), the mid block and
-every up block, read with forward hooks that are removed as soon as the forward pass returns.
+every up block, read with forward hooks that are removed as soon as the forward pass returns. c are the token
+contexts themselves (w_tok > 0 only for an adapter that outputs the teacher's token count).
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ class LossTerms:
     diffusion: torch.Tensor
     output_kd: torch.Tensor
     feature_kd: torch.Tensor
+    token_kd: torch.Tensor
 
     def floats(self) -> dict[str, float]:
         return {name: float(value.detach()) for name, value in vars(self).items()}
@@ -72,19 +74,19 @@ class LossTerms:
 def distill_loss(unet: UNet2DConditionModel, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
                  target: torch.Tensor, teacher: Conditioning, student: Conditioning, native: torch.Tensor,
                  output_weight: float = 1.0, feature_weight: float = 0.1, diffusion_everywhere: bool = False,
-                 native_weight: float = 1.0) -> LossTerms:
+                 native_weight: float = 1.0, token_weight: float = 0.0) -> LossTerms:
     """One batch of the objective. Gradients reach only the student conditioning (the adapter's output).
 
     `diffusion_everywhere` applies the diffusion loss to every sample instead of KD (an ablation);
     otherwise it applies where `native` is 1, as in the paper. It never needs the teacher, so its pass is
     skipped (the KD terms are then reported as NaN: not computed). `native_weight` 0 drops native rows' loss
-    (the ablation without native captions).
+    (the ablation without native captions). `token_weight` adds the token-by-token term (same token counts).
     """
     if diffusion_everywhere:
         eps_student = unet(noisy_latents.to(unet.dtype), timesteps, **student.unet_kwargs(unet.dtype)).sample
         diffusion = _per_sample_mse(eps_student, target)
         unused = torch.full((), float("nan"))
-        return LossTerms(diffusion.mean(), diffusion.mean(), unused, unused)
+        return LossTerms(diffusion.mean(), diffusion.mean(), unused, unused, unused)
     with torch.no_grad(), unet_features(unet) as teacher_maps:
         eps_teacher = unet(noisy_latents.to(unet.dtype), timesteps, **teacher.unet_kwargs(unet.dtype)).sample
     with unet_features(unet) as student_maps:
@@ -92,6 +94,13 @@ def distill_loss(unet: UNet2DConditionModel, noisy_latents: torch.Tensor, timest
     diffusion = _per_sample_mse(eps_student, target)
     output_kd = _per_sample_mse(eps_student, eps_teacher)
     feature_kd = sum(_per_sample_mse(s, t) for s, t in zip(student_maps, teacher_maps, strict=True))
+    token_kd = torch.zeros_like(output_kd)
+    if token_weight:
+        if student.tokens.shape != teacher.tokens.shape:
+            raise ValueError(f"token_kd compares contexts token by token, but the adapter gives {tuple(student.tokens.shape)}"
+                             f" and the teacher {tuple(teacher.tokens.shape)}; train with adapter_tokens: teacher")
+        token_kd = _per_sample_mse(student.tokens, teacher.tokens)
     m = native.float()
-    per_sample = m * native_weight * diffusion + (1 - m) * (output_weight * output_kd + feature_weight * feature_kd)
-    return LossTerms(per_sample.mean(), diffusion.mean(), output_kd.mean(), feature_kd.mean())
+    per_sample = m * native_weight * diffusion + (1 - m) * (output_weight * output_kd + feature_weight * feature_kd
+                                                            + token_weight * token_kd)
+    return LossTerms(per_sample.mean(), diffusion.mean(), output_kd.mean(), feature_kd.mean(), token_kd.mean())

@@ -58,7 +58,7 @@ from pea.shards import pack
 from pea.table import TrainingTable, load_table
 
 SYSTEMS = ("teacher_en", "trained", "untrained", "linear_map")  # always in the table
-ORDER = ("teacher_en", "trained", "output_kd", "no_native", "perturbed", "untrained", "diffusion_only", "dictionary", "linear_map")
+ORDER = ("teacher_en", "trained", "output_kd", "no_native", "perturbed", "aligned", "aligned_perturbed", "untrained", "diffusion_only", "dictionary", "linear_map")
 JUDGED = ("all_right", "count", "color", "shape", "position")
 
 

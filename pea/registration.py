@@ -21,6 +21,9 @@ reads, then acts, without a lock.
 Bounds. MLflow reads its HTTP knobs from the environment at every request; `http_defaults` sets pea's where the
 user has not (HTTP_DEFAULTS says why these), and `unreachable` turns "the server did not answer" into one error
 that names the (masked) tracking URI, the bound that was spent and the fix.
+
+Version state: `wait_ready` (a version is used only once READY) and `set_promotion_tags` (promotion.decision
+written last, so a version that has it has every other promotion tag of the same decision).
 """
 
 from __future__ import annotations
@@ -203,3 +206,21 @@ def recorded_decision(client: MlflowClient, name: str, version: str) -> tuple[bo
     if won and current != version:
         client.set_registered_model_alias(name, "champion", version)
     return won, promotion
+
+
+def wait_ready(client: MlflowClient, name: str, version: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while (status := client.get_model_version(name, version).status) != "READY":
+        if status == "FAILED_REGISTRATION" or time.monotonic() > deadline:
+            raise RuntimeError(f"model version {name}/{version} is {status}, not READY; see the MLflow server log")
+        time.sleep(0.5)
+
+
+def set_promotion_tags(client: MlflowClient, name: str, version: str, tags: dict[str, str]) -> None:
+    """Replace the version's promotion.* tags, `promotion.decision` first off and last on: a version that has one
+    has all the others, from the same decision (a registration killed half way through writing them decides again)."""
+    old = promotion_tags(client.get_model_version(name, version).tags)
+    for stale in sorted(old.keys() - (tags.keys() - {"promotion.decision"}), key=lambda k: k != "promotion.decision"):
+        client.delete_model_version_tag(name, version, stale)
+    for key, value in sorted(tags.items(), key=lambda kv: kv[0] == "promotion.decision"):
+        client.set_model_version_tag(name, version, key, value)

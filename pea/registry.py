@@ -40,7 +40,7 @@ from pea.evaluate import Evaluation
 from pea.hub import pinned_revision
 from pea.redact import masked_errors, redact, redact_all
 from pea.registration import (COMPLETE, KEY_TAG, STATE_TAG, abandon, find, http_defaults, promotion_tags,
-                              recorded_decision, registration_key, unreachable)
+                              recorded_decision, registration_key, set_promotion_tags, unreachable, wait_ready)
 from pea.spec import LanguageSpec, home
 from pea.table import data_fingerprint
 from pea.train import TrainResult
@@ -120,14 +120,6 @@ def log_spec(client: MlflowClient, run_id: str, spec: LanguageSpec, lineage_tags
     client.log_dict(run_id, redact_all(spec.model_dump(mode="json")), "spec.json")
 
 
-def _wait_ready(client: MlflowClient, name: str, version: str, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while (status := client.get_model_version(name, version).status) != "READY":
-        if status == "FAILED_REGISTRATION" or time.monotonic() > deadline:
-            raise RuntimeError(f"model version {name}/{version} is {status}, not READY; see the MLflow server log")
-        time.sleep(0.5)
-
-
 def code_version() -> str:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=home(), capture_output=True, text=True,
@@ -150,7 +142,8 @@ def lineage(spec: LanguageSpec, pairs_path: Path) -> dict[str, str]:
 def signature(spec: LanguageSpec, trained: TrainResult) -> ModelSignature:
     """Prompts (a list of strings: one unnamed string column) → prompt_embeds (B, max_length, token_dim) [+ pooled_prompt_embeds]."""
     config = json.loads((trained.adapter_dir / "config.json").read_text())
-    outputs = [TensorSpec(np.dtype(np.float32), (-1, spec.student.max_length, config["token_dim"]), "prompt_embeds")]
+    tokens = config.get("output_tokens") or spec.student.max_length  # the teacher's count with a token mixer
+    outputs = [TensorSpec(np.dtype(np.float32), (-1, tokens, config["token_dim"]), "prompt_embeds")]
     if config.get("pooled_dim") and config.get("kind") == "sdxl":
         outputs.append(TensorSpec(np.dtype(np.float32), (-1, config["pooled_dim"]), "pooled_prompt_embeds"))
     return ModelSignature(inputs=Schema([ColSpec(DataType.string)]), outputs=Schema(outputs))
@@ -249,7 +242,7 @@ def promote(spec: LanguageSpec, evaluation: Evaluation, name: str, version: str,
                          "promotion.reason": f"the champion was made for teacher {theirs[0]} at {theirs[1]}, this "
                                              f"version for {ours[0]} at {ours[1]}; a different base model cannot be "
                                              "compared: set the alias by hand"}
-                _set_promotion_tags(client, name, version, tags)
+                set_promotion_tags(client, name, version, tags)
                 return False, tags
             dirs["champion"] = Path(mlflow.artifacts.download_artifacts(
                 f"models:/{name}/{champion.version}", dst_path=tmp)) / "artifacts" / "adapter"
@@ -262,20 +255,10 @@ def promote(spec: LanguageSpec, evaluation: Evaluation, name: str, version: str,
              "promotion.heldout_pairs": str(evaluation.heldout_pairs)}
     if "champion" in dirs:
         tags |= {"promotion.champion": f"{scores['champion']:.6g}", "promotion.champion_version": str(champion.version)}
-    _set_promotion_tags(client, name, version, tags)
+    set_promotion_tags(client, name, version, tags)
     if won:
         client.set_registered_model_alias(name, "champion", version)
     return won, tags
-
-
-def _set_promotion_tags(client: MlflowClient, name: str, version: str, tags: dict[str, str]) -> None:
-    """Replace the version's promotion.* tags, `promotion.decision` first off and last on: a version that has one
-    has all the others, from the same decision (a registration killed half way through writing them decides again)."""
-    old = promotion_tags(client.get_model_version(name, version).tags)
-    for stale in sorted(old.keys() - (tags.keys() - {"promotion.decision"}), key=lambda k: k != "promotion.decision"):
-        client.delete_model_version_tag(name, version, stale)
-    for key, value in sorted(tags.items(), key=lambda kv: kv[0] == "promotion.decision"):
-        client.set_model_version_tag(name, version, key, value)
 
 
 # --- register ------------------------------------------------------------------------------------------------------
@@ -339,7 +322,7 @@ def _register(spec: LanguageSpec, trained: TrainResult, evaluation: Evaluation, 
     # so a run with a version has everything logged.
     if client.get_run(run_id).info.status != "FINISHED":
         client.set_terminated(run_id, "FINISHED")
-    _wait_ready(client, name, version)
+    wait_ready(client, name, version)
     for key_, value in {**lineage_tags, "run_id": run_id,
                         **{f"eval.{k}": f"{v:.6g}" for k, v in evaluation.metrics().items()}}.items():
         client.set_model_version_tag(name, version, key_, redact(value))

@@ -134,6 +134,11 @@ class TrainSpec(Strict):
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     output_kd_weight: float = Field(1.0, ge=0, description="MSE(ε_student, ε_teacher)")
     feature_kd_weight: float = Field(0.1, ge=0, description="Σ MSE over UNet block outputs")
+    adapter_tokens: Literal["student", "teacher"] = Field(
+        "student", description="the adapter's output tokens: one per student token (the paper), or the teacher's "
+                               "count through a learned token mixer (pea.adapter), which token_kd_weight aligns")
+    token_kd_weight: float = Field(0.0, ge=0, description="Σ MSE(adapter tokens, teacher tokens) on parallel rows, "
+                                   "token by token (needs adapter_tokens: teacher)")
     diffusion_loss: Literal["native", "all", "none"] = Field(
         "native", description="native: MSE(ε_student, ε) only for native-only captions (the paper's rule); "
                               "all: for every sample instead of KD (the diffusion-only ablation); none: native-only "
@@ -146,6 +151,13 @@ class TrainSpec(Strict):
                                    "under the deepspeed launcher")
     data: DataSpec = DataSpec()
     perturbation: PerturbationSpec = PerturbationSpec()
+
+    @model_validator(mode="after")
+    def _token_kd_needs_teacher_tokens(self) -> TrainSpec:
+        if self.token_kd_weight > 0 and self.adapter_tokens != "teacher":
+            raise ValueError("token_kd_weight > 0 compares the adapter's tokens with the teacher's one by one: set "
+                             "adapter_tokens: teacher (a token mixer to the teacher's count)")
+        return self
 
     @model_validator(mode="after")
     def _warmup_shorter_than_training(self) -> TrainSpec:

@@ -195,8 +195,11 @@ def train(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, run_dir: 
                          f"cross_attention_dim {unet.config.cross_attention_dim}; re-embed with this teacher")
 
     torch.manual_seed(cfg.seed)  # the untrained baseline in pea.evaluate starts from this same init
+    mixer = {"student_tokens": shapes["student"][0], "output_tokens": shapes["teacher"][0]} \
+        if cfg.adapter_tokens == "teacher" else {}
     adapter = PEAAdapter(kind=spec.teacher.kind, student_dim=shapes["student"][-1], hidden_dim=cfg.hidden_dim,
-                         token_dim=shapes["teacher"][-1], pooled_dim=shapes.get("teacher_pooled", (None,))[-1])
+                         token_dim=shapes["teacher"][-1], pooled_dim=shapes.get("teacher_pooled", (None,))[-1],
+                         **mixer)
     optimizer = torch.optim.AdamW(adapter.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
                                   weight_decay=cfg.weight_decay)
     schedule = get_polynomial_decay_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps,
@@ -265,7 +268,7 @@ def train(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, run_dir: 
                       else noise_scheduler.get_velocity(latents, noise, timesteps))
             terms = distill_loss(unet, noisy, timesteps, target, teacher, student, batch.native.to(device),
                                  cfg.output_kd_weight, cfg.feature_kd_weight, cfg.diffusion_loss == "all",
-                                 0.0 if cfg.diffusion_loss == "none" else 1.0)
+                                 0.0 if cfg.diffusion_loss == "none" else 1.0, cfg.token_kd_weight)
             engine.backward(terms.total)
             engine.step()
             seen += len(batch)

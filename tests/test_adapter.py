@@ -40,3 +40,24 @@ def test_a_student_of_the_wrong_width_is_refused_naming_both_sizes():
         PEAAdapter(kind="sd15", student_dim=64, hidden_dim=8)(torch.randn(1, 4, 32))
     with pytest.raises(ValueError, match="kind 'sd3'"):
         PEAAdapter(kind="sd3")
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_the_token_mixer_gives_the_teachers_count_and_starts_as_the_per_token_adapter(kind, tmp_path):
+    plain = PEAAdapter(kind=kind, student_dim=16, hidden_dim=8, token_dim=12, pooled_dim=10)
+    mixed = PEAAdapter(kind=kind, student_dim=16, hidden_dim=8, token_dim=12, pooled_dim=10, student_tokens=5,
+                       output_tokens=9)
+    mixed.load_state_dict(plain.state_dict(), strict=False)  # the same MLP
+    states = torch.randn(3, 5, 16)
+    (tokens, pooled), (per_token, plain_pooled) = mixed(states), plain(states)
+    assert tokens.shape == (3, 9, 12)
+    torch.testing.assert_close(tokens[:, :5], per_token)  # copied, the positions' vectors start at zero
+    torch.testing.assert_close(tokens[:, 5:], per_token.mean(dim=1, keepdim=True).expand(3, 4, 12))
+    if kind == "sdxl":
+        torch.testing.assert_close(pooled, plain_pooled)  # pooled from the student's tokens, not the mixed ones
+    mixed.save_pretrained(tmp_path)
+    torch.testing.assert_close(PEAAdapter.from_pretrained(tmp_path)(states)[0], tokens, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="6 student tokens, but the adapter's token mixer takes 5"):
+        mixed(torch.randn(1, 6, 16))
+    with pytest.raises(ValueError, match="go together"):
+        PEAAdapter(kind=kind, student_dim=16, student_tokens=5)

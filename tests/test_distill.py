@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from pea import models
@@ -74,3 +75,19 @@ def test_sdxl_teacher_hooks_every_block_and_the_pooled_vector_reaches_the_unet(z
     terms = distill_loss(unet, latents, t, noise, cond, Conditioning(cond.tokens, cond.pooled + 1, cond.time_ids),
                          torch.zeros(3))
     assert terms.output_kd > 0  # the pooled vector reaches the UNet through added_cond_kwargs
+
+
+def test_the_token_term_compares_contexts_token_by_token_on_parallel_rows_only(zh_spec):
+    unet = models.load_unet(zh_spec.teacher)
+    latents, noise, t, teacher = _batch(unet)
+    student = teacher + 0.5 * torch.randn_like(teacher)
+    parallel = torch.tensor([1.0, 0.0, 0.0])
+    base = distill_loss(unet, latents, t, noise, Conditioning(teacher), Conditioning(student), parallel)
+    aligned = distill_loss(unet, latents, t, noise, Conditioning(teacher), Conditioning(student), parallel,
+                           token_weight=2.0)
+    per_sample = (student - teacher).pow(2).flatten(1).mean(dim=1)
+    torch.testing.assert_close(aligned.token_kd, per_sample.mean())
+    torch.testing.assert_close(aligned.total, base.total + 2.0 * per_sample[1:].sum() / 3)
+    with pytest.raises(ValueError, match="token by token.*adapter_tokens: teacher"):
+        distill_loss(unet, latents, t, noise, Conditioning(teacher), Conditioning(student[:, :16]), parallel,
+                     token_weight=1.0)

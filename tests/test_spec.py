@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pea import ops
 from pea.spec import SpecError, available_languages, load_spec
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -66,3 +67,10 @@ def test_bad_values_are_refused_naming_the_field(tmp_path):
     with pytest.raises(SpecError) as err:
         load_spec("zh", data_dir=_write(tmp_path, "zh", spec))
     assert "train.precision" in str(err.value) and "synthetic_captions" in str(err.value)
+
+
+def test_token_kd_needs_the_teachers_token_count(zh_spec):
+    with pytest.raises(SpecError, match="adapter_tokens: teacher"):
+        ops.with_overrides(zh_spec, train={"token_kd_weight": 1.0})
+    spec = ops.with_overrides(zh_spec, train={"token_kd_weight": 1.0, "adapter_tokens": "teacher"})
+    assert spec.train.token_kd_weight == 1.0
