@@ -10,10 +10,12 @@ teacher's own output by a chosen multiple of the conditioning's effect (the untr
 Under each LoRA, every system's held-out UNet-output error is measured against the teacher *with the same LoRA*,
 and the gap it keeps is (1 − err/err_untrained) under the LoRA ÷ the same without it (1.0: unaffected).
 
-Systems: the PEA adapter, the diffusion-loss-only adapter and the linear map of the lake's seed-0 run. The linear
-map outputs the teacher's whole 77-token context, the adapters one token per student token (16): so whether the
-linear map keeps its gap says whether the adapters' losses come from matching the teacher's attention *output*
-with another set of tokens, which a change of the key/value projections undoes.
+Systems: the PEA adapter, the diffusion-loss-only adapter and the linear map of the lake's seed-0 run, and
+toy_table.py's plug-and-play ablations where trained (PERTURBED: distilled under random LoRAs, with the teacher's
+token count aligned token by token, both). The linear map outputs the teacher's whole 77-token context, the plain
+adapters one token per student token (16): whether a system keeps its gap says whether its agreement with the
+teacher comes from matching the attention *output* with another set of tokens, which a change of the key/value
+projections undoes.
 
 Also prints, for SD 1.5's and SDXL's UNet configs (pea.fullsize, built on the meta device: shapes only), each
 cross-attention width against its context width: where the context is wider, to_k/to_v have a null space
@@ -32,7 +34,7 @@ from pathlib import Path
 import torch
 
 # toy_table.py's plug-and-play ablations (train.perturbation, train.adapter_tokens), measured when present.
-PERTURBED = ("perturbed", "aligned", "aligned_perturbed")
+PERTURBED = ("perturbed", "aligned", "aligned_perturbed", "aligned_x10", "aligned_perturbed_4")
 TARGETS = {"all attention": ["to_q", "to_k", "to_v", "to_out.0"], "cross-attn to_k/to_v": ["attn2.to_k", "attn2.to_v"],
            "self-attn only": ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0"]}
 

@@ -12,8 +12,8 @@ load_systems) then draw the held-out prompts with and without it; the attribute 
 against the prompt's scene and the styled ones against the styled scene. Also the held-out UNet-output error
 under the LoRA, against the teacher with it (lora_robustness.py's measure, for a trained LoRA).
 
-Prints a table, and last `style_ratio_min=<min over the PEA systems of (system ÷ teacher with the LoRA) ÷
-(system ÷ teacher without it)>`: 1.0 means the adapter keeps with the LoRA all it has without.
+Prints a table, and last a `style_ratio[<system>]=<(system ÷ teacher with the LoRA) ÷ (system ÷ teacher without
+it)>` line per PEA adapter: 1.0 means the adapter keeps with the LoRA all it has without.
 """
 
 from __future__ import annotations
@@ -124,7 +124,8 @@ def main() -> None:
         print(f"| {label} | {plain[name]['all_right']:.3f} | {styled[name]['all_right']:.3f} | "
               f"{'—' if kept is None else f'{kept:.2f}'} | {error} |")
     print(f"untrained UNet error: {errors_plain['untrained']:.4f} without, {errors_styled['untrained']:.4f} with")
-    print(f"style_ratio_min={min(ratios.values()):.3f}")
+    print(" ".join(f"style_ratio[{name.removeprefix('PEA').strip() or 'PEA'}]={ratio:.3f}"
+                   for name, ratio in ratios.items()))
 
 
 if __name__ == "__main__":

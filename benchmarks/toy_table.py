@@ -47,7 +47,10 @@ ABLATIONS = {"output_kd": {"feature_kd_weight": 0.0}, "no_native": {"diffusion_l
              # aligned: the teacher's token count through the adapter's token mixer, aligned token by token
              "aligned": {"adapter_tokens": "teacher", "token_kd_weight": 1.0},
              "aligned_perturbed": {"adapter_tokens": "teacher", "token_kd_weight": 1.0,
-                                   "perturbation": {"share": 0.5, "relative_norm": 2.0}}}
+                                   "perturbation": {"share": 0.5, "relative_norm": 2.0}},
+             "aligned_x10": {"adapter_tokens": "teacher", "token_kd_weight": 10.0},
+             "aligned_perturbed_4": {"adapter_tokens": "teacher", "token_kd_weight": 1.0,
+                                     "perturbation": {"share": 0.5, "relative_norm": 4.0}}}
 
 
 def run_cell(language: str, lake: Path, noise: float, seeds: list[int], ablations: list[str],
