@@ -10,7 +10,6 @@ while it streams (bin counts only), so the report's memory does not grow with th
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,14 +23,17 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
 
+from pea.atomic import publish  # noqa: E402
+
 HISTOGRAMS = ("image_sizes", "aspect_ratios", "caption_lengths")
 
 
 def _save(fig: Any, path: Path) -> Path:
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)  # no bbox_inches="tight": it draws the figure twice; the margins are set instead
+    # A temp name of its own (two runs over one lake must not rename each other's file); format named, as the
+    # temp name does not end in .png.
+    with publish(path, "filter: report histogram") as tmp:
+        fig.savefig(tmp, dpi=100, format="png")  # no bbox_inches="tight": it draws twice; the margins are set instead
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
@@ -148,7 +150,6 @@ def write_report(report: dict[str, Any], data: ReportData, out_dir: Path, langua
 
     full = {**report, "histograms": {name: path.name for name, path in paths.items()}}
     target = out_dir / "quality.json"
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(json.dumps(full, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, target)
+    with publish(target, "filter: report") as tmp:
+        tmp.write_text(json.dumps(full, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return paths
