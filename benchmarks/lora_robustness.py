@@ -11,8 +11,8 @@ Under each LoRA, every system's held-out UNet-output error is measured against t
 and the gap it keeps is (1 − err/err_untrained) under the LoRA ÷ the same without it (1.0: unaffected).
 
 Systems: the PEA adapter, the diffusion-loss-only adapter and the linear map of the lake's seed-0 run, and
-toy_table.py's plug-and-play ablations where trained (PERTURBED: distilled under random LoRAs, with the teacher's
-token count aligned token by token, both). The linear map outputs the teacher's whole 77-token context, the plain
+toy_table.py's ablations trained in that run (e.g. `perturbed`: distilled under random LoRAs; `aligned`: the
+teacher's token count aligned token by token; both). The linear map outputs the teacher's whole 77-token context, the plain
 adapters one token per student token (16): whether a system keeps its gap says whether its agreement with the
 teacher comes from matching the attention *output* with another set of tokens, which a change of the key/value
 projections undoes.
@@ -33,8 +33,6 @@ from pathlib import Path
 
 import torch
 
-# toy_table.py's plug-and-play ablations (train.perturbation, train.adapter_tokens), measured when present.
-PERTURBED = ("perturbed", "aligned", "aligned_perturbed", "aligned_x10", "aligned_perturbed_4")
 TARGETS = {"all attention": ["to_q", "to_k", "to_v", "to_out.0"], "cross-attn to_k/to_v": ["attn2.to_k", "attn2.to_v"],
            "self-attn only": ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0"]}
 
@@ -109,8 +107,9 @@ def load_systems(lake: Path, language: str, noise: float):
     trained = PEAAdapter.from_pretrained(run / "adapter").eval()
     systems = {"PEA": trained, "untrained": untrained_like(trained, spec.train.seed),
                "diffusion only": PEAAdapter.from_pretrained(run / "diffusion_only" / "adapter").eval(),
-               **{f"PEA {name}": PEAAdapter.from_pretrained(run / name / "adapter").eval() for name in PERTURBED
-                  if (run / name / "adapter").is_dir()},
+               # toy_table.py's ablations, whichever were trained in this run (aligned, perturbed, ...)
+               **{f"PEA {folder.name}": PEAAdapter.from_pretrained(folder / "adapter").eval()
+                  for folder in sorted(run.iterdir()) if (folder / "adapter").is_dir() and folder.name != "diffusion_only"},
                "linear map": LinearMap.fit(pack(spec, filtered.pairs_path, embedded).train,
                                            spec.evaluate.linear_map_rows, spec.evaluate.seed)}
     return spec, table, systems

@@ -35,7 +35,6 @@ STYLES = {"recolour": lambda s: dataclasses.replace(s, color=PALETTE[(PALETTE.in
 
 def train_style(spec, style: str, folder: Path, steps: int, batch: int = 32, lr: float = 1e-3, seed: int = 0) -> Path:
     """The style LoRA on the toy teacher, trained once into `folder` (temp dir, then rename)."""
-    import torch.nn.functional as F
     from diffusers import DDPMScheduler, StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft import LoraConfig
@@ -44,7 +43,7 @@ def train_style(spec, style: str, folder: Path, steps: int, batch: int = 32, lr:
     from pea import models, progress
     from pea.atomic import publish
     from pea.corpus.synthetic import ENGLISH, all_scenes, caption
-    from pea.toy import render_batch
+    from pea.toy import denoising_loss
 
     if (folder / "pytorch_lora_weights.safetensors").is_file():
         return folder
@@ -59,14 +58,8 @@ def train_style(spec, style: str, folder: Path, steps: int, batch: int = 32, lr:
     optimizer = torch.optim.AdamW(trainable, lr=lr)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     bar = progress.bar(range(steps), desc=f"train {style} LoRA", unit="step")
-    for _ in bar:
-        index = [rng.randrange(len(scenes)) for _ in range(batch)]
-        x = render_batch([STYLES[style](scenes[i]) for i in index], [rng.getrandbits(31) for _ in index])
-        rows = torch.tensor([len(scenes) if rng.random() < 0.1 else i for i in index])  # 10 % empty, as the teacher
-        noise = torch.randn_like(x)
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch,))
-        v = unet(noise_scheduler.add_noise(x, noise, t), t, encoder_hidden_states=context[rows]).sample
-        loss = F.mse_loss(v, noise_scheduler.get_velocity(x, noise, t))
+    for _ in bar:  # the teacher's own objective (10 % empty captions), on styled images
+        loss = denoising_loss(unet, noise_scheduler, context, scenes, rng, batch, drawn=STYLES[style])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -58,7 +58,8 @@ from pea.shards import pack
 from pea.table import TrainingTable, load_table
 
 SYSTEMS = ("teacher_en", "trained", "untrained", "linear_map")  # always in the table
-ORDER = ("teacher_en", "trained", "output_kd", "no_native", "perturbed", "aligned", "aligned_perturbed", "untrained", "diffusion_only", "dictionary", "linear_map")
+ORDER = ("teacher_en", "trained", "output_kd", "no_native", "perturbed", "aligned", "aligned_perturbed", "untrained",
+         "diffusion_only", "dictionary", "linear_map")
 JUDGED = ("all_right", "count", "color", "shape", "position")
 
 
@@ -227,6 +228,11 @@ def _write_atomic(path: Path, text: str) -> None:
 
 # --- the harness --------------------------------------------------------------------------------------------------
 
+def _headers(systems: tuple[str, ...]) -> list[str]:
+    """Grid column titles; a benchmark's own variant is titled by its name."""
+    return [HEADER.get(s, s.replace("_", " ")) for s in systems]
+
+
 def _mse(a: list[Image.Image], b: list[Image.Image]) -> float:
     return float(np.mean([np.mean((np.asarray(x, np.float32) - np.asarray(y, np.float32)) ** 2 / 255**2)
                           for x, y in zip(a, b)]))
@@ -259,7 +265,7 @@ def judge_systems(spec: LanguageSpec, pipe, student, adapters: dict[str, torch.n
                   prompts: list[tuple[str, str]], expected=None) -> dict[str, dict[str, float]]:
     """The attribute judge over every distinct (target, English) prompt that names a whole scene,
     `evaluate.judge_seeds` seeds each. `expected(scene) -> scene`: what an image should show instead of the
-    prompt's own scene (a style LoRA that recolours, benchmarks/lora_robustness.py); default the scene itself."""
+    prompt's own scene (a style LoRA that recolours, benchmarks/style_lora.py); default the scene itself."""
     from pea.toy import Judge, is_scene, judge_score, scene_of, to_tensor
 
     judge = Judge.load(Path(spec.evaluate.judge))
@@ -302,7 +308,7 @@ def evaluate(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, adapte
     images = _draw(spec, pipe, student, adapters, pairs, seeds)
     image_mse = {name: _mse(images[name], images["teacher_en"]) for name in images if name != "teacher_en"}
     grid, missing = write_grid([[images[s][i] for s in systems] for i in range(n)], pairs,
-                               [HEADER.get(s, s.replace('_', ' ')) for s in systems], out_dir / "grid.png")
+                               _headers(systems), out_dir / "grid.png")
     judged = judge_systems(spec, pipe, student, adapters, list(zip(heldout.captions, heldout.captions_en))) \
         if cfg.judge else {}
     judged_sets = {name: judge_systems(spec, pipe, student, adapters, load_prompts(spec.language, name))
@@ -318,7 +324,7 @@ def evaluate(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, adapte
         clip[name] = {system: clip_scores(clip_ref, drawn[system], targets) for system in systems}
         k = min(cfg.grid_prompts, len(prompts))
         grids[name], more = write_grid([[drawn[s][i] for s in systems] for i in range(k)], prompts[:k],
-                                       [HEADER.get(s, s.replace('_', ' ')) for s in systems], out_dir / f"grid-{name}.png")
+                                       _headers(systems), out_dir / f"grid-{name}.png")
         missing += more
         prompt_sets[name] = prompts
 

@@ -41,9 +41,6 @@ class RandomLoRA:
             if hasattr(module, "lora_A") and name in module.lora_A:
                 a, b = module.lora_A[name].weight, module.lora_B[name].weight
                 self.layers.append((a, b, float(module.base_layer.weight.float().norm())))
-        if not self.layers:
-            raise ValueError(f"train.perturbation.targets {list(cfg.targets)} match no layer of the UNet; name "
-                             "attention projections, e.g. to_q, to_k, to_v, to_out.0 or attn2.to_k")
         self.off()
 
     def _freeze(self) -> None:

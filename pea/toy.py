@@ -220,6 +220,20 @@ def _scheduler() -> DDIMScheduler:
                          timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=False)
 
 
+def denoising_loss(unet, noise_scheduler, context: torch.Tensor, scenes: list[Scene], rng: random.Random,
+                   batch: int, empty_caption: float = 0.1, drawn=None) -> torch.Tensor:
+    """One batch of the toy teacher's objective: v-prediction MSE on freshly rendered scenes, conditioned on their
+    English captions (`context` rows, the last one the empty caption, used on `empty_caption` of the batch).
+    `drawn(scene) -> scene`: what the image shows instead of the captioned scene (a style, benchmarks/style_lora.py)."""
+    index = [rng.randrange(len(scenes)) for _ in range(batch)]
+    x = render_batch([(drawn or (lambda scene: scene))(scenes[i]) for i in index], [rng.getrandbits(31) for _ in index])
+    rows = torch.tensor([len(scenes) if rng.random() < empty_caption else i for i in index])
+    noise = torch.randn_like(x)
+    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch,))
+    v = unet(noise_scheduler.add_noise(x, noise, t), t, encoder_hidden_states=context[rows]).sample
+    return F.mse_loss(v, noise_scheduler.get_velocity(x, noise, t))
+
+
 def train_teacher(steps: int = 2000, batch: int = 32, seed: int = 0, lr: float = 2e-3,
                   empty_caption: float = 0.1) -> StableDiffusionPipeline:
     """The pixel-space teacher: the text encoder stays at its seeded random initialisation, the UNet learns."""
@@ -241,13 +255,7 @@ def train_teacher(steps: int = 2000, batch: int = 32, seed: int = 0, lr: float =
     schedule = get_cosine_schedule_with_warmup(optimizer, 100, steps)
     bar = progress_bar(range(steps), desc="train toy teacher", unit="step")
     for _ in bar:
-        index = [rng.randrange(len(scenes)) for _ in range(batch)]
-        x = render_batch([scenes[i] for i in index], [rng.getrandbits(31) for _ in index])
-        rows = torch.tensor([len(scenes) if rng.random() < empty_caption else i for i in index])
-        noise = torch.randn_like(x)
-        t = torch.randint(0, 1000, (batch,))
-        v = unet(noise_scheduler.add_noise(x, noise, t), t, encoder_hidden_states=context[rows]).sample
-        loss = F.mse_loss(v, noise_scheduler.get_velocity(x, noise, t))
+        loss = denoising_loss(unet, noise_scheduler, context, scenes, rng, batch, empty_caption)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)

@@ -61,7 +61,8 @@ def test_draws_follow_the_spec_and_the_step_and_leave_the_unet_as_loaded(zh_spec
     other = models.load_unet(zh_spec.teacher)  # another process, same seed and step: the same perturbed UNet
     RandomLoRA(other, cfg, seed=3).draw(step)
     torch.testing.assert_close(_out(other, inputs), perturbed, rtol=0, atol=0)
-    RandomLoRA(models.load_unet(zh_spec.teacher), cfg, seed=4)  # another seed draws another one
+    seed_4 = RandomLoRA(models.load_unet(zh_spec.teacher), cfg, seed=4)
+    assert [seed_4.draw(i) for i in range(200)] != sizes  # another seed, other draws
     off = next(i for i, s in enumerate(sizes) if s == 0)
     assert lora.draw(off) == 0.0
     torch.testing.assert_close(_out(unet, inputs), plain, rtol=0, atol=0)
