@@ -8,7 +8,10 @@ the frozen UNet's conditioning space (METHOD.md, "Adapter").
 One output token per student token (the paper), or, with `output_tokens` (spec train.adapter_tokens: teacher),
 the teacher's count: prompt_embeds = Mix(L→T) over the token axis + a learned vector per output position, so
 the context can be the teacher's token by token (train.token_kd_weight aligns it; #19: a LoRA made for the
-English model then reads the adapter's context as it reads the teacher's).
+English model then reads the adapter's context as it reads the teacher's). With `mixer_heads` (train.token_mixer:
+attention) each mixed token also attends over the adapter's tokens (multi-head, output projection starting at
+zero, so training starts from the fixed mix): where a word sits in the student's sequence and in the teacher's
+77 differs from caption to caption, which one fixed map over positions cannot follow.
 
 A diffusers ModelMixin + ConfigMixin, so `save_pretrained` writes config.json beside safetensors and
 `from_pretrained` rebuilds exactly the saved widths (the reference's train/inference mismatch cannot
@@ -29,7 +32,7 @@ class PEAAdapter(ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(self, kind: str = "sd15", student_dim: int = 1024, hidden_dim: int = 2048,
                  token_dim: int | None = None, pooled_dim: int | None = None, student_tokens: int | None = None,
-                 output_tokens: int | None = None):
+                 output_tokens: int | None = None, mixer_heads: int | None = None):
         super().__init__()
         if kind not in DEFAULT_DIMS:
             raise ValueError(f"adapter kind {kind!r} is not one of {sorted(DEFAULT_DIMS)}")
@@ -55,6 +58,13 @@ class PEAAdapter(ModelMixin, ConfigMixin):
                 self.mix.weight[:kept, :kept] = torch.eye(kept)
                 self.mix.weight[kept:] = 1 / student_tokens
             self.positions = nn.Parameter(torch.zeros(output_tokens, token_dim))
+        self.attend = None
+        if mixer_heads is not None:
+            if output_tokens is None:
+                raise ValueError("mixer_heads needs output_tokens (the attention refines the token mixer's output)")
+            self.attend = nn.MultiheadAttention(token_dim, mixer_heads, batch_first=True)
+            nn.init.zeros_(self.attend.out_proj.weight)
+            nn.init.zeros_(self.attend.out_proj.bias)
 
     def forward(self, student_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, L, student_dim) → (prompt_embeds (B, L, token_dim), pooled (B, pooled_dim) or None)."""
@@ -68,5 +78,8 @@ class PEAAdapter(ModelMixin, ConfigMixin):
             if tokens.shape[1] != self.config.student_tokens:
                 raise ValueError(f"{tokens.shape[1]} student tokens, but the adapter's token mixer takes "
                                  f"{self.config.student_tokens}; encode with the spec's student.max_length")
-            tokens = self.mix(tokens.transpose(1, 2)).transpose(1, 2) + self.positions
+            mixed = self.mix(tokens.transpose(1, 2)).transpose(1, 2) + self.positions
+            if self.attend is not None:
+                mixed = mixed + self.attend(mixed, tokens, tokens, need_weights=False)[0]
+            tokens = mixed
         return tokens, pooled

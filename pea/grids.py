@@ -16,7 +16,8 @@ from PIL import Image, ImageDraw, ImageFont
 HEADER = {"teacher_en": "English teacher", "trained": "PEA", "untrained": "untrained", "linear_map": "linear map",
           "diffusion_only": "diffusion only", "dictionary": "dictionary", "output_kd": "output KD only",
           "no_native": "PEA w/o native", "perturbed": "PEA, LoRA-noised",
-          "aligned": "PEA, aligned tokens", "aligned_perturbed": "aligned + LoRA-noised"}
+          "aligned": "PEA, aligned tokens", "aligned_perturbed": "aligned + LoRA-noised",
+          "attention_perturbed": "attention mix + LoRA-noised"}
 
 
 def _font_files() -> list[Path]:

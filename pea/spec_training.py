@@ -137,6 +137,9 @@ class TrainSpec(Strict):
     adapter_tokens: Literal["student", "teacher"] = Field(
         "student", description="the adapter's output tokens: one per student token (the paper), or the teacher's "
                                "count through a learned token mixer (pea.adapter), which token_kd_weight aligns")
+    token_mixer: Literal["linear", "attention"] = Field(
+        "linear", description="with adapter_tokens: teacher, a fixed map over the token axis, or that map refined by "
+                              "multi-head attention over the adapter's tokens (pea.adapter)")
     token_kd_weight: float = Field(0.0, ge=0, description="Σ MSE(adapter tokens, teacher tokens) on parallel rows, "
                                    "token by token (needs adapter_tokens: teacher)")
     diffusion_loss: Literal["native", "all", "none"] = Field(
@@ -157,6 +160,9 @@ class TrainSpec(Strict):
         if self.token_kd_weight > 0 and self.adapter_tokens != "teacher":
             raise ValueError("token_kd_weight > 0 compares the adapter's tokens with the teacher's one by one: set "
                              "adapter_tokens: teacher (a token mixer to the teacher's count)")
+        if self.token_mixer == "attention" and self.adapter_tokens != "teacher":
+            raise ValueError("token_mixer: attention refines the mix to the teacher's token count: set "
+                             "adapter_tokens: teacher")
         return self
 
     @model_validator(mode="after")

@@ -197,6 +197,8 @@ def train(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, run_dir: 
     torch.manual_seed(cfg.seed)  # the untrained baseline in pea.evaluate starts from this same init
     mixer = {"student_tokens": shapes["student"][0], "output_tokens": shapes["teacher"][0]} \
         if cfg.adapter_tokens == "teacher" else {}
+    if cfg.token_mixer == "attention":  # heads of 64 dimensions, as CLIP's
+        mixer["mixer_heads"] = max(1, shapes["teacher"][-1] // 64)
     adapter = PEAAdapter(kind=spec.teacher.kind, student_dim=shapes["student"][-1], hidden_dim=cfg.hidden_dim,
                          token_dim=shapes["teacher"][-1], pooled_dim=shapes.get("teacher_pooled", (None,))[-1],
                          **mixer)

@@ -61,3 +61,20 @@ def test_the_token_mixer_gives_the_teachers_count_and_starts_as_the_per_token_ad
         mixed(torch.randn(1, 6, 16))
     with pytest.raises(ValueError, match="go together"):
         PEAAdapter(kind=kind, student_dim=16, student_tokens=5)
+
+
+def test_the_attention_mixer_starts_as_the_fixed_mix_and_then_depends_on_the_content(tmp_path):
+    fixed = PEAAdapter(kind="sd15", student_dim=16, hidden_dim=8, token_dim=12, student_tokens=5, output_tokens=9)
+    attending = PEAAdapter(kind="sd15", student_dim=16, hidden_dim=8, token_dim=12, student_tokens=5,
+                           output_tokens=9, mixer_heads=3)
+    attending.load_state_dict(fixed.state_dict(), strict=False)  # the same MLP and mix
+    states = torch.randn(3, 5, 16)
+    torch.testing.assert_close(attending(states)[0], fixed(states)[0])  # output projection starts at zero
+    with torch.no_grad():
+        attending.attend.out_proj.weight.normal_()
+    moved = attending(states)[0]
+    assert (moved - fixed(states)[0]).abs().max() > 1e-3
+    attending.save_pretrained(tmp_path)
+    torch.testing.assert_close(PEAAdapter.from_pretrained(tmp_path)(states)[0], moved, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="mixer_heads needs output_tokens"):
+        PEAAdapter(kind="sd15", student_dim=16, mixer_heads=2)

@@ -99,19 +99,23 @@ def test_a_perturbed_run_resumes_exactly_and_differs_from_a_plain_one(tmp_path, 
     assert any(not torch.equal(a[k], c[k]) for k in a)
 
 
-def test_an_aligned_adapter_trains_to_the_teachers_token_count_and_draws_through_the_stock_pipeline(tmp_path, zoo_dir):
+@pytest.mark.parametrize("mixer", ["linear", "attention"])
+def test_an_aligned_adapter_trains_to_the_teachers_token_count_and_draws_through_the_stock_pipeline(mixer, tmp_path,
+                                                                                                   zoo_dir):
     from pea import models
     from pea.adapter import PEAAdapter
     from pea.pipeline import generate
 
     spec = ops.with_overrides(load_spec("zh", "embedded", zoo_dir=zoo_dir),
-                              train={"steps": 4, "warmup_steps": 1, "adapter_tokens": "teacher", "token_kd_weight": 1.0})
+                              train={"steps": 4, "warmup_steps": 1, "adapter_tokens": "teacher", "token_kd_weight": 1.0,
+                                     "token_mixer": mixer})
     pairs = write_pairs(tmp_path, spec, all_scenes()[:48])
     result = train.train(spec, pairs, embed(spec, tmp_path, pairs), tmp_path / "run")
     history = [json.loads(line) for line in result.history_path.read_text().splitlines()]
     assert all(h["token_kd"] > 0 for h in history)
     adapter = PEAAdapter.from_pretrained(result.adapter_dir)
     assert (adapter.config.student_tokens, adapter.config.output_tokens) == (spec.student.max_length, 77)
+    assert (adapter.attend is not None) == (mixer == "attention")
     pipe = models.load_pipeline(spec.teacher)
     images = generate(pipe, adapter, models.load_student(spec.student), ["一个红色的圆"], [0], num_inference_steps=2,
                       height=32, width=32)

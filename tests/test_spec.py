@@ -74,3 +74,6 @@ def test_token_kd_needs_the_teachers_token_count(zh_spec):
         ops.with_overrides(zh_spec, train={"token_kd_weight": 1.0})
     spec = ops.with_overrides(zh_spec, train={"token_kd_weight": 1.0, "adapter_tokens": "teacher"})
     assert spec.train.token_kd_weight == 1.0
+    with pytest.raises(SpecError, match="token_mixer: attention.*adapter_tokens: teacher"):
+        ops.with_overrides(zh_spec, train={"token_mixer": "attention"})
+    assert ops.with_overrides(spec, train={"token_mixer": "attention"}).train.token_mixer == "attention"
