@@ -3,6 +3,8 @@
     .venv/bin/python benchmarks/toy_table.py --languages zh --noise 0 0.3 0.6 --ablations-at 0.3 --threads 1
     .venv/bin/python benchmarks/toy_table.py --languages ko ru it vi --noise 0.3 --ablations --threads 1
     .venv/bin/python benchmarks/toy_table.py --languages ja --seeds 0 1 2 --noise 0 0.3 0.6   # ~3x the time
+    .venv/bin/python benchmarks/toy_table.py --languages ja --seeds 0 1 2 --noise 0 0.3 0.6 --ablations \
+        --lake <the lake of an earlier run> --reuse   # only the seeds that lake has not evaluated
     .venv/bin/python benchmarks/toy_table.py --languages zh --noise 0.3 --native-noise 0 --ablations no_native
 
 For each language and noise share (corpus.synthetic.mismatched: that share of pairs shows another scene; the
@@ -48,14 +50,17 @@ ABLATIONS = {"output_kd": {"feature_kd_weight": 0.0}, "no_native": {"diffusion_l
                                    "perturbation": {"share": 0.5, "relative_norm": 2.0}},
              "aligned_x10": {"adapter_tokens": "teacher", "token_kd_weight": 10.0},
              "aligned_perturbed_4": {"adapter_tokens": "teacher", "token_kd_weight": 1.0,
-                                     "perturbation": {"share": 0.5, "relative_norm": 4.0}}}
+                                     "perturbation": {"share": 0.5, "relative_norm": 4.0}},
+             # the mix refined by attention over the adapter's tokens (train.token_mixer)
+             "attention_perturbed": {"adapter_tokens": "teacher", "token_mixer": "attention", "token_kd_weight": 1.0,
+                                     "perturbation": {"share": 0.5, "relative_norm": 2.0}}}
 # The held-out table's columns: every ablation but the one without native captions (a culture-set question).
 HELDOUT = ("teacher_en", "trained", *(a for a in ABLATIONS if a != "no_native"), "diffusion_only", "dictionary",
            "linear_map")
 
 
 def run_cell(language: str, lake: Path, noise: float, seeds: list[int], ablations: list[str],
-             steps: int | None = None, native_noise: float | None = None) -> dict:
+             steps: int | None = None, native_noise: float | None = None, reuse: bool = False) -> dict:
     """One language at one noise share: {system: [judge score per seed]} for both prompt sets, and the time."""
     from pea import embed, evaluate, ops, train
     from pea.corpus import acquire, filter as filter_stage
@@ -77,19 +82,32 @@ def run_cell(language: str, lake: Path, noise: float, seeds: list[int], ablation
     for i, seed in enumerate(seeds):
         spec = ops.with_overrides(base, train={"seed": seed})
         run = world / language / f"seed-{seed}"
+        report = run / "evaluation" / "evaluation.json"
+        wanted = {"trained", *(variants if i == 0 else ["diffusion_only"])}
+        if reuse and report.is_file() and wanted <= set(json.loads(report.read_text())["judge"]):
+            # Published whole (pea.atomic), from adapters that never change once trained: read, not redone.
+            done = json.loads(report.read_text())
+            _collect(done["judge"], done["judge_sets"][SET], heldout, culture)
+            print(json.dumps({"language": language, "noise": noise, "seed": seed, "reused": str(report)}), flush=True)
+            continue
         trained = train.train(spec, filtered.pairs_path, embedded, run)
         others = {name: train.train(ops.with_overrides(spec, train=overrides), filtered.pairs_path, embedded,
                                     run / name).adapter_dir
                   for name, overrides in variants.items() if i == 0 or name == "diffusion_only"}
         result = evaluate.evaluate(spec, filtered.pairs_path, embedded, trained.adapter_dir, run / "evaluation", others)
         print(evaluate.format_table(result), flush=True)
-        for system, judged in result.judge.items():
-            heldout.setdefault(system, []).append(judged["all_right"])
-        for system, judged in result.judge_sets[SET].items():
-            culture.setdefault(system, []).append(judged["all_right"])
+        _collect(result.judge, result.judge_sets[SET], heldout, culture)
         print(json.dumps({"language": language, "noise": noise, "seed": seed, "judge": result.judge,
                           "culture": result.judge_sets[SET]}), flush=True)
     return {"heldout": heldout, "culture": culture, "minutes": (time.perf_counter() - started) / 60}
+
+
+def _collect(judge: dict, judge_culture: dict, heldout: dict[str, list[float]],
+             culture: dict[str, list[float]]) -> None:
+    for system, judged in judge.items():
+        heldout.setdefault(system, []).append(judged["all_right"])
+    for system, judged in judge_culture.items():
+        culture.setdefault(system, []).append(judged["all_right"])
 
 
 def _cells(scores: dict[str, list[float]], systems: tuple[str, ...]) -> str:
@@ -112,6 +130,8 @@ def main() -> None:
                              "PEA distilled under random LoRAs (train.perturbation); none with an empty list")
     parser.add_argument("--ablations-at", type=float, nargs="*", default=None,
                         help="noise shares at which the ablations are trained; default: every share run")
+    parser.add_argument("--reuse", action="store_true", help="read a seed's evaluation.json from --lake where it "
+                        "has every system asked for, instead of training and evaluating it again")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (1 beside another job)")
     parser.add_argument("--lake", type=Path, default=None, help="default: a temporary directory")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the profile's; fewer "
@@ -130,7 +150,7 @@ def main() -> None:
             for noise in args.noise:
                 results[language, noise] = run_cell(language, lake, noise, args.seeds,
                                                     args.ablations if noise in ablate else [], args.steps,
-                                                    args.native_noise)
+                                                    args.native_noise, args.reuse)
     print(f"\nHeld-out prompts (judge: share of images with all four attributes right; mean over seeds {args.seeds})\n")
     ablated = " | ".join(HEADER.get(a, a) for a in HELDOUT[2:-3])
     print(f"| language | mismatched | (1) English teacher | (2) PEA | {ablated} | diffusion loss only | dictionary → "
