@@ -84,9 +84,9 @@ def run_cell(language: str, lake: Path, noise: float, seeds: list[int], ablation
         run = world / language / f"seed-{seed}"
         report = run / "evaluation" / "evaluation.json"
         wanted = {"trained", *(variants if i == 0 else ["diffusion_only"])}
-        if reuse and report.is_file() and wanted <= set(json.loads(report.read_text())["judge"]):
+        done = json.loads(report.read_text()) if reuse and report.is_file() else {"judge": {}}
+        if wanted <= set(done["judge"]):
             # Published whole (pea.atomic), from adapters that never change once trained: read, not redone.
-            done = json.loads(report.read_text())
             _collect(done["judge"], done["judge_sets"][SET], heldout, culture)
             print(json.dumps({"language": language, "noise": noise, "seed": seed, "reused": str(report)}), flush=True)
             continue
