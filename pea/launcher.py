@@ -23,6 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from pea.atomic import publish
 from pea.redact import redact
 from pea.spec import FORWARDED_ENV, PACKAGE_ROOT, LanguageSpec, LauncherSpec, home, lake_root, load_spec
 
@@ -73,10 +74,11 @@ def write_deepspeed_env(run_dir: Path, env: dict[str, str]) -> Path:
     .deepspeed_env in their working directory on every node. It may hold tokens (MLFLOW_TRACKING_TOKEN),
     so it is owner-only, in the owner-only run directory. Values spanning lines cannot be written."""
     path = Path(run_dir) / ".deepspeed_env"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write("".join(f"{k}={v}\n" for k, v in sorted(env.items()) if "\n" not in v))
-    os.chmod(path, 0o600)  # O_CREAT's mode applies only to a new file
+    # Renamed in whole: under no_ssh every node writes it while another node's launcher may be reading it.
+    with publish(path, "launch: .deepspeed_env") as tmp:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write("".join(f"{k}={v}\n" for k, v in sorted(env.items()) if "\n" not in v))
     return path
 
 

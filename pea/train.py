@@ -330,9 +330,8 @@ def launch(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, run_dir:
     run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # see train(): DeepSpeed unpickles what is in here
     pack(spec, pairs_path, embedded)  # once, here, rather than raced by the ranks
     command = launch_command(spec, Path(pairs_path).resolve(), embedded, run_dir)
-    tmp = run_dir / "spec.json.tmp"
-    tmp.write_text(spec.model_dump_json(indent=2))
-    os.replace(tmp, run_dir / "spec.json")
+    with publish(run_dir / "spec.json", "train: launch spec") as tmp:  # a temp name of its own: no_ssh nodes race here
+        tmp.write_text(spec.model_dump_json(indent=2))
     if "--no_ssh" not in command or not launcher.node_rank():  # node 0 clears it; the others wait for it below
         (run_dir / RESULT_FILE).unlink(missing_ok=True)  # only a result this launch writes counts
 

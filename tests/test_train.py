@@ -50,6 +50,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _wait_all(procs: list[subprocess.Popen], logs: list[Path], timeout: float) -> list[str]:
+    """Wait for every node; as soon as one fails (its peers would wait out the 30-minute rendezvous) or the time is
+    up, kill every node's process group and fail with each node's output."""
+    deadline = time.monotonic() + timeout
+    while any(p.poll() is None for p in procs):
+        failed = [p for p in procs if p.returncode not in (None, 0)]
+        if failed or time.monotonic() > deadline:
+            for p in procs:
+                if p.poll() is None:
+                    os.killpg(p.pid, signal.SIGKILL)
+                    p.wait()
+            reason = "a node failed" if failed else f"not done in {timeout:.0f} s"
+            pytest.fail(reason + "".join(f"\n--- node {i} (exit {p.returncode}):\n{log.read_text()[-3000:]}"
+                                         for i, (p, log) in enumerate(zip(procs, logs))))
+        time.sleep(0.5)
+    return [log.read_text() for log in logs]
+
+
 def _adapter(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(run_dir / "adapter" / "diffusion_pytorch_model.safetensors")
 
@@ -270,9 +288,13 @@ def test_two_nodes_on_loopback_launched_without_ssh_equal_one_process(lake, in_p
     args = [str(tmp_path / "spec.json"), str(lake / "zh" / "pairs" / "pairs.parquet"), str(stores.teacher_store),
             str(stores.student_store), str(stores.latent_store), str(tmp_path / "run")]
     env = {**_env(lake), "PEA_REHEARSAL_SETTING": "reaches-every-node"}
-    nodes = [subprocess.Popen([sys.executable, "-c", node, *args], env={**env, "PEA_NODE_RANK": str(rank)},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
-    outputs = [proc.communicate(timeout=600)[0] for proc in nodes]
+    logs = [tmp_path / f"node{rank}.log" for rank in (0, 1)]
+    nodes = []
+    for rank, log in enumerate(logs):
+        with log.open("w") as out:  # a file, not a pipe: read back whole when a node fails
+            nodes.append(subprocess.Popen([sys.executable, "-c", node, *args], env={**env, "PEA_NODE_RANK": str(rank)},
+                                          stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
+    outputs = _wait_all(nodes, logs, timeout=420)
     for rank, (proc, out) in enumerate(zip(nodes, outputs)):
         assert proc.returncode == 0, out[-3000:]
         assert f"--no_ssh --node_rank {rank}" in out and "RESULT " in out
