@@ -90,6 +90,16 @@ class EmbedSpec(Strict):
             data.setdefault("image_batch_size", size)
         return data
 
+    @model_validator(mode="after")
+    def _one_launch_starts_every_worker(self) -> EmbedSpec:
+        # pea.embed.launch counts every worker's result in a scratch folder of its own launch; under no_ssh each
+        # node's launch would see only its own workers' results.
+        if self.launcher.multinode_runner == "no_ssh" and self.launcher.num_nodes > 1:
+            raise ValueError("embed.launcher: multinode_runner no_ssh is not supported for the embed stage (each node's "
+                             "launch would count only its own workers); embed on one node (num_nodes: 1, num_gpus: N) "
+                             "or start every node from one with pdsh or an MPI/slurm runner")
+        return self
+
 
 class DataSpec(Strict):
     """How training reads its packed shards (pea.shards, pea.reader). A resume with a different world size is

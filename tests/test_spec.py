@@ -77,3 +77,12 @@ def test_token_kd_needs_the_teachers_token_count(zh_spec):
     with pytest.raises(SpecError, match="token_mixer: attention.*adapter_tokens: teacher"):
         ops.with_overrides(zh_spec, train={"token_mixer": "attention"})
     assert ops.with_overrides(spec, train={"token_mixer": "attention"}).train.token_mixer == "attention"
+
+
+def test_embed_refuses_no_ssh_across_nodes_and_keeps_the_other_runners(zh_spec):
+    layout = {"num_gpus": 1, "num_nodes": 2, "hostfile": "/etc/hosts", "master_addr": "10.0.0.1"}
+    with pytest.raises(SpecError, match=r"embed.*no_ssh is not supported.*pdsh"):
+        ops.with_overrides(zh_spec, embed={"launcher": {**layout, "multinode_runner": "no_ssh"}})
+    assert ops.with_overrides(zh_spec, embed={"launcher": layout}).embed.launcher.num_nodes == 2
+    trained = ops.with_overrides(zh_spec, train={"launcher": {**layout, "multinode_runner": "no_ssh"}})
+    assert trained.train.launcher.multinode_runner == "no_ssh"  # training under no_ssh is supported (test_train)
