@@ -87,30 +87,36 @@ def _effect(reference: list[torch.Tensor], outputs: list[torch.Tensor]) -> float
                                                                                      for r in reference)
 
 
-def load_systems(lake: Path, language: str, noise: float):
-    """A toy_table.py lake's held-out table and its seed-0 systems: (spec, table, {name: adapter or map})."""
+def load_world(lake: Path, language: str, noise: float):
+    """A toy_table.py lake's world at one noise share, its filter and embed outputs reused as they are:
+    (spec, pairs path, embedding stores, seed-0 run folder)."""
     from pea import embed, ops
-    from pea.adapter import PEAAdapter
-    from pea.baselines import LinearMap, untrained_like
     from pea.corpus import filter as filter_stage
-    from pea.shards import pack
     from pea.spec import load_spec
-    from pea.table import load_table
 
     world = lake / f"noise-{noise:g}"
     spec = ops.with_overrides(load_spec(language, "embedded,toy", zoo_dir=lake / "zoo"),
                               corpus={"synthetic": {"mismatched": noise}})
     filtered = filter_stage.filter_pairs(spec, world)
-    embedded = embed.embed(spec, world, filtered.pairs_path)
-    table = load_table(spec, filtered.pairs_path, embedded, "heldout").with_english()
-    run = world / language / "seed-0"
+    return spec, filtered.pairs_path, embed.embed(spec, world, filtered.pairs_path), world / language / "seed-0"
+
+
+def load_systems(lake: Path, language: str, noise: float):
+    """A toy_table.py lake's held-out table and its seed-0 systems: (spec, table, {name: adapter or map})."""
+    from pea.adapter import PEAAdapter
+    from pea.baselines import LinearMap, untrained_like
+    from pea.shards import pack
+    from pea.table import load_table
+
+    spec, pairs_path, embedded, run = load_world(lake, language, noise)
+    table = load_table(spec, pairs_path, embedded, "heldout").with_english()
     trained = PEAAdapter.from_pretrained(run / "adapter").eval()
     systems = {"PEA": trained, "untrained": untrained_like(trained, spec.train.seed),
                "diffusion only": PEAAdapter.from_pretrained(run / "diffusion_only" / "adapter").eval(),
                # toy_table.py's ablations, whichever were trained in this run (aligned, perturbed, ...)
                **{f"PEA {folder.name}": PEAAdapter.from_pretrained(folder / "adapter").eval()
                   for folder in sorted(run.iterdir()) if (folder / "adapter").is_dir() and folder.name != "diffusion_only"},
-               "linear map": LinearMap.fit(pack(spec, filtered.pairs_path, embedded).train,
+               "linear map": LinearMap.fit(pack(spec, pairs_path, embedded).train,
                                            spec.evaluate.linear_map_rows, spec.evaluate.seed)}
     return spec, table, systems
 

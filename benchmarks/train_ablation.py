@@ -28,22 +28,17 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
+    from lora_robustness import load_world
     from toy_table import ABLATIONS
 
-    from pea import embed, ops, train
-    from pea.corpus import filter as filter_stage
-    from pea.spec import load_spec
+    from pea import ops, train
 
     if args.ablation not in ABLATIONS:
         parser.error(f"--ablation {args.ablation!r} is not one of toy_table.py's: {', '.join(sorted(ABLATIONS))}")
     torch.set_num_threads(args.threads)
-    world = args.lake / f"noise-{args.noise:g}"
-    base = ops.with_overrides(load_spec(args.language, "embedded,toy", zoo_dir=args.lake / "zoo"),
-                              corpus={"synthetic": {"mismatched": args.noise}}, train={"steps": args.steps})
-    filtered = filter_stage.filter_pairs(base, world)  # reused: the lake's filter and embed outputs are complete
-    embedded = embed.embed(base, world, filtered.pairs_path)
-    spec = ops.with_overrides(base, train=ABLATIONS[args.ablation] | {"seed": 0})
-    result = train.train(spec, filtered.pairs_path, embedded, world / args.language / "seed-0" / args.name)
+    base, pairs_path, embedded, run = load_world(args.lake, args.language, args.noise)
+    spec = ops.with_overrides(base, train=ABLATIONS[args.ablation] | {"seed": 0, "steps": args.steps})
+    result = train.train(spec, pairs_path, embedded, run / args.name)
     print(f"adapter {result.adapter_dir} final_loss={result.final_loss:.4f}")
 
 
