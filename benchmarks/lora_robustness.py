@@ -73,13 +73,29 @@ def _teacher_outputs(spec, table, unet) -> list[torch.Tensor]:
     return out
 
 
-def _unseen_lora(unet, targets: list[str], seed: int):
+def unseen_lora(unet, targets: list[str], seed: int):
     """A rank-4 LoRA on `targets` drawn from its own seed (training's perturbations come from other streams);
     `.apply(generator(seed), ρ)` sets ‖B·A‖ = ρ‖W‖ on every projection, same directions at every ρ."""
     from pea.perturb import RandomLoRA
     from pea.spec import PerturbationSpec
 
     return RandomLoRA(unet, PerturbationSpec(share=1.0, rank=4, targets=targets), seed, name=f"unseen-{seed}")
+
+
+def scale_lora(lora, seed: int, goal: float, effect_of) -> tuple[float, float]:
+    """Size an unseen LoRA so that it moves the teacher's output by `goal` (relative error, within 3 %): secant
+    steps on ρ in log-log (the effect grows about as ρ squared). `effect_of()` measures the applied LoRA's effect.
+    Returns (ρ, effect)."""
+    size, seen = 0.1, []
+    for _ in range(10):
+        lora.apply(torch.Generator().manual_seed(10_000 + seed), size)
+        effect = effect_of()
+        if abs(effect / goal - 1) < 0.03:
+            break
+        seen.append((math.log(size), math.log(effect)))
+        slope = 2.0 if len(seen) < 2 else (seen[-1][1] - seen[-2][1]) / (seen[-1][0] - seen[-2][0] or 1e-9)
+        size *= math.exp(math.log(goal / effect) / min(max(slope, 0.5), 6.0))
+    return size, effect
 
 
 def _effect(reference: list[torch.Tensor], outputs: list[torch.Tensor]) -> float:
@@ -150,16 +166,9 @@ def main() -> None:
             kept: dict[str, list[float]] = {k: [] for k in gaps}
             effects, sizes = [], []
             for seed in range(args.loras):
-                lora = _unseen_lora(unet, modules, seed)
-                size, goal, seen = 0.1, multiple * conditioning, []
-                for _ in range(10):  # secant steps in log-log (the effect grows about as ρ squared)
-                    lora.apply(torch.Generator().manual_seed(10_000 + seed), size)
-                    effect = _effect(reference, _teacher_outputs(spec, table, unet))
-                    if abs(effect / goal - 1) < 0.03:
-                        break
-                    seen.append((math.log(size), math.log(effect)))
-                    slope = 2.0 if len(seen) < 2 else (seen[-1][1] - seen[-2][1]) / (seen[-1][0] - seen[-2][0] or 1e-9)
-                    size *= math.exp(math.log(goal / effect) / min(max(slope, 0.5), 6.0))
+                lora = unseen_lora(unet, modules, seed)
+                size, effect = scale_lora(lora, seed, multiple * conditioning,
+                                          lambda: _effect(reference, _teacher_outputs(spec, table, unet)))
                 sizes.append(size)
                 effects.append(effect)
                 errors = relative_errors(spec, table, systems, unet=unet)
