@@ -125,7 +125,7 @@ def main() -> None:
         args.steps, args.batch, args.captions, args.heldout, args.loras = 4, 2, 8, 4, 1
 
     from diffusers import DDPMScheduler, UNet2DConditionModel
-    from lora_robustness import TARGETS, scale_lora, unseen_lora
+    from lora_robustness import TARGETS, gaps_kept, scale_lora, table_row
     from transformers import BertConfig, BertModel, CLIPTextConfig, CLIPTextModel
 
     from pea.adapter import PEAAdapter
@@ -233,9 +233,10 @@ def main() -> None:
             noisy = scheduler.add_noise(latents, noise, steps).to(device)
             if perturbation is not None:
                 perturbation.draw(step)
-            tokens, _ = adapter(train_student[rows.to(device)].float())
+            rows = rows.to(device)
+            tokens, _ = adapter(train_student[rows].float())
             terms = distill_loss(unet, noisy, steps.to(device), noise.to(device),
-                                 Conditioning(train_teacher[rows.to(device)]), Conditioning(tokens),
+                                 Conditioning(train_teacher[rows]), Conditioning(tokens),
                                  torch.zeros(args.batch, device=device), 1.0, 0.1, token_weight=token_weight)
             terms.total.backward()
             optimizer.step()
@@ -262,21 +263,9 @@ def main() -> None:
     rows, kept_3x = [], {}
     for target in args.targets:
         for multiple in (1.0, 3.0):
-            kept: dict[str, list[float]] = {k: [] for k in gaps}
-            effects, sizes = [], []
-            for seed in range(args.loras):
-                lora = unseen_lora(unet, TARGETS[target], seed)
-                size, effect = scale_lora(lora, seed, multiple * base["untrained"], teacher_moved)
-                sizes.append(size)
-                effects.append(effect)
-                under = errors(systems)
-                for k in gaps:
-                    kept[k].append((1 - under[k] / under["untrained"]) / gaps[k])
-                lora.remove()
-            rows.append(f"| {target} | {multiple:g}× ({statistics.fmean(effects):.3f}) | "
-                        f"{statistics.fmean(sizes):.2f} | "
-                        + " | ".join(f"{statistics.fmean(v):.2f} ({min(v):.2f})" if gaps[k] > 0 else "— (no gap)"
-                                     for k, v in kept.items()) + " |")
+            kept, effects, sizes = gaps_kept(unet, TARGETS[target], multiple * base["untrained"], args.loras, gaps,
+                                             teacher_moved, lambda: errors(systems))
+            rows.append(table_row(target, multiple, kept, effects, sizes, gaps))
             log(rows[-1])
             if target == "all attention" and multiple == 3.0:
                 kept_3x = {k: statistics.fmean(v) for k, v in kept.items()}

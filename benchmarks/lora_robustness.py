@@ -98,6 +98,33 @@ def scale_lora(lora, seed: int, goal: float, effect_of) -> tuple[float, float]:
     return size, effect
 
 
+def gaps_kept(unet, modules: list[str], goal: float, loras: int, gaps: dict[str, float], effect_of, errors_of):
+    """Under `loras` unseen LoRAs on `modules`, each sized to move the teacher by `goal`: every system's gap kept
+    ((1 − err/err_untrained) under the LoRA ÷ its gap without), as {system: [one per LoRA]}, and the LoRAs' effects
+    and sizes. `errors_of()` measures every system (and "untrained") against the teacher under the applied LoRA."""
+    kept: dict[str, list[float]] = {k: [] for k in gaps}
+    effects, sizes = [], []
+    for seed in range(loras):
+        lora = unseen_lora(unet, modules, seed)
+        size, effect = scale_lora(lora, seed, goal, effect_of)
+        sizes.append(size)
+        effects.append(effect)
+        errors = errors_of()
+        for k in gaps:
+            kept[k].append((1 - errors[k] / errors["untrained"]) / gaps[k])
+        lora.remove()
+    return kept, effects, sizes
+
+
+def table_row(target: str, multiple: float, kept: dict[str, list[float]], effects: list[float], sizes: list[float],
+              gaps: dict[str, float]) -> str:
+    """One row of the gap-kept table: mean (min) over the LoRAs per system. A system with no gap to keep (worse than
+    untrained without a LoRA) has no ratio to report."""
+    return (f"| {target} | {multiple:g}× ({statistics.fmean(effects):.3f}) | {statistics.fmean(sizes):.3f} | "
+            + " | ".join(f"{statistics.fmean(v):.2f} ({min(v):.2f})" if gaps[k] > 0 else "— (no gap)"
+                         for k, v in kept.items()) + " |")
+
+
 def _effect(reference: list[torch.Tensor], outputs: list[torch.Tensor]) -> float:
     return sum(float((o - r).pow(2).sum()) for o, r in zip(outputs, reference)) / sum(float(r.pow(2).sum())
                                                                                      for r in reference)
@@ -163,23 +190,11 @@ def main() -> None:
     rows, kept_3x = [], {}
     for target, modules in ((t, TARGETS[t]) for t in args.targets):
         for multiple in args.multiples:
-            kept: dict[str, list[float]] = {k: [] for k in gaps}
-            effects, sizes = [], []
-            for seed in range(args.loras):
-                lora = unseen_lora(unet, modules, seed)
-                size, effect = scale_lora(lora, seed, multiple * conditioning,
-                                          lambda: _effect(reference, _teacher_outputs(spec, table, unet)))
-                sizes.append(size)
-                effects.append(effect)
-                errors = relative_errors(spec, table, systems, unet=unet)
-                for k in gaps:
-                    kept[k].append((1 - errors[k] / errors["untrained"]) / gaps[k])
-                lora.remove()
-            # A system with no gap to keep (worse than untrained without a LoRA) has no ratio to report.
-            rows.append(f"| {target} | {multiple:g}× ({statistics.fmean(effects):.3f}) | "
-                        f"{statistics.fmean(sizes):.3f} | "
-                        + " | ".join(f"{statistics.fmean(v):.2f} ({min(v):.2f})" if gaps[k] > 0 else "— (no gap)"
-                                     for k, v in kept.items()) + " |")
+            kept, effects, sizes = gaps_kept(
+                unet, modules, multiple * conditioning, args.loras, gaps,
+                lambda: _effect(reference, _teacher_outputs(spec, table, unet)),
+                lambda: relative_errors(spec, table, systems, unet=unet))
+            rows.append(table_row(target, multiple, kept, effects, sizes, gaps))
             print(rows[-1], flush=True)
             if multiple == 3.0:
                 kept_3x[target] = statistics.fmean(kept["PEA"])
