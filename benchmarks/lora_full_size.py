@@ -1,7 +1,8 @@
-"""Does #19's LoRA finding hold at SD 1.5's shapes? Distil at full size with random weights, then measure under
+"""Does #19's LoRA finding hold at SD 1.5's and SDXL's shapes? Distil at full size with random weights, then measure under
 LoRAs the adapters never saw (docs/results.md, "Distilled at SD 1.5's shapes").
 
     python benchmarks/lora_full_size.py [--attention-spread 3]     # a CUDA device: ≈ 6.5 min on an H200
+    python benchmarks/lora_full_size.py --model sdxl [--attention-spread 3]                     # SDXL's shapes
     python benchmarks/lora_full_size.py --device cpu --smoke       # every code path in a few steps, on the CPU
 
 In the toy world (lora_robustness.py) the paper's adapter, one output token per student token, matches the
@@ -26,7 +27,9 @@ under random rank-4 LoRAs scaled to move the teacher's output by 1× and 3× the
 Random weights make a cross-attention that hardly tells tokens apart (its logits spread ≈ 0.15 over the tokens),
 which reads only the context's mean; `--attention-spread` scales to_q and to_k until the logits spread as far as
 asked (3 picks tokens as trained attention does; a guess, no trained weights being here). On a CPU, `--latent-size 8 --encoder-layers 2` keep every width at a fraction of the cost.
-SDXL's widths are not in it yet. Last line: `fullsize_gap_kept_3x=<PEA>/<aligned>/<aligned_perturbed>` (all
+`--model sdxl` builds SDXL's instead: its UNet (2.6 B; every cross-attention narrower than its 2048-wide context),
+both CLIPs (penultimate states side by side, the second's pooled vector) and the time ids; the adapter outputs the
+pooled vector too (pea.adapter). Last line: `fullsize_gap_kept_3x=<PEA>/<aligned>/<aligned_perturbed>` (all
 attention at 3×, mean over the LoRAs; the systems run).
 """
 
@@ -67,18 +70,28 @@ def make_captions(n: int, generator: torch.Generator, en_vocab: torch.Tensor, zh
 
 
 @torch.no_grad()
-def encode(teacher_encoder, student_encoder, en, zh, mask, device, dtype):
-    """The teacher's context (last hidden state, as SD 1.5 takes it) and the student's states, in `dtype`."""
-    contexts, states = [], []
+def encode(teacher_encoders, student_encoder, en, zh, mask, device, dtype):
+    """The teacher's context, its pooled vector (SDXL; else None) and the student's states, in `dtype`. SD 1.5
+    takes its CLIP's last hidden state; SDXL both CLIPs' penultimate ones side by side (768 + 1280 = 2048) and the
+    second's projected EOS state, its tokenizer padding with "!" (id 0) after the EOS as SDXL's tokenizer_2 does."""
+    is_eos = en == CLIP_EOS
+    en_2 = en.masked_fill(is_eos & (is_eos.cumsum(1) > 1), 0)
+    contexts, pooled, states = [], [], []
     for rows in torch.arange(len(en)).split(256):
-        contexts.append(teacher_encoder(input_ids=en[rows].to(device)).last_hidden_state.to(dtype))
+        if len(teacher_encoders) == 1:
+            contexts.append(teacher_encoders[0](input_ids=en[rows].to(device)).last_hidden_state.to(dtype))
+        else:
+            first = teacher_encoders[0](input_ids=en[rows].to(device), output_hidden_states=True)
+            second = teacher_encoders[1](input_ids=en_2[rows].to(device), output_hidden_states=True)
+            contexts.append(torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1).to(dtype))
+            pooled.append(second.text_embeds.to(dtype))
         states.append(student_encoder(input_ids=zh[rows].to(device),
                                       attention_mask=mask[rows].to(device)).last_hidden_state.to(dtype))
-    return torch.cat(contexts), torch.cat(states)
+    return torch.cat(contexts), torch.cat(pooled) if pooled else None, torch.cat(states)
 
 
 @torch.no_grad()
-def cross_attention_spread(unet, noisy, steps, context) -> float:
+def cross_attention_spread(unet, noisy, steps, conditioning) -> float:
     """How selective the cross-attention is: the std over the context's tokens of the logits q·k/√d, mean over
     queries, heads and layers. Near 0 the attention reads only the tokens' mean (random weights); a trained
     UNet's attention picks tokens."""
@@ -92,7 +105,7 @@ def cross_attention_spread(unet, noisy, steps, context) -> float:
     handles = [module.register_forward_pre_hook(probe, with_kwargs=True)
                for name, module in unet.named_modules() if name.endswith("attn2")]
     try:
-        unet(noisy, steps, encoder_hidden_states=context)
+        unet(noisy, steps, **conditioning.unet_kwargs(unet.dtype))
     finally:
         for handle in handles:
             handle.remove()
@@ -101,6 +114,7 @@ def cross_attention_spread(unet, noisy, steps, context) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["sd15", "sdxl"], default="sd15", help="whose UNet and teacher shapes")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch", type=int, default=32)
@@ -126,11 +140,12 @@ def main() -> None:
 
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from lora_robustness import TARGETS, gaps_kept, scale_lora, table_row
-    from transformers import BertConfig, BertModel, CLIPTextConfig, CLIPTextModel
+    from transformers import BertConfig, BertModel, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from pea.adapter import PEAAdapter
-    from pea.distill import Conditioning, distill_loss
-    from pea.fullsize import SCHEDULER, SD15_TEXT, SD15_UNET, ZH_TEXT
+    from pea.adapter import DEFAULT_DIMS
+    from pea.distill import Conditioning, distill_loss, sdxl_time_ids
+    from pea.fullsize import SCHEDULER, SD15_TEXT, SD15_UNET, SDXL_TEXT_2, SDXL_UNET, ZH_TEXT
     from pea.perturb import RandomLoRA
     from pea.spec import PerturbationSpec
 
@@ -142,10 +157,13 @@ def main() -> None:
         print(f"[{time.perf_counter() - started:6.0f} s] {message}", flush=True)
 
     torch.manual_seed(0)
+    sdxl, dims = args.model == "sdxl", DEFAULT_DIMS[args.model]
     with device:  # built where they run: random init of 1.3 B parameters on the CPU alone takes a minute
-        unet = UNet2DConditionModel(**SD15_UNET).to(dtype).requires_grad_(False).eval()
+        unet = UNet2DConditionModel(**(SDXL_UNET if sdxl else SD15_UNET)).to(dtype).requires_grad_(False).eval()
         depth = {"num_hidden_layers": args.encoder_layers} if args.encoder_layers else {}
-        teacher_encoder = CLIPTextModel(CLIPTextConfig(**SD15_TEXT | depth)).to(dtype).eval()
+        teacher_encoders = [CLIPTextModel(CLIPTextConfig(**SD15_TEXT | depth)).to(dtype).eval()]
+        if sdxl:
+            teacher_encoders.append(CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_2 | depth)).to(dtype).eval())
         student_encoder = BertModel(BertConfig(**ZH_TEXT | depth), add_pooling_layer=False).to(dtype).eval()
     scheduler = DDPMScheduler(**SCHEDULER)
     words = torch.Generator().manual_seed(1)
@@ -153,11 +171,20 @@ def main() -> None:
     zh_vocab = torch.randperm(ZH_TEXT["vocab_size"] - 1000, generator=words)[:args.words] + 1000
     train_captions = make_captions(args.captions, torch.Generator().manual_seed(2), en_vocab, zh_vocab)
     held_captions = make_captions(args.heldout, torch.Generator().manual_seed(3), en_vocab, zh_vocab)
-    train_teacher, train_student = encode(teacher_encoder, student_encoder, *train_captions, device, dtype)
-    held_teacher, held_student = encode(teacher_encoder, student_encoder, *held_captions, device, dtype)
-    del teacher_encoder, student_encoder
-    log(f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}: SD 1.5 UNet, {args.captions} training "
-        f"and {args.heldout} held-out captions encoded")
+    train_teacher, train_pooled, train_student = encode(teacher_encoders, student_encoder, *train_captions, device, dtype)
+    held_teacher, held_pooled, held_student = encode(teacher_encoders, student_encoder, *held_captions, device, dtype)
+    del teacher_encoders, student_encoder
+    log(f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}: {'SDXL' if sdxl else 'SD 1.5'} UNet, "
+        f"{args.captions} training and {args.heldout} held-out captions encoded")
+
+    def time_ids(n: int) -> torch.Tensor | None:  # SDXL's micro-conditioning for the latents' pixel size
+        return sdxl_time_ids(8 * args.latent_size, 8 * args.latent_size, n).to(device) if sdxl else None
+
+    def teacher_of(rows) -> Conditioning:
+        return Conditioning(held_teacher[rows], None if held_pooled is None else held_pooled[rows], time_ids(len(rows)))
+
+    def adapter_of(adapter, rows) -> Conditioning:
+        return Conditioning(*adapter(held_student[rows].float()), time_ids(len(rows)))
 
     # The held-out measure: one fixed draw of latents, noise and timesteps (pea.evaluate's timesteps).
     g = torch.Generator().manual_seed(4)
@@ -171,28 +198,28 @@ def main() -> None:
         for t, rows in held_batches:
             steps = torch.full((len(rows),), t)
             noisy = scheduler.add_noise(held_latents[rows], held_noise[rows], steps).to(device, dtype)
-            out.append(unet(noisy, steps.to(device), encoder_hidden_states=context_of(rows).to(dtype)).sample.float())
+            out.append(unet(noisy, steps.to(device), **context_of(rows).unet_kwargs(dtype)).sample.float())
         return out
 
     def distance(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
         return sum(float((x - y).pow(2).sum()) for x, y in zip(a, b)) / sum(float(y.pow(2).sum()) for y in b)
 
     def errors(systems: dict[str, torch.nn.Module]) -> dict[str, float]:
-        reference = outputs(lambda rows: held_teacher[rows])
-        return {name: distance(outputs(lambda rows, a=adapter: a(held_student[rows].float())[0]), reference)
+        reference = outputs(teacher_of)
+        return {name: distance(outputs(lambda rows, a=adapter: adapter_of(a, rows)), reference)
                 for name, adapter in systems.items()}
 
     def new_adapter(aligned: bool, seed: int = 0) -> PEAAdapter:
         torch.manual_seed(seed)
-        mixer = {"student_tokens": STUDENT_TOKENS, "output_tokens": TEACHER_TOKENS, "mixer_heads": 768 // 64}
-        mixer = mixer if aligned else {}
-        return PEAAdapter(kind="sd15", student_dim=ZH_TEXT["hidden_size"], hidden_dim=2048, token_dim=768,
+        mixer = {"student_tokens": STUDENT_TOKENS, "output_tokens": TEACHER_TOKENS,
+                 "mixer_heads": dims["token_dim"] // 64} if aligned else {}  # heads of 64, as pea.train
+        return PEAAdapter(kind=args.model, student_dim=ZH_TEXT["hidden_size"], hidden_dim=2048, **dims,
                           **mixer).to(device).eval()
 
     t, rows = held_batches[len(held_batches) // 2]
     steps = torch.full((len(rows),), t)
     probe_batch = (scheduler.add_noise(held_latents[rows], held_noise[rows], steps).to(device, dtype), steps.to(device),
-                   held_teacher[rows])
+                   teacher_of(rows))
     spread = cross_attention_spread(unet, *probe_batch)
     if args.attention_spread:
         with torch.no_grad():  # logits scale as the product of the to_q and to_k factors
@@ -206,10 +233,10 @@ def main() -> None:
     conditioning = errors({"untrained": untrained})["untrained"]
     # The perturbation's size: the all-attention LoRA (its own seed) that moves the teacher as much as the conditioning.
     probe = RandomLoRA(unet, PerturbationSpec(share=1.0, rank=4), seed=0, name="probe")
-    teacher_plain = outputs(lambda rows: held_teacher[rows])
+    teacher_plain = outputs(teacher_of)
 
     def teacher_moved() -> float:  # how far the applied LoRA moves the teacher's own output
-        return distance(outputs(lambda rows: held_teacher[rows]), teacher_plain)
+        return distance(outputs(teacher_of), teacher_plain)
 
     size_1x, _ = scale_lora(probe, 99, conditioning, teacher_moved)
     probe.remove()
@@ -234,9 +261,11 @@ def main() -> None:
             if perturbation is not None:
                 perturbation.draw(step)
             rows = rows.to(device)
-            tokens, _ = adapter(train_student[rows].float())
+            tokens, pooled = adapter(train_student[rows].float())
+            teacher = Conditioning(train_teacher[rows], None if train_pooled is None else train_pooled[rows],
+                                   time_ids(args.batch))
             terms = distill_loss(unet, noisy, steps.to(device), noise.to(device),
-                                 Conditioning(train_teacher[rows]), Conditioning(tokens),
+                                 teacher, Conditioning(tokens, pooled, time_ids(args.batch)),
                                  torch.zeros(args.batch, device=device), 1.0, 0.1, token_weight=token_weight)
             terms.total.backward()
             optimizer.step()

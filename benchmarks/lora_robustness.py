@@ -130,6 +130,20 @@ def _effect(reference: list[torch.Tensor], outputs: list[torch.Tensor]) -> float
                                                                                      for r in reference)
 
 
+@torch.no_grad()
+def token_errors(table, systems: dict[str, torch.nn.Module]) -> dict[str, float]:
+    """Σ‖c − c_teacher‖² / Σ‖c_teacher‖² over the held-out contexts, for the systems that output the teacher's
+    token count: how close the context itself is, which is what a LoRA on to_k/to_v reads anew."""
+    teacher = table.teacher.float()
+    found = {}
+    for name, system in systems.items():
+        tokens = torch.cat([system(table.student[rows].float().to(system.device))[0].float().cpu()
+                            for rows in torch.arange(len(table)).split(64)])
+        if tokens.shape == teacher.shape:
+            found[name] = float((tokens - teacher).pow(2).sum() / teacher.pow(2).sum())
+    return found
+
+
 def load_world(lake: Path, language: str, noise: float):
     """A toy_table.py lake's world at one noise share, its filter and embed outputs reused as they are:
     (spec, pairs path, embedding stores, seed-0 run folder)."""
@@ -186,6 +200,8 @@ def main() -> None:
     reference = _teacher_outputs(spec, table, unet)
     print(f"held-out pairs {len(table)}; without a LoRA: " + ", ".join(f"{k} {v:.4f}" for k, v in base.items())
           + f"; the conditioning's effect (untrained) {conditioning:.4f}", flush=True)
+    print("context error, token by token (systems with the teacher's token count): "
+          + ", ".join(f"{k} {v:.4f}" for k, v in token_errors(table, systems).items()), flush=True)
     gaps = {k: 1 - base[k] / conditioning for k in systems if k != "untrained"}
     rows, kept_3x = [], {}
     for target, modules in ((t, TARGETS[t]) for t in args.targets):
