@@ -73,7 +73,8 @@ def make_captions(n: int, generator: torch.Generator, en_vocab: torch.Tensor, zh
 def encode(teacher_encoders, student_encoder, en, zh, mask, device, dtype):
     """The teacher's context, its pooled vector (SDXL; else None) and the student's states, in `dtype`. SD 1.5
     takes its CLIP's last hidden state; SDXL both CLIPs' penultimate ones side by side (768 + 1280 = 2048) and the
-    second's projected EOS state, its tokenizer padding with "!" (id 0) after the EOS as SDXL's tokenizer_2 does."""
+    second's projected EOS state, its tokenizer padding with "!" (id 0) after the EOS as SDXL's tokenizer_2 does.
+    (The pipelines' encode_prompt, which pea.models uses, takes text; these captions are token ids with no tokenizer.)"""
     is_eos = en == CLIP_EOS
     en_2 = en.masked_fill(is_eos & (is_eos.cumsum(1) > 1), 0)
     contexts, pooled, states = [], [], []
@@ -142,8 +143,7 @@ def main() -> None:
     from lora_robustness import TARGETS, gaps_kept, scale_lora, table_row
     from transformers import BertConfig, BertModel, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from pea.adapter import PEAAdapter
-    from pea.adapter import DEFAULT_DIMS
+    from pea.adapter import DEFAULT_DIMS, PEAAdapter
     from pea.distill import Conditioning, distill_loss, sdxl_time_ids
     from pea.fullsize import SCHEDULER, SD15_TEXT, SD15_UNET, SDXL_TEXT_2, SDXL_UNET, ZH_TEXT
     from pea.perturb import RandomLoRA
@@ -180,8 +180,11 @@ def main() -> None:
     def time_ids(n: int) -> torch.Tensor | None:  # SDXL's micro-conditioning for the latents' pixel size
         return sdxl_time_ids(8 * args.latent_size, 8 * args.latent_size, n).to(device) if sdxl else None
 
+    def teacher_conditioning(tokens, pooled, rows) -> Conditioning:  # the teacher's, for these rows of a split
+        return Conditioning(tokens[rows], None if pooled is None else pooled[rows], time_ids(len(rows)))
+
     def teacher_of(rows) -> Conditioning:
-        return Conditioning(held_teacher[rows], None if held_pooled is None else held_pooled[rows], time_ids(len(rows)))
+        return teacher_conditioning(held_teacher, held_pooled, rows)
 
     def adapter_of(adapter, rows) -> Conditioning:
         return Conditioning(*adapter(held_student[rows].float()), time_ids(len(rows)))
@@ -261,11 +264,9 @@ def main() -> None:
             if perturbation is not None:
                 perturbation.draw(step)
             rows = rows.to(device)
-            tokens, pooled = adapter(train_student[rows].float())
-            teacher = Conditioning(train_teacher[rows], None if train_pooled is None else train_pooled[rows],
-                                   time_ids(args.batch))
-            terms = distill_loss(unet, noisy, steps.to(device), noise.to(device),
-                                 teacher, Conditioning(tokens, pooled, time_ids(args.batch)),
+            teacher = teacher_conditioning(train_teacher, train_pooled, rows)
+            student = Conditioning(*adapter(train_student[rows].float()), teacher.time_ids)
+            terms = distill_loss(unet, noisy, steps.to(device), noise.to(device), teacher, student,
                                  torch.zeros(args.batch, device=device), 1.0, 0.1, token_weight=token_weight)
             terms.total.backward()
             optimizer.step()
