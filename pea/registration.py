@@ -22,6 +22,10 @@ Bounds. MLflow reads its HTTP knobs from the environment at every request; `http
 user has not (HTTP_DEFAULTS says why these), and `unreachable` turns "the server did not answer" into one error
 that names the (masked) tracking URI, the bound that was spent and the fix.
 
+A new SQLite store (the embedded default's `tracking/mlflow.db`) is made whole before anyone opens it
+(`create_sqlite_store`): MLflow builds its schema in dozens of migrations committed one by one, and a kill between
+two leaves a file that MLflow cannot open again ("table ... already exists"), which no rerun would get past.
+
 Version state: `wait_ready` (a version is used only once READY) and `set_promotion_tags` (promotion.decision
 written last, so a version that has it has every other promotion tag of the same decision).
 """
@@ -42,6 +46,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
 
+from pea.atomic import temp_path
 from pea.redact import redact
 
 log = logging.getLogger("pea.registration")
@@ -224,3 +229,25 @@ def set_promotion_tags(client: MlflowClient, name: str, version: str, tags: dict
         client.delete_model_version_tag(name, version, stale)
     for key, value in sorted(tags.items(), key=lambda kv: kv[0] == "promotion.decision"):
         client.set_model_version_tag(name, version, key, value)
+
+
+def create_sqlite_store(uri: str) -> None:
+    """Where `uri` is sqlite:///<file> and the file does not exist yet: build MLflow's schema in a temp file beside
+    it, then hard-link it in. A link, not a rename: a second process doing the same at once finds the name taken
+    and keeps the first store, into which the first may already have written (a rename would replace it)."""
+    if not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).exists():
+        return
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(db)  # a kill leaves only this hidden temp (atomic.sweep's kind), never a half store
+    try:
+        store = SqlAlchemyStore(f"sqlite:///{tmp}", (db.parent / "artifacts").as_uri())  # runs the migrations
+        store.engine.dispose()
+        try:
+            os.link(tmp, db)
+        except FileExistsError:
+            log.info("%s was created by another process meanwhile; using it", db)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -39,8 +39,9 @@ from mlflow.types import ColSpec, DataType, Schema, TensorSpec
 from pea.evaluate import Evaluation
 from pea.hub import pinned_revision
 from pea.redact import masked_errors, redact, redact_all
-from pea.registration import (COMPLETE, KEY_TAG, STATE_TAG, abandon, find, http_defaults, promotion_tags,
-                              recorded_decision, registration_key, set_promotion_tags, unreachable, wait_ready)
+from pea.registration import (COMPLETE, KEY_TAG, STATE_TAG, abandon, create_sqlite_store, find, http_defaults,
+                              promotion_tags, recorded_decision, registration_key, set_promotion_tags, unreachable,
+                              wait_ready)
 from pea.spec import LanguageSpec, home
 from pea.table import data_fingerprint
 from pea.train import TrainResult
@@ -56,7 +57,10 @@ PIP_REQUIREMENTS = ["torch==2.13.0", "diffusers>=0.42.1,<0.43", "transformers>=5
 
 
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home() / 'tracking' / 'mlflow.db'}"
+    """MLFLOW_TRACKING_URI, else the embedded default's SQLite store; a SQLite store is created whole first."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home() / 'tracking' / 'mlflow.db'}"
+    create_sqlite_store(uri)
+    return uri
 
 
 def model_name(language: str) -> str:
