@@ -6,13 +6,41 @@ import os
 os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", DO_NOT_TRACK="1",
                   PREFECT_SERVER_ANALYTICS_ENABLED="false", WANDB_MODE="disabled", NO_ALBUMENTATIONS_UPDATE="1",
                   TOKENIZERS_PARALLELISM="false")
+# pytest-xdist's workers (pyproject's addopts: -n 2) share the cores: each torch process and what it starts gets its
+# share (pea.launcher.thread_budget reads PEA_THREADS; torch reads OMP_NUM_THREADS when it is first imported), since
+# two torch processes with all cores each oversubscribe the machine and both crawl.
+if _workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
+    _share = str(max(1, len(os.sched_getaffinity(0)) // _workers))
+    for _name in ("PEA_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_name, _share)
 
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
 from pea.embedded import prepare_zoo  # noqa: E402
+from pea.launcher import DISTRIBUTED_ENV  # noqa: E402
 from pea.spec import LanguageSpec, load_spec  # noqa: E402
+
+
+# The longest files first (their times in docs/performance.md), so that xdist's two workers start on them and end
+# together instead of one of them taking a 15-minute file last.
+LONGEST_FIRST = ("test_fullsize.py", "test_deploy.py", "test_chaos.py", "test_flow_e2e.py", "test_registry.py",
+                 "test_train.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
+@pytest.fixture(autouse=True)
+def _no_distributed_env_leaks():
+    """An in-process training sets RANK, MASTER_PORT, ... in os.environ (pea.train) and keeps that port bound in
+    this process; a child a later test starts (a Prefect worker, a chaos stage) must not inherit and reuse them."""
+    yield
+    for name in DISTRIBUTED_ENV:
+        os.environ.pop(name, None)
 
 
 @pytest.fixture(scope="session")
