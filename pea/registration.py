@@ -235,11 +235,11 @@ def create_sqlite_store(uri: str) -> None:
     """Where `uri` is sqlite:///<file> and the file does not exist yet: build MLflow's schema in a temp file beside
     it, then hard-link it in. A link, not a rename: a second process doing the same at once finds the name taken
     and keeps the first store, into which the first may already have written (a rename would replace it)."""
-    if not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).exists():
+    db = Path(uri.removeprefix("sqlite:///"))
+    if not uri.startswith("sqlite:///") or db.exists():
         return
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
-    db = Path(uri.removeprefix("sqlite:///"))
     db.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(db)  # a kill leaves only this hidden temp (atomic.sweep's kind), never a half store
     try:

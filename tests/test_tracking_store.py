@@ -37,8 +37,8 @@ def test_a_kill_while_the_schema_is_built_leaves_no_store_and_the_rerun_makes_a_
 def test_two_processes_creating_the_store_at_once_share_one(tmp_path):
     db = tmp_path / "mlflow.db"
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{db}"}
-    children = [subprocess.Popen([sys.executable, "-c", CREATE + "; from mlflow import MlflowClient; "
-                                  f"MlflowClient({str(f'sqlite:///{db}')!r}).create_experiment('e{i}')"], env=env)
+    children = [subprocess.Popen([sys.executable, "-c", "from mlflow import MlflowClient; from pea.registry import "
+                                  f"tracking_uri; MlflowClient(tracking_uri()).create_experiment('e{i}')"], env=env)
                 for i in range(2)]
     assert [c.wait(timeout=300) for c in children] == [0, 0]
     names = {e.name for e in MlflowClient(f"sqlite:///{db}").search_experiments()}
