@@ -104,8 +104,9 @@ def bf16_is_fast() -> bool:
 
 
 def rehearse(language: str = "zh", kind: str = "sd15", pairs: int = 12, steps: int = 2, work: Path | None = None,
-             models_dir: Path | None = None, meter: Meter | None = None) -> dict:
-    """Every stage once on full-size models; returns shapes, figures and the generated image's path."""
+             models_dir: Path | None = None, meter: Meter | None = None, evaluate: dict | None = None) -> dict:
+    """Every stage once on full-size models; returns shapes, figures and the generated image's path. `evaluate`:
+    fields over the profile's evaluate section (the test draws without guidance, see tests/test_fullsize.py)."""
     from pea import fullsize
     from pea.ops import with_overrides
     from pea.spec import SyntheticCorpus, load_spec
@@ -122,7 +123,8 @@ def rehearse(language: str = "zh", kind: str = "sd15", pairs: int = 12, steps: i
         # there (the GPU run keeps the spec's bf16) and say so.
         train_overrides["precision"] = "fp32"
         print("full_size: this CPU has no fast bf16 (no AVX-512): training in fp32 instead of the spec's bf16")
-    spec = with_overrides(spec, corpus={"synthetic": SyntheticCorpus(size=pairs, seed=0)}, train=train_overrides)
+    spec = with_overrides(spec, corpus={"synthetic": SyntheticCorpus(size=pairs, seed=0)}, train=train_overrides,
+                          evaluate=evaluate or {})
     lake = work / "lake"
     (work / "tracking").mkdir(parents=True, exist_ok=True)
     saved = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "PEA_LAKE")}

@@ -131,17 +131,39 @@ def _effect(reference: list[torch.Tensor], outputs: list[torch.Tensor]) -> float
 
 
 @torch.no_grad()
-def token_errors(table, systems: dict[str, torch.nn.Module]) -> dict[str, float]:
-    """Σ‖c − c_teacher‖² / Σ‖c_teacher‖² over the held-out contexts, for the systems that output the teacher's
-    token count: how close the context itself is, which is what a LoRA on to_k/to_v reads anew."""
-    teacher = table.teacher.float()
+def token_errors(teacher: torch.Tensor, student: torch.Tensor, systems: dict[str, torch.nn.Module]) -> dict[str, float]:
+    """Σ‖c − c_teacher‖² / Σ‖c_teacher‖² over the given contexts, for the systems that output the teacher's token
+    count: how close the context itself is, which is what a LoRA on to_k/to_v reads anew."""
+    teacher = teacher.float()
     found = {}
     for name, system in systems.items():
-        tokens = torch.cat([system(table.student[rows].float().to(system.device))[0].float().cpu()
-                            for rows in torch.arange(len(table)).split(64)])
+        tokens = torch.cat([system(student[rows].float().to(system.device))[0].float().cpu()
+                            for rows in torch.arange(len(student)).split(64)])
         if tokens.shape == teacher.shape:
             found[name] = float((tokens - teacher).pow(2).sum() / teacher.pow(2).sum())
     return found
+
+
+def training_contexts(train, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Up to `rows` parallel rows of the training shards (teacher tokens, student states), read part by part: the
+    context error there beside the held-out one tells a system that underfits (both alike) from one that overfits."""
+    from pea.store import decode_tensor, read_part
+
+    fs, root = train.filesystem()
+    teacher, student, found = [], [], 0
+    for name in train.files:
+        part = read_part(f"{root}/{name}", filesystem=fs)
+        parallel = [i for i, (en, native) in enumerate(zip(part.column("caption_en").to_pylist(),
+                                                             part.column("native").to_pylist()))
+                    if en.strip() and not native][:rows - found]
+        taken = part.take(parallel)
+        for out, column in ((teacher, "teacher"), (student, "student")):
+            shape, dtype = train.tensors[column]
+            out.append(decode_tensor(taken.column(column), shape=shape, dtype=dtype).float())
+        found += len(parallel)
+        if found >= rows:
+            break
+    return torch.cat(teacher), torch.cat(student)
 
 
 def load_world(lake: Path, language: str, noise: float):
@@ -159,7 +181,8 @@ def load_world(lake: Path, language: str, noise: float):
 
 
 def load_systems(lake: Path, language: str, noise: float):
-    """A toy_table.py lake's held-out table and its seed-0 systems: (spec, table, {name: adapter or map})."""
+    """A toy_table.py lake's held-out table and its seed-0 systems: (spec, table, {name: adapter or map}, the
+    training shards)."""
     from pea.adapter import PEAAdapter
     from pea.baselines import LinearMap, untrained_like
     from pea.shards import pack
@@ -167,15 +190,15 @@ def load_systems(lake: Path, language: str, noise: float):
 
     spec, pairs_path, embedded, run = load_world(lake, language, noise)
     table = load_table(spec, pairs_path, embedded, "heldout").with_english()
+    train = pack(spec, pairs_path, embedded).train
     trained = PEAAdapter.from_pretrained(run / "adapter").eval()
     systems = {"PEA": trained, "untrained": untrained_like(trained, spec.train.seed),
                "diffusion only": PEAAdapter.from_pretrained(run / "diffusion_only" / "adapter").eval(),
                # toy_table.py's ablations, whichever were trained in this run (aligned, perturbed, ...)
                **{f"PEA {folder.name}": PEAAdapter.from_pretrained(folder / "adapter").eval()
                   for folder in sorted(run.iterdir()) if (folder / "adapter").is_dir() and folder.name != "diffusion_only"},
-               "linear map": LinearMap.fit(pack(spec, pairs_path, embedded).train,
-                                           spec.evaluate.linear_map_rows, spec.evaluate.seed)}
-    return spec, table, systems
+               "linear map": LinearMap.fit(train, spec.evaluate.linear_map_rows, spec.evaluate.seed)}
+    return spec, table, systems, train
 
 
 def main() -> None:
@@ -190,10 +213,12 @@ def main() -> None:
     parser.add_argument("--loras", type=int, default=3, help="random LoRAs per target and multiple")
     parser.add_argument("--targets", nargs="+", choices=sorted(TARGETS), default=list(TARGETS))
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 beside other jobs)")
+    parser.add_argument("--training-rows", type=int, default=512,
+                        help="parallel training rows on which the context error is measured as well")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    spec, table, systems = load_systems(args.lake, args.language, args.noise)
+    spec, table, systems, train = load_systems(args.lake, args.language, args.noise)
     unet = models.load_unet(spec.teacher)
     base = relative_errors(spec, table, systems, unet=unet)
     conditioning = base["untrained"]
@@ -201,7 +226,11 @@ def main() -> None:
     print(f"held-out pairs {len(table)}; without a LoRA: " + ", ".join(f"{k} {v:.4f}" for k, v in base.items())
           + f"; the conditioning's effect (untrained) {conditioning:.4f}", flush=True)
     print("context error, token by token (systems with the teacher's token count): "
-          + ", ".join(f"{k} {v:.4f}" for k, v in token_errors(table, systems).items()), flush=True)
+          + ", ".join(f"{k} {v:.4f}" for k, v in token_errors(table.teacher, table.student, systems).items()),
+          flush=True)
+    print(f"the same on up to {args.training_rows} parallel training rows: "
+          + ", ".join(f"{k} {v:.4f}" for k, v in token_errors(*training_contexts(train, args.training_rows),
+                                                                systems).items()), flush=True)
     gaps = {k: 1 - base[k] / conditioning for k in systems if k != "untrained"}
     rows, kept_3x = [], {}
     for target, modules in ((t, TARGETS[t]) for t in args.targets):

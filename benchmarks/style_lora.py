@@ -85,7 +85,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    spec, table, systems = load_systems(args.lake, args.language, args.noise)
+    spec, table, systems, _ = load_systems(args.lake, args.language, args.noise)
     folder = train_style(spec, args.style, args.lake / f"style-{args.style}", args.steps)
     adapters = {name: system for name, system in systems.items() if name != "untrained"}
     pipe = models.load_pipeline(spec.teacher, dtype=models.inference_dtype(spec.train.precision))
