@@ -21,6 +21,10 @@ Also prints, for SD 1.5's and SDXL's UNet configs (pea.fullsize, built on the me
 cross-attention width against its context width: where the context is wider, to_k/to_v have a null space
 (context − width dimensions) in which tokens may differ unseen until a LoRA changes the projection.
 
+Also prints, for the systems with the teacher's 77 tokens, the context error on the held-out pairs and on up to
+`--training-rows` parallel training rows: alike, the system underfits (more steps help); far lower on training rows,
+it overfits.
+
 Prints, last, `gap_kept_min_3x=<min over LoRA targets of PEA's gap kept at 3× the conditioning's effect>`.
 """
 
