@@ -156,10 +156,12 @@ def training_contexts(train, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     fs, root = train.filesystem()
     teacher, student, found = [], [], 0
     for name in train.files:
-        part = read_part(f"{root}/{name}", filesystem=fs)
+        part = read_part(f"{root}/{name}", ["caption_en", "native", "teacher", "student"], filesystem=fs)
         parallel = [i for i, (en, native) in enumerate(zip(part.column("caption_en").to_pylist(),
                                                              part.column("native").to_pylist()))
                     if en.strip() and not native][:rows - found]
+        if not parallel:
+            continue
         taken = part.take(parallel)
         for out, column in ((teacher, "teacher"), (student, "student")):
             shape, dtype = train.tensors[column]
@@ -167,6 +169,9 @@ def training_contexts(train, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
         found += len(parallel)
         if found >= rows:
             break
+    if not found:
+        raise ValueError(f"the training shards under {root} hold no parallel (caption_en, not native) row to measure "
+                         "the context error on; pack a corpus with parallel pairs")
     return torch.cat(teacher), torch.cat(student)
 
 
