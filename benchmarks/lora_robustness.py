@@ -21,8 +21,8 @@ Also prints, for SD 1.5's and SDXL's UNet configs (pea.fullsize, built on the me
 cross-attention width against its context width: where the context is wider, to_k/to_v have a null space
 (context − width dimensions) in which tokens may differ unseen until a LoRA changes the projection.
 
-Also prints, for the systems with the teacher's 77 tokens, the context error on the held-out pairs and on up to
-`--training-rows` parallel training rows: alike, the system underfits (more steps help); far lower on training rows,
+Also prints, for the systems with the teacher's 77 tokens, the context error on the held-out pairs and on the parallel
+rows among `--training-rows` rows of the training stream: alike, the system underfits (more steps help); far lower on training rows,
 it overfits.
 
 Prints, last, `gap_kept_min_3x=<min over LoRA targets of PEA's gap kept at 3× the conditioning's effect>`.
@@ -148,31 +148,15 @@ def token_errors(teacher: torch.Tensor, student: torch.Tensor, systems: dict[str
     return found
 
 
-def training_contexts(train, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Up to `rows` parallel rows of the training shards (teacher tokens, student states), read part by part: the
-    context error there beside the held-out one tells a system that underfits (both alike) from one that overfits."""
-    from pea.store import decode_tensor, read_part
+def training_contexts(train, rows: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The parallel rows among up to `rows` of the training stream (teacher tokens, student states): the sample the
+    linear map is fit on (LinearMap.sample). The context error there beside the held-out one tells a system that
+    underfits (both alike) from one that overfits."""
+    from pea.baselines import LinearMap
 
-    fs, root = train.filesystem()
-    teacher, student, found = [], [], 0
-    for name in train.files:
-        part = read_part(f"{root}/{name}", ["caption_en", "native", "teacher", "student"], filesystem=fs)
-        parallel = [i for i, (en, native) in enumerate(zip(part.column("caption_en").to_pylist(),
-                                                             part.column("native").to_pylist()))
-                    if en.strip() and not native][:rows - found]
-        if not parallel:
-            continue
-        taken = part.take(parallel)
-        for out, column in ((teacher, "teacher"), (student, "student")):
-            shape, dtype = train.tensors[column]
-            out.append(decode_tensor(taken.column(column), shape=shape, dtype=dtype).float())
-        found += len(parallel)
-        if found >= rows:
-            break
-    if not found:
-        raise ValueError(f"the training shards under {root} hold no parallel (caption_en, not native) row to measure "
-                         "the context error on; pack a corpus with parallel pairs")
-    return torch.cat(teacher), torch.cat(student)
+    sample = LinearMap.sample(train, rows, seed)
+    return (sample["teacher"].unflatten(1, train.tensors["teacher"][0]),
+            sample["student"].unflatten(1, train.tensors["student"][0]))
 
 
 def load_world(lake: Path, language: str, noise: float):
@@ -223,7 +207,7 @@ def main() -> None:
     parser.add_argument("--targets", nargs="+", choices=sorted(TARGETS), default=list(TARGETS))
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 beside other jobs)")
     parser.add_argument("--training-rows", type=int, default=512,
-                        help="parallel training rows on which the context error is measured as well")
+                        help="training rows read; the context error is measured on the parallel ones as well")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -237,8 +221,8 @@ def main() -> None:
     print("context error, token by token (systems with the teacher's token count): "
           + ", ".join(f"{k} {v:.4f}" for k, v in token_errors(table.teacher, table.student, systems).items()),
           flush=True)
-    print(f"the same on up to {args.training_rows} parallel training rows: "
-          + ", ".join(f"{k} {v:.4f}" for k, v in token_errors(*training_contexts(train, args.training_rows),
+    print(f"the same on the parallel rows among {args.training_rows} of the training stream: "
+          + ", ".join(f"{k} {v:.4f}" for k, v in token_errors(*training_contexts(train, args.training_rows, spec.evaluate.seed),
                                                                 systems).items()), flush=True)
     gaps = {k: 1 - base[k] / conditioning for k in systems if k != "untrained"}
     rows, kept_3x = [], {}
