@@ -150,6 +150,8 @@ class TrainSpec(Strict):
     token_mixer: Literal["linear", "attention"] = Field(
         "linear", description="with adapter_tokens: teacher, a fixed map over the token axis, or that map refined by "
                               "multi-head attention over the adapter's tokens (pea.adapter)")
+    mixer_heads: int | None = Field(None, ge=1, description="with token_mixer: attention, its heads; None: the "
+                                    "teacher's width // 64 (CLIP's head size); must divide the teacher's width")
     token_kd_weight: float = Field(0.0, ge=0, description="Σ MSE(adapter tokens, teacher tokens) on parallel rows, "
                                    "token by token (needs adapter_tokens: teacher)")
     diffusion_loss: Literal["native", "all", "none"] = Field(
@@ -170,6 +172,8 @@ class TrainSpec(Strict):
         if self.token_kd_weight > 0 and self.adapter_tokens != "teacher":
             raise ValueError("token_kd_weight > 0 compares the adapter's tokens with the teacher's one by one: set "
                              "adapter_tokens: teacher (a token mixer to the teacher's count)")
+        if self.mixer_heads is not None and self.token_mixer != "attention":
+            raise ValueError("mixer_heads sets the token mixer's attention heads: set token_mixer: attention")
         if self.token_mixer == "attention" and self.adapter_tokens != "teacher":
             raise ValueError("token_mixer: attention refines the mix to the teacher's token count: set "
                              "adapter_tokens: teacher")

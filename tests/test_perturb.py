@@ -99,23 +99,28 @@ def test_a_perturbed_run_resumes_exactly_and_differs_from_a_plain_one(tmp_path, 
     assert any(not torch.equal(a[k], c[k]) for k in a)
 
 
-@pytest.mark.parametrize("mixer", ["linear", "attention"])
-def test_an_aligned_adapter_trains_to_the_teachers_token_count_and_draws_through_the_stock_pipeline(mixer, tmp_path,
-                                                                                                   zoo_dir):
+@pytest.mark.parametrize(("mixer", "heads"), [("linear", None), ("attention", None), ("attention", 8)])
+def test_an_aligned_adapter_trains_to_the_teachers_token_count_and_draws_through_the_stock_pipeline(mixer, heads,
+                                                                                                   tmp_path, zoo_dir):
     from pea import models
     from pea.adapter import PEAAdapter
     from pea.pipeline import generate
 
     spec = ops.with_overrides(load_spec("zh", "embedded", zoo_dir=zoo_dir),
                               train={"steps": 4, "warmup_steps": 1, "adapter_tokens": "teacher", "token_kd_weight": 1.0,
-                                     "token_mixer": mixer})
+                                     "token_mixer": mixer, "mixer_heads": heads})
     pairs = write_pairs(tmp_path, spec, all_scenes()[:48])
-    result = train.train(spec, pairs, embed(spec, tmp_path, pairs), tmp_path / "run")
+    embedded = embed(spec, tmp_path, pairs)
+    if heads:  # the teacher's width (32) must split into the heads asked for
+        with pytest.raises(ValueError, match="mixer_heads 7 does not divide the teacher's width 32"):
+            train.train(ops.with_overrides(spec, train={"mixer_heads": 7}), pairs, embedded, tmp_path / "bad")
+    result = train.train(spec, pairs, embedded, tmp_path / "run")
     history = [json.loads(line) for line in result.history_path.read_text().splitlines()]
     assert all(h["token_kd"] > 0 for h in history)
     adapter = PEAAdapter.from_pretrained(result.adapter_dir)
     assert (adapter.config.student_tokens, adapter.config.output_tokens) == (spec.student.max_length, 77)
     assert (adapter.attend is not None) == (mixer == "attention")
+    assert adapter.config.mixer_heads == (None if mixer == "linear" else heads or 1)  # 32 wide: under one CLIP-size head
     pipe = models.load_pipeline(spec.teacher)
     images = generate(pipe, adapter, models.load_student(spec.student), ["一个红色的圆"], [0], num_inference_steps=2,
                       height=32, width=32)

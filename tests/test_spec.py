@@ -77,6 +77,8 @@ def test_token_kd_needs_the_teachers_token_count(zh_spec):
     with pytest.raises(SpecError, match="token_mixer: attention.*adapter_tokens: teacher"):
         ops.with_overrides(zh_spec, train={"token_mixer": "attention"})
     assert ops.with_overrides(spec, train={"token_mixer": "attention"}).train.token_mixer == "attention"
+    with pytest.raises(SpecError, match="mixer_heads.*set token_mixer: attention"):
+        ops.with_overrides(spec, train={"mixer_heads": 8})
 
 
 def test_embed_refuses_no_ssh_across_nodes_and_keeps_the_other_runners(zh_spec):
