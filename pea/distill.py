@@ -61,6 +61,9 @@ def sdxl_time_ids(height: int, width: int, batch: int) -> torch.Tensor:
 
 @dataclass
 class LossTerms:
+    """total: the batch's loss. The others, for the history: the diffusion loss over native rows (all rows with
+    diffusion_everywhere), the KD terms over parallel rows; NaN where the batch has none."""
+
     total: torch.Tensor
     diffusion: torch.Tensor
     output_kd: torch.Tensor
@@ -103,4 +106,12 @@ def distill_loss(unet: UNet2DConditionModel, noisy_latents: torch.Tensor, timest
     m = native.float()
     per_sample = m * native_weight * diffusion + (1 - m) * (output_weight * output_kd + feature_weight * feature_kd
                                                             + token_weight * token_kd)
-    return LossTerms(per_sample.mean(), diffusion.mean(), output_kd.mean(), feature_kd.mean(), token_kd.mean())
+    # Each term as the objective sees it: over the rows its rule covers. Averaged over the whole batch, the KD
+    # terms would count native rows, whose "teacher" is the empty caption, and rise as the adapter learns what
+    # the native captions draw. A batch without such rows gives NaN (0/0), as the unused terms above.
+    return LossTerms(per_sample.mean(), _mean_over(diffusion, m), _mean_over(output_kd, 1 - m),
+                     _mean_over(feature_kd, 1 - m), _mean_over(token_kd, 1 - m))
+
+
+def _mean_over(per_sample: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    return (per_sample * rows).sum() / rows.sum()

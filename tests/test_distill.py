@@ -45,8 +45,11 @@ def test_native_captions_use_the_diffusion_loss_only(zh_spec):
     teacher, student = Conditioning(teacher), Conditioning(student)
     native = distill_loss(unet, latents, t, noise, teacher, student, torch.ones(3))
     torch.testing.assert_close(native.total, native.diffusion)
+    assert native.output_kd.isnan() and native.feature_kd.isnan()  # no parallel row for the KD terms to cover
     mixed = distill_loss(unet, latents, t, noise, teacher, student, torch.tensor([1.0, 0.0, 0.0]))
     assert native.total != mixed.total
+    # Each reported term is its mean over the rows it is trained on: one native row, two parallel ones.
+    torch.testing.assert_close(mixed.total, (mixed.diffusion + 2 * (mixed.output_kd + 0.1 * mixed.feature_kd)) / 3)
     everywhere = distill_loss(unet, latents, t, noise, teacher, student, torch.zeros(3), diffusion_everywhere=True)
     torch.testing.assert_close(everywhere.total, native.total)
 
@@ -86,7 +89,7 @@ def test_the_token_term_compares_contexts_token_by_token_on_parallel_rows_only(z
     aligned = distill_loss(unet, latents, t, noise, Conditioning(teacher), Conditioning(student), parallel,
                            token_weight=2.0)
     per_sample = (student - teacher).pow(2).flatten(1).mean(dim=1)
-    torch.testing.assert_close(aligned.token_kd, per_sample.mean())
+    torch.testing.assert_close(aligned.token_kd, per_sample[1:].mean())  # reported over the parallel rows it trains
     torch.testing.assert_close(aligned.total, base.total + 2.0 * per_sample[1:].sum() / 3)
     with pytest.raises(ValueError, match="token by token.*adapter_tokens: teacher"):
         distill_loss(unet, latents, t, noise, Conditioning(teacher), Conditioning(student[:, :16]), parallel,
