@@ -221,9 +221,9 @@ def main() -> None:
     print("context error, token by token (systems with the teacher's token count): "
           + ", ".join(f"{k} {v:.4f}" for k, v in token_errors(table.teacher, table.student, systems).items()),
           flush=True)
+    seen = training_contexts(train, args.training_rows, spec.evaluate.seed)
     print(f"the same on the parallel rows among {args.training_rows} of the training stream: "
-          + ", ".join(f"{k} {v:.4f}" for k, v in token_errors(*training_contexts(train, args.training_rows, spec.evaluate.seed),
-                                                                systems).items()), flush=True)
+          + ", ".join(f"{k} {v:.4f}" for k, v in token_errors(*seen, systems).items()), flush=True)
     gaps = {k: 1 - base[k] / conditioning for k in systems if k != "untrained"}
     rows, kept_3x = [], {}
     for target, modules in ((t, TARGETS[t]) for t in args.targets):

@@ -62,6 +62,9 @@ class PEAAdapter(ModelMixin, ConfigMixin):
         if mixer_heads is not None:
             if output_tokens is None:
                 raise ValueError("mixer_heads needs output_tokens (the attention refines the token mixer's output)")
+            if token_dim % mixer_heads:
+                raise ValueError(f"mixer_heads {mixer_heads} does not divide the teacher's width {token_dim}; pick a "
+                                 "divisor (train.mixer_heads)")
             self.attend = nn.MultiheadAttention(token_dim, mixer_heads, batch_first=True)
             nn.init.zeros_(self.attend.out_proj.weight)
             nn.init.zeros_(self.attend.out_proj.bias)

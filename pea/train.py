@@ -199,9 +199,6 @@ def train(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, run_dir: 
         if cfg.adapter_tokens == "teacher" else {}
     if cfg.token_mixer == "attention":  # by default heads of 64 dimensions, as CLIP's
         mixer["mixer_heads"] = cfg.mixer_heads or max(1, shapes["teacher"][-1] // 64)
-        if shapes["teacher"][-1] % mixer["mixer_heads"]:
-            raise ValueError(f"train.mixer_heads {mixer['mixer_heads']} does not divide the teacher's width "
-                             f"{shapes['teacher'][-1]}; pick a divisor")
     adapter = PEAAdapter(kind=spec.teacher.kind, student_dim=shapes["student"][-1], hidden_dim=cfg.hidden_dim,
                          token_dim=shapes["teacher"][-1], pooled_dim=shapes.get("teacher_pooled", (None,))[-1],
                          **mixer)
