@@ -113,5 +113,23 @@ def distill_loss(unet: UNet2DConditionModel, noisy_latents: torch.Tensor, timest
                      _mean_over(feature_kd, 1 - m), _mean_over(token_kd, 1 - m))
 
 
+def token_fit_loss(student: Conditioning, teacher: Conditioning, native: torch.Tensor) -> LossTerms:
+    """The warm start's objective (train.token_warmup): the adapter's context regressed on the teacher's, token by
+    token (and the pooled vector on SDXL), over the parallel rows; no UNet pass, so a step costs the adapter's
+    forward and backward only. Native-only rows have no English side and take no part."""
+    if student.tokens.shape != teacher.tokens.shape:
+        raise ValueError(f"the token warm start fits contexts token by token, but the adapter gives "
+                         f"{tuple(student.tokens.shape)} and the teacher {tuple(teacher.tokens.shape)}; train with "
+                         "adapter_tokens: teacher")
+    pairs = 1 - native.float()
+    per_sample = _per_sample_mse(student.tokens, teacher.tokens)
+    if student.pooled is not None:
+        pooled = _per_sample_mse(student.pooled, teacher.pooled)
+        per_sample = per_sample + torch.nn.functional.pad(pooled, (0, len(per_sample) - len(pooled)))
+    unused = torch.full((), float("nan"))
+    token_kd = _mean_over(per_sample, pairs)
+    return LossTerms((per_sample * pairs).mean(), unused, unused, unused, token_kd)
+
+
 def _mean_over(per_sample: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return (per_sample * rows).sum() / rows.sum()

@@ -120,12 +120,13 @@ class DataSpec(Strict):
 class PerturbationSpec(Strict):
     """Distillation under random low-rank perturbations of the frozen UNet's attention (pea.perturb): on that
     share of micro-steps the teacher's and the student's passes both run through one random LoRA, so the adapter
-    must match the teacher where a LoRA it never saw can look too (plug-and-play, docs/results.md). Off (share 0)
-    by default."""
+    must match the teacher where a LoRA it never saw can look too (plug-and-play, docs/results.md). On half the
+    steps by default, ρ up to 2: in the toy UNet about the conditioning's own effect on the output (a random rank-4
+    update of norm ρ‖W‖ changes a projection's output on random inputs by about ρ times its size, at any width)."""
 
-    share: float = Field(0.0, ge=0, le=1, description="share of micro-steps distilled under a random LoRA")
+    share: float = Field(0.5, ge=0, le=1, description="share of micro-steps distilled under a random LoRA")
     rank: int = Field(4, ge=1, description="rank of each random update B·A")
-    relative_norm: float = Field(0.3, gt=0, description="largest ‖B·A‖ / ‖W‖ (Frobenius) per projection; each "
+    relative_norm: float = Field(2.0, gt=0, description="largest ‖B·A‖ / ‖W‖ (Frobenius) per projection; each "
                                  "perturbed step draws its size uniformly up to this")
     targets: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"], min_length=1,
                                description="attention projections perturbed (peft target_modules suffixes)")
@@ -144,20 +145,32 @@ class TrainSpec(Strict):
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     output_kd_weight: float = Field(1.0, ge=0, description="MSE(ε_student, ε_teacher)")
     feature_kd_weight: float = Field(0.1, ge=0, description="Σ MSE over UNet block outputs")
+    # The defaults below train the plug-and-play adapter (#31, docs/results.md): the teacher's token count through an
+    # attention mixer, aligned token by token, warm-started by regression and distilled partly under random LoRAs, so
+    # that LoRAs and ControlNets made for the English model keep their effect. The paper's adapter is the profile
+    # `paper` (data/profiles/paper.yaml): adapter_tokens student, no token term, no warm start, no perturbation.
     adapter_tokens: Literal["student", "teacher"] = Field(
-        "student", description="the adapter's output tokens: one per student token (the paper), or the teacher's "
+        "teacher", description="the adapter's output tokens: one per student token (the paper), or the teacher's "
                                "count through a learned token mixer (pea.adapter), which token_kd_weight aligns")
     token_mixer: Literal["linear", "attention"] = Field(
-        "linear", description="with adapter_tokens: teacher, a fixed map over the token axis, or that map refined by "
+        "attention", description="with adapter_tokens: teacher, a fixed map over the token axis, or that map refined by "
                               "multi-head attention over the adapter's tokens (pea.adapter)")
     mixer_heads: int | None = Field(None, ge=1, description="with token_mixer: attention, its heads; None: the "
-                                    "teacher's width // 64 (CLIP's head size); must divide the teacher's width")
-    token_kd_weight: float = Field(0.0, ge=0, description="Σ MSE(adapter tokens, teacher tokens) on parallel rows, "
+                                    "teacher's width // 64 (CLIP's head size), at least 8; must divide the teacher's "
+                                    "width")
+    token_kd_weight: float = Field(10.0, ge=0, description="Σ MSE(adapter tokens, teacher tokens) on parallel rows, "
                                    "token by token (needs adapter_tokens: teacher)")
+    token_warmup: float = Field(1.0, ge=0, le=100, description="steps that fit the adapter's context to the "
+                                "teacher's by regression alone, as a share of `steps`, run before them (parallel rows, "
+                                "no UNet pass: a step costs the adapter's forward and backward); needs adapter_tokens: "
+                                "teacher")
     diffusion_loss: Literal["native", "all", "none"] = Field(
         "native", description="native: MSE(ε_student, ε) only for native-only captions (the paper's rule); "
                               "all: for every sample instead of KD (the diffusion-only ablation); none: native-only "
                               "captions get no loss at all (the ablation without native captions)")
+    native_loss_weight: float = Field(1.0, ge=0, description="weight of the diffusion loss on native-only captions "
+                                      "(the only thing that teaches what they say beyond the parallel pairs, e.g. "
+                                      "culture-specific phrases)")
     caption_dropout: float = Field(0.1, ge=0, le=1)
     noise_offset: float = Field(0.0, ge=0)
     checkpoint_every: int = Field(1000, ge=1)
@@ -172,6 +185,9 @@ class TrainSpec(Strict):
         if self.token_kd_weight > 0 and self.adapter_tokens != "teacher":
             raise ValueError("token_kd_weight > 0 compares the adapter's tokens with the teacher's one by one: set "
                              "adapter_tokens: teacher (a token mixer to the teacher's count)")
+        if self.token_warmup > 0 and self.adapter_tokens != "teacher":
+            raise ValueError("token_warmup fits the adapter's tokens to the teacher's one by one: set adapter_tokens: "
+                             "teacher (a token mixer to the teacher's count)")
         if self.mixer_heads is not None and self.token_mixer != "attention":
             raise ValueError("mixer_heads sets the token mixer's attention heads: set token_mixer: attention")
         if self.token_mixer == "attention" and self.adapter_tokens != "teacher":
@@ -189,6 +205,20 @@ class TrainSpec(Strict):
     def _partitions_fit_the_layout(self) -> TrainSpec:
         self.partitions_for(self.launcher.world_size)
         return self
+
+    @property
+    def fitting_steps(self) -> int:
+        """The token warm start's steps (token_warmup × steps), run before the `steps` distillation steps."""
+        return round(self.token_warmup * self.steps)
+
+    @property
+    def total_steps(self) -> int:
+        return self.fitting_steps + self.steps
+
+    def heads_for(self, width: int) -> int:
+        """The attention mixer's heads for a teacher context `width` wide: mixer_heads, else heads of CLIP's 64
+        dimensions but at least 8 (one head on the toy's 64-wide context could not fit it, docs/results.md)."""
+        return self.mixer_heads or max(8, width // 64)
 
     def partitions_for(self, world: int) -> int:
         """The reader's partitions for `world` processes; refused unless each rank gets a whole number of

@@ -49,7 +49,7 @@ from pea import checkpoints as checkpoints_lib
 from pea import launcher, models, progress
 from pea.adapter import PEAAdapter
 from pea.atomic import is_no_room, no_room, publish
-from pea.distill import Conditioning, distill_loss, sdxl_time_ids
+from pea.distill import Conditioning, distill_loss, sdxl_time_ids, token_fit_loss
 from pea.embed import EmbedResult, open_stores
 from pea.launcher import LaunchError, deepspeed_command, write_deepspeed_env  # noqa: F401 (part of this API)
 from pea.launcher import forwarded_env as _forwarded_env  # noqa: F401 (kept for callers of the old name)
@@ -132,6 +132,17 @@ def _draws(cfg: TrainSpec, micro_step: int, positions: range, latent_shape: torc
     return torch.stack(noise), torch.cat(steps), torch.cat(drop)[:, None, None]
 
 
+def build_adapter(cfg: TrainSpec, kind: str, shapes: dict[str, tuple[int, ...]]) -> PEAAdapter:
+    """The adapter a training section asks for, for the stores' tensor shapes ({"student": (L, d), "teacher":
+    (T, width)[, "teacher_pooled": (pooled,)]})."""
+    mixer = {"student_tokens": shapes["student"][0], "output_tokens": shapes["teacher"][0]} \
+        if cfg.adapter_tokens == "teacher" else {}
+    if cfg.token_mixer == "attention":
+        mixer["mixer_heads"] = cfg.heads_for(shapes["teacher"][-1])
+    return PEAAdapter(kind=kind, student_dim=shapes["student"][-1], hidden_dim=cfg.hidden_dim,
+                      token_dim=shapes["teacher"][-1], pooled_dim=shapes.get("teacher_pooled", (None,))[-1], **mixer)
+
+
 def _loss_curve(history: list[dict], path: Path) -> Path:
     import matplotlib
     matplotlib.use("Agg")
@@ -139,8 +150,8 @@ def _loss_curve(history: list[dict], path: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     steps = [h["step"] for h in history]
-    for name in ("loss", "output_kd", "feature_kd"):
-        ax.plot(steps, [h[name] for h in history], label=name)
+    for name in ("loss", "output_kd", "feature_kd", "token_kd"):
+        ax.plot(steps, [h.get(name, float("nan")) for h in history], label=name)
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.legend()
@@ -195,16 +206,10 @@ def train(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, run_dir: 
                          f"cross_attention_dim {unet.config.cross_attention_dim}; re-embed with this teacher")
 
     torch.manual_seed(cfg.seed)  # the untrained baseline in pea.evaluate starts from this same init
-    mixer = {"student_tokens": shapes["student"][0], "output_tokens": shapes["teacher"][0]} \
-        if cfg.adapter_tokens == "teacher" else {}
-    if cfg.token_mixer == "attention":  # by default heads of 64 dimensions, as CLIP's
-        mixer["mixer_heads"] = cfg.mixer_heads or max(1, shapes["teacher"][-1] // 64)
-    adapter = PEAAdapter(kind=spec.teacher.kind, student_dim=shapes["student"][-1], hidden_dim=cfg.hidden_dim,
-                         token_dim=shapes["teacher"][-1], pooled_dim=shapes.get("teacher_pooled", (None,))[-1],
-                         **mixer)
+    adapter = build_adapter(cfg, spec.teacher.kind, shapes)
     optimizer = torch.optim.AdamW(adapter.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
                                   weight_decay=cfg.weight_decay)
-    schedule = get_polynomial_decay_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps,
+    schedule = get_polynomial_decay_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.total_steps,
                                                          lr_end=cfg.min_lr, power=1.0)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     config = ds_config(cfg, world)
@@ -241,7 +246,8 @@ def train(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, run_dir: 
     size = spec.corpus.image_size
     time_ids = sdxl_time_ids(size, size, cfg.micro_batch_size).to(device) if spec.teacher.kind == "sdxl" else None
     accum = cfg.gradient_accumulation_steps
-    bar = progress.bar(range(start, cfg.steps), desc="train adapter", unit="step", initial=start, total=cfg.steps,
+    bar = progress.bar(range(start, cfg.total_steps), desc="train adapter", unit="step", initial=start,
+                       total=cfg.total_steps,
                        disable=engine.global_rank != 0)
     tick, seen = time.perf_counter(), 0
     for step in bar:
@@ -249,28 +255,37 @@ def train(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, run_dir: 
         for micro in range(accum):
             i = step * accum + micro
             batch = data.batch(i)
+            # The adapter sees the empty caption as one extra row of the same batch.
+            states = torch.cat([batch.student.to(device, torch.float32), empty["student"][None]]).to(dtype)
+            tokens, pooled = engine(states)
+            teacher_tokens = batch.teacher.to(device, torch.float32)
+            teacher_pooled = None if batch.teacher_pooled is None else batch.teacher_pooled.to(device, torch.float32)
+            if step < cfg.fitting_steps:  # the warm start: the context regressed on the teacher's, "" included; no UNet
+                terms = token_fit_loss(Conditioning(tokens, None if pooled is None else pooled[:-1]),
+                                       Conditioning(torch.cat([teacher_tokens, empty["teacher"][None]]), teacher_pooled),
+                                       torch.cat([batch.native, torch.zeros(1, dtype=batch.native.dtype)]).to(device))
+                engine.backward(terms.total)
+                engine.step()
+                seen += len(batch)
+                continue
             latents = batch.latents.to(device, torch.float32)
             # Drawn on the host from seeded generators, so every device and process layout sees the same draws.
             noise, timesteps, drop = (t.to(device) for t in _draws(cfg, i, positions, latents.shape[1:],
                                                                    noise_scheduler.config.num_train_timesteps))
             noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-            if perturbation is not None:  # drawn per micro-step: teacher and student passes see the same UNet
-                perturbation.draw(i)
             # Caption dropout swaps the token context for that of "" on both sides; the pooled vector is
-            # kept (METHOD.md). The adapter sees the empty caption as one extra row of the same batch.
-            states = torch.cat([batch.student.to(device, torch.float32), empty["student"][None]]).to(dtype)
-            tokens, pooled = engine(states)
+            # kept (METHOD.md).
             student = Conditioning(torch.where(drop, tokens[-1:], tokens[:-1]),
                                    None if pooled is None else pooled[:-1], time_ids)
-            teacher = Conditioning(torch.where(drop, empty["teacher"], batch.teacher.to(device, torch.float32)),
-                                   None if batch.teacher_pooled is None else batch.teacher_pooled.to(device, torch.float32),
-                                   time_ids)
+            teacher = Conditioning(torch.where(drop, empty["teacher"], teacher_tokens), teacher_pooled, time_ids)
+            if perturbation is not None:  # drawn per micro-step: teacher and student passes see the same UNet
+                perturbation.draw(i)
             # The diffusion loss's target is what the teacher predicts: ε (SD 1.5, SDXL) or v (v-prediction).
             target = (noise if noise_scheduler.config.prediction_type == "epsilon"
                       else noise_scheduler.get_velocity(latents, noise, timesteps))
             terms = distill_loss(unet, noisy, timesteps, target, teacher, student, batch.native.to(device),
                                  cfg.output_kd_weight, cfg.feature_kd_weight, cfg.diffusion_loss == "all",
-                                 0.0 if cfg.diffusion_loss == "none" else 1.0, cfg.token_kd_weight)
+                                 0.0 if cfg.diffusion_loss == "none" else cfg.native_loss_weight, cfg.token_kd_weight)
             engine.backward(terms.total)
             engine.step()
             seen += len(batch)
@@ -280,7 +295,7 @@ def train(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, run_dir: 
                   "step_s": time.perf_counter() - step_started}
         history.append(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)  # shown at the bar's own pace
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.total_steps:
             # History first: a kill between the two leaves extra lines, which a resume drops (step > start);
             # the other order could leave a checkpoint whose steps the history lacks.
             if engine.global_rank == 0:
@@ -304,7 +319,7 @@ def train(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, run_dir: 
         with open(run_dir / "ds_config.json", "w") as f:
             json.dump(config, f, indent=2)
     recent = history[-20:]
-    result = TrainResult(run_dir, adapter_dir, cfg.steps, start,
+    result = TrainResult(run_dir, adapter_dir, cfg.total_steps, start,
                          final_loss=sum(h["loss"] for h in recent) / len(recent),
                          samples_per_s=recent[-1]["samples_per_s"], history_path=history_path,
                          loss_curve=run_dir / "loss.png", ds_config=config)

@@ -82,6 +82,12 @@ def trained_sd15(tmp_path_factory, zoo_dir) -> Trained:
 
 
 @pytest.fixture(scope="session")
+def trained_paper(tmp_path_factory, zoo_dir) -> Trained:
+    """The paper's adapter (profile `paper`: one token per student token, KD alone), one setting away."""
+    return _trained(tmp_path_factory, zoo_dir, "embedded,paper")
+
+
+@pytest.fixture(scope="session")
 def trained_sdxl(tmp_path_factory, zoo_dir) -> Trained:
     return _trained(tmp_path_factory, zoo_dir, "embedded,sdxl")
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from pea import models
-from pea.distill import Conditioning, distill_loss, unet_features
+from pea.distill import Conditioning, distill_loss, token_fit_loss, unet_features
 
 
 def _batch(unet, tokens: int = 77):
@@ -94,3 +94,23 @@ def test_the_token_term_compares_contexts_token_by_token_on_parallel_rows_only(z
     with pytest.raises(ValueError, match="token by token.*adapter_tokens: teacher"):
         distill_loss(unet, latents, t, noise, Conditioning(teacher), Conditioning(student[:, :16]), parallel,
                      token_weight=1.0)
+
+
+def test_the_warm_starts_regression_fits_contexts_and_pooled_vectors_on_parallel_rows_only():
+    g = torch.Generator().manual_seed(0)
+    teacher = torch.randn(4, 77, 32, generator=g)
+    student = teacher + torch.randn(teacher.shape, generator=g)
+    native = torch.tensor([0.0, 1.0, 0.0, 0.0])
+    assert float(token_fit_loss(Conditioning(teacher), Conditioning(teacher), native).total) == 0.0
+    terms = token_fit_loss(Conditioning(student), Conditioning(teacher), native)
+    per_sample = (student - teacher).pow(2).flatten(1).mean(dim=1)
+    torch.testing.assert_close(terms.total, (per_sample * (1 - native)).mean())  # the native row takes no part
+    torch.testing.assert_close(terms.token_kd, per_sample[[0, 2, 3]].mean())
+    assert all(v != v for v in (terms.output_kd, terms.feature_kd, terms.diffusion))  # no UNet pass: not measured
+    # SDXL: pooled vectors for the rows that have one (the pack keeps none for the empty caption, the last row)
+    pooled_t, pooled_s = torch.randn(3, 8, generator=g), torch.randn(3, 8, generator=g)
+    with_pooled = token_fit_loss(Conditioning(student, pooled_s), Conditioning(teacher, pooled_t), native)
+    pooled = torch.nn.functional.pad((pooled_s - pooled_t).pow(2).mean(dim=1), (0, 1))
+    torch.testing.assert_close(with_pooled.total, ((per_sample + pooled) * (1 - native)).mean())
+    with pytest.raises(ValueError, match="token by token.*adapter_tokens: teacher"):
+        token_fit_loss(Conditioning(student[:, :16]), Conditioning(teacher), native)

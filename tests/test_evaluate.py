@@ -33,6 +33,18 @@ def test_training_beats_the_untrained_adapter_and_the_teacher_is_the_reference(e
     assert all(0 < evaluation.image_mse[s] < 1 for s in ("trained", "untrained", "linear_map"))
 
 
+def test_the_papers_adapter_is_one_profile_away_and_trains_and_evaluates(trained_paper, trained_sd15, tmp_path):
+    paper = ev.PEAAdapter.from_pretrained(trained_paper.adapter_dir)
+    default = ev.PEAAdapter.from_pretrained(trained_sd15.adapter_dir)
+    # The paper's: one output token per student token, no token mixer; the default maps to the teacher's 77.
+    assert (paper.config.output_tokens, paper.mix, paper.attend) == (None, None, None)
+    assert default.config.output_tokens == 77 and default.attend is not None
+    t = trained_paper
+    result = ev.evaluate(t.spec, t.pairs, t.embedded, t.adapter_dir, tmp_path / "evaluation")
+    assert 0 < result.relative_error["trained"] < result.relative_error["untrained"]
+    assert result.table.is_file() and "trained" in ev.format_table(result)
+
+
 def test_clipscore_for_every_prompt_set_and_system_through_torchmetrics(evaluation, trained_sd15):
     spec = trained_sd15.spec
     assert set(evaluation.clip_score) == set(spec.evaluate.prompt_sets) == {"general", "culture"}

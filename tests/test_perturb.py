@@ -85,9 +85,11 @@ def test_a_perturbed_run_resumes_exactly_and_differs_from_a_plain_one(tmp_path, 
     pairs = write_pairs(tmp_path, spec, all_scenes()[:48])
     embedded = embed(spec, tmp_path, pairs)
     whole = train.train(spec, pairs, embedded, tmp_path / "whole")
+    # 6 steps of the token warm start (the default's, token_warmup 1), then 6 perturbed ones: resumed mid-warm-start
+    assert whole.steps == 12
     resumed_dir = tmp_path / "resumed"
     shutil.copytree(tmp_path / "whole" / "checkpoints", resumed_dir / "checkpoints",
-                    ignore=lambda folder, names: [n for n in names if n == "step00000006"])
+                    ignore=lambda folder, names: [n for n in names if n.startswith("step") and n != "step00000003"])
     shutil.copy(tmp_path / "whole" / "history.jsonl", resumed_dir / "history.jsonl")
     resumed = train.train(spec, pairs, embedded, resumed_dir)
     assert resumed.resumed_from == 3
@@ -120,8 +122,40 @@ def test_an_aligned_adapter_trains_to_the_teachers_token_count_and_draws_through
     adapter = PEAAdapter.from_pretrained(result.adapter_dir)
     assert (adapter.config.student_tokens, adapter.config.output_tokens) == (spec.student.max_length, 77)
     assert (adapter.attend is not None) == (mixer == "attention")
-    assert adapter.config.mixer_heads == (None if mixer == "linear" else heads or 1)  # 32 wide: under one CLIP-size head
+    assert adapter.config.mixer_heads == (None if mixer == "linear" else heads or 8)  # 32 wide: at least 8 heads
     pipe = models.load_pipeline(spec.teacher)
     images = generate(pipe, adapter, models.load_student(spec.student), ["一个红色的圆"], [0], num_inference_steps=2,
                       height=32, width=32)
     assert images[0].size == (32, 32)
+
+
+def test_the_token_warm_start_fits_the_context_without_the_unet_then_distils(tmp_path, zoo_dir):
+    from pea.adapter import PEAAdapter
+    from pea.table import load_table
+
+    spec = ops.with_overrides(load_spec("zh", "embedded", zoo_dir=zoo_dir),
+                              train={"steps": 20, "warmup_steps": 1, "token_warmup": 1.0, "perturbation": {"share": 0}})
+    pairs = write_pairs(tmp_path, spec, all_scenes()[:48])
+    embedded = embed(spec, tmp_path, pairs)
+    result = train.train(spec, pairs, embedded, tmp_path / "run")
+    history = [json.loads(line) for line in result.history_path.read_text().splitlines()]
+    fitting, distilling = history[:20], history[20:]
+    assert len(distilling) == 20 and result.steps == 40  # the warm start's steps come before train.steps
+    # The first 20 steps regress the context only: no UNet pass, so no output or feature KD is measured.
+    assert all(h["output_kd"] != h["output_kd"] and h["token_kd"] == h["token_kd"] for h in fitting)
+    assert all(h["output_kd"] == h["output_kd"] for h in distilling)
+    assert fitting[-1]["token_kd"] < 0.5 * fitting[0]["token_kd"]
+    # What the warm start bought: the context is closer to the teacher's than the same init trained without it.
+    cold = train.train(ops.with_overrides(spec, train={"token_warmup": 0.0}), pairs, embedded, tmp_path / "cold")
+    heldout = load_table(spec, pairs, embedded, "heldout")
+
+    def context_error(run) -> float:
+        adapter = PEAAdapter.from_pretrained(run.adapter_dir).eval()
+        with torch.no_grad():
+            tokens, _ = adapter(heldout.student.float())
+        return float((tokens - heldout.teacher.float()).pow(2).sum() / heldout.teacher.float().pow(2).sum())
+
+    assert context_error(result) < context_error(cold)
+    with pytest.raises(SpecError, match="token_warmup.*adapter_tokens: teacher"):
+        ops.with_overrides(spec, train={"adapter_tokens": "student", "token_mixer": "linear", "mixer_heads": None,
+                                        "token_kd_weight": 0})

@@ -69,13 +69,29 @@ def test_bad_values_are_refused_naming_the_field(tmp_path):
     assert "train.precision" in str(err.value) and "synthetic_captions" in str(err.value)
 
 
-def test_token_kd_needs_the_teachers_token_count(zh_spec):
+def test_the_default_is_plug_and_play_and_the_paper_is_one_profile_away(zoo_dir):
+    default = load_spec("zh", "embedded", zoo_dir=zoo_dir).train
+    assert (default.adapter_tokens, default.token_mixer, default.token_kd_weight) == ("teacher", "attention", 10.0)
+    assert default.perturbation.share == 0.5 and default.token_warmup > 0
+    assert default.total_steps == default.steps + default.fitting_steps
+    assert default.heads_for(64) == 8 and default.heads_for(768) == 12 and default.heads_for(2048) == 32
+    for shipped in available_languages():  # the paper's adapter stacks on every spec and the embedded profile
+        paper = load_spec(shipped, "embedded,toy,paper", zoo_dir=zoo_dir).train
+        assert (paper.adapter_tokens, paper.token_kd_weight, paper.token_warmup, paper.perturbation.share) == \
+            ("student", 0.0, 0.0, 0.0)
+        assert paper.total_steps == paper.steps
+
+
+def test_the_token_terms_need_the_teachers_token_count(zoo_dir):
+    paper = load_spec("zh", "embedded,paper", zoo_dir=zoo_dir)
     with pytest.raises(SpecError, match="adapter_tokens: teacher"):
-        ops.with_overrides(zh_spec, train={"token_kd_weight": 1.0})
-    spec = ops.with_overrides(zh_spec, train={"token_kd_weight": 1.0, "adapter_tokens": "teacher"})
+        ops.with_overrides(paper, train={"token_kd_weight": 1.0})
+    with pytest.raises(SpecError, match="token_warmup.*adapter_tokens: teacher"):
+        ops.with_overrides(paper, train={"token_warmup": 1.0})
+    spec = ops.with_overrides(paper, train={"token_kd_weight": 1.0, "adapter_tokens": "teacher"})
     assert spec.train.token_kd_weight == 1.0
     with pytest.raises(SpecError, match="token_mixer: attention.*adapter_tokens: teacher"):
-        ops.with_overrides(zh_spec, train={"token_mixer": "attention"})
+        ops.with_overrides(paper, train={"token_mixer": "attention"})
     assert ops.with_overrides(spec, train={"token_mixer": "attention"}).train.token_mixer == "attention"
     with pytest.raises(SpecError, match="mixer_heads.*set token_mixer: attention"):
         ops.with_overrides(spec, train={"mixer_heads": 8})
