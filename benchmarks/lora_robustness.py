@@ -25,7 +25,8 @@ Also prints, for the systems with the teacher's 77 tokens, the context error on 
 rows among `--training-rows` rows of the training stream: alike, the system underfits (more steps help); far lower on training rows,
 it overfits.
 
-Prints, last, `gap_kept_min_3x=<min over LoRA targets of PEA's gap kept at 3× the conditioning's effect>`.
+Prints, last, each system's gap kept at 3× (mean/worst of the LoRAs) per target, and `gap_kept_min_3x=<min over LoRA
+targets of PEA's mean gap kept at 3× the conditioning's effect>` (PEA: the lake's default adapter).
 """
 
 from __future__ import annotations
@@ -159,9 +160,9 @@ def training_contexts(train, rows: int, seed: int) -> tuple[torch.Tensor, torch.
             sample["student"].unflatten(1, train.tensors["student"][0]))
 
 
-def load_world(lake: Path, language: str, noise: float):
+def load_world(lake: Path, language: str, noise: float, seed: int = 0):
     """A toy_table.py lake's world at one noise share, its filter and embed outputs reused as they are:
-    (spec, pairs path, embedding stores, seed-0 run folder)."""
+    (spec, pairs path, embedding stores, the run folder of training seed `seed`)."""
     from pea import embed, ops
     from pea.corpus import filter as filter_stage
     from pea.spec import load_spec
@@ -170,22 +171,22 @@ def load_world(lake: Path, language: str, noise: float):
     spec = ops.with_overrides(load_spec(language, "embedded,toy", zoo_dir=lake / "zoo"),
                               corpus={"synthetic": {"mismatched": noise}})
     filtered = filter_stage.filter_pairs(spec, world)
-    return spec, filtered.pairs_path, embed.embed(spec, world, filtered.pairs_path), world / language / "seed-0"
+    return spec, filtered.pairs_path, embed.embed(spec, world, filtered.pairs_path), world / language / f"seed-{seed}"
 
 
-def load_systems(lake: Path, language: str, noise: float):
-    """A toy_table.py lake's held-out table and its seed-0 systems: (spec, table, {name: adapter or map}, the
-    training shards)."""
+def load_systems(lake: Path, language: str, noise: float, seed: int = 0):
+    """A toy_table.py lake's held-out table and the systems of training seed `seed`: (spec, table, {name: adapter or
+    map}, the training shards)."""
     from pea.adapter import PEAAdapter
     from pea.baselines import LinearMap, untrained_like
     from pea.shards import pack
     from pea.table import load_table
 
-    spec, pairs_path, embedded, run = load_world(lake, language, noise)
+    spec, pairs_path, embedded, run = load_world(lake, language, noise, seed)
     table = load_table(spec, pairs_path, embedded, "heldout").with_english()
     train = pack(spec, pairs_path, embedded).train
     trained = PEAAdapter.from_pretrained(run / "adapter").eval()
-    systems = {"PEA": trained, "untrained": untrained_like(trained, spec.train.seed),
+    systems = {"PEA": trained, "untrained": untrained_like(trained, seed),
                "diffusion only": PEAAdapter.from_pretrained(run / "diffusion_only" / "adapter").eval(),
                # toy_table.py's ablations, whichever were trained in this run (aligned, perturbed, ...)
                **{f"PEA {folder.name}": PEAAdapter.from_pretrained(folder / "adapter").eval()
@@ -206,12 +207,13 @@ def main() -> None:
     parser.add_argument("--loras", type=int, default=3, help="random LoRAs per target and multiple")
     parser.add_argument("--targets", nargs="+", choices=sorted(TARGETS), default=list(TARGETS))
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 beside other jobs)")
+    parser.add_argument("--seed", type=int, default=0, help="the training seed whose run is measured")
     parser.add_argument("--training-rows", type=int, default=512,
                         help="training rows read; the context error is measured on the parallel ones as well")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    spec, table, systems, train = load_systems(args.lake, args.language, args.noise)
+    spec, table, systems, train = load_systems(args.lake, args.language, args.noise, args.seed)
     unet = models.load_unet(spec.teacher)
     base = relative_errors(spec, table, systems, unet=unet)
     conditioning = base["untrained"]
@@ -235,7 +237,7 @@ def main() -> None:
             rows.append(table_row(target, multiple, kept, effects, sizes, gaps))
             print(rows[-1], flush=True)
             if multiple == 3.0:
-                kept_3x[target] = statistics.fmean(kept["PEA"])
+                kept_3x[target] = kept
     print("\n| LoRA on | effect on the teacher (relative error) | ‖B·A‖/‖W‖ | "
           + " | ".join(f"{k}: gap kept, mean (min)" for k in gaps) + " |")
     print("|---|---:|---:|" + "---:|" * len(gaps))
@@ -243,8 +245,11 @@ def main() -> None:
     print("\n| model | context width | cross-attention width | layers | null space of to_k/to_v on the context |")
     print("|---|---:|---:|---:|---:|")
     print("\n".join(context_widths()))
+    for target, kept in kept_3x.items():  # #31's aim: mean ≥ 0.90 and worst ≥ 0.85 at 3× on every attention projection
+        print(f"gap_kept_3x[{target}]: " + " ".join(f"{name}={statistics.fmean(v):.3f}/{min(v):.3f}"
+                                                     for name, v in kept.items() if gaps[name] > 0) + " (mean/worst)")
     if kept_3x:
-        print(f"gap_kept_min_3x={min(kept_3x.values()):.3f}")
+        print(f"gap_kept_min_3x={min(statistics.fmean(kept['PEA']) for kept in kept_3x.values()):.3f}")
 
 
 if __name__ == "__main__":

@@ -82,11 +82,14 @@ def main() -> None:
     parser.add_argument("--style", choices=sorted(STYLES), default="recolour")
     parser.add_argument("--steps", type=int, default=600, help="LoRA training steps (batch 32)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 beside other jobs)")
+    parser.add_argument("--lora", type=Path, default=None, help="where the style LoRA is kept (trained there once; "
+                        "every language's lake shares the English teacher, so one serves them all); default "
+                        "<lake>/style-<style>")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     spec, table, systems, _ = load_systems(args.lake, args.language, args.noise)
-    folder = train_style(spec, args.style, args.lake / f"style-{args.style}", args.steps)
+    folder = train_style(spec, args.style, args.lora or args.lake / f"style-{args.style}", args.steps)
     adapters = {name: system for name, system in systems.items() if name != "untrained"}
     pipe = models.load_pipeline(spec.teacher, dtype=models.inference_dtype(spec.train.precision))
     student = models.load_student(spec.student)

@@ -58,7 +58,7 @@ from pea.shards import pack
 from pea.table import TrainingTable, load_table
 
 SYSTEMS = ("teacher_en", "trained", "untrained", "linear_map")  # always in the table
-ORDER = ("teacher_en", "trained", "output_kd", "no_native", "perturbed", "aligned", "aligned_perturbed", "untrained",
+ORDER = ("teacher_en", "trained", "paper", "output_kd", "no_native", "perturbed", "aligned", "aligned_perturbed", "untrained",
          "diffusion_only", "dictionary", "linear_map")
 JUDGED = ("all_right", "count", "color", "shape", "position")
 
@@ -239,11 +239,12 @@ def _mse(a: list[Image.Image], b: list[Image.Image]) -> float:
 
 
 def _draw(spec: LanguageSpec, pipe, student, adapters: dict[str, torch.nn.Module], prompts: list[tuple[str, str]],
-          seeds: list[int], chunk: int = 64) -> dict[str, list[Image.Image]]:
-    """Every system's image for each (target, english) prompt at its seed, in chunks of `chunk` prompts."""
+          seeds: list[int], chunk: int = 64, extra: dict | None = None) -> dict[str, list[Image.Image]]:
+    """Every system's image for each (target, english) prompt at its seed, in chunks of `chunk` prompts; `extra`:
+    more arguments of the pipeline call, the same for every system (e.g. a ControlNet pipeline's `image`)."""
     cfg, size = spec.evaluate, spec.corpus.image_size
     call = {"num_inference_steps": cfg.inference_steps, "guidance_scale": cfg.guidance_scale, "height": size,
-            "width": size}
+            "width": size, **(extra or {})}
     english = {"teacher_en": [e for _, e in prompts]}
     if cfg.dictionary_baseline:
         english["dictionary"] = [word_by_word(t, spec.synthetic_captions) for t, _ in prompts]
@@ -262,10 +263,11 @@ def _draw(spec: LanguageSpec, pipe, student, adapters: dict[str, torch.nn.Module
 
 
 def judge_systems(spec: LanguageSpec, pipe, student, adapters: dict[str, torch.nn.Module],
-                  prompts: list[tuple[str, str]], expected=None) -> dict[str, dict[str, float]]:
+                  prompts: list[tuple[str, str]], expected=None, extra: dict | None = None) -> dict[str, dict[str, float]]:
     """The attribute judge over every distinct (target, English) prompt that names a whole scene,
     `evaluate.judge_seeds` seeds each. `expected(scene) -> scene`: what an image should show instead of the
-    prompt's own scene (a style LoRA that recolours, benchmarks/style_lora.py); default the scene itself."""
+    prompt's own scene (a style LoRA that recolours, benchmarks/style_lora.py; a ControlNet that moves the shape,
+    benchmarks/controlnet.py); default the scene itself. `extra`: more pipeline arguments (a control image)."""
     from pea.toy import Judge, is_scene, judge_score, scene_of, to_tensor
 
     judge = Judge.load(Path(spec.evaluate.judge))
@@ -274,7 +276,7 @@ def judge_systems(spec: LanguageSpec, pipe, student, adapters: dict[str, torch.n
         raise ValueError("no prompt names a whole scene of the synthetic world: nothing for the judge to score")
     prompts = [p for p in prompts for _ in range(spec.evaluate.judge_seeds)]
     seeds = [spec.evaluate.seed + 1000 + i for i in range(len(prompts))]  # not the grid's seeds
-    drawn = _draw(spec, pipe, student, adapters, prompts, seeds)
+    drawn = _draw(spec, pipe, student, adapters, prompts, seeds, extra=extra)
     scenes = [(expected or (lambda scene: scene))(scene_of(e)) for _, e in prompts]
     return {name: judge_score(judge, to_tensor(images), scenes).as_dict() for name, images in drawn.items()}
 
@@ -319,7 +321,7 @@ def evaluate(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, adapte
     for name in cfg.prompt_sets:
         prompts = load_prompts(spec.language, name, cfg.prompts_per_set)
         seeds = [cfg.seed + i for i in range(len(prompts))]
-        drawn = _draw(spec, pipe, student, adapters, prompts, seeds)
+        drawn = _draw(spec, pipe, student, adapters, prompts, seeds, extra=extra)
         targets = [t for t, _ in prompts]
         clip[name] = {system: clip_scores(clip_ref, drawn[system], targets) for system in systems}
         k = min(cfg.grid_prompts, len(prompts))

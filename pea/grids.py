@@ -13,7 +13,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 # Column titles of the evaluation's systems (pea.evaluate.ORDER).
-HEADER = {"teacher_en": "English teacher", "trained": "PEA", "untrained": "untrained", "linear_map": "linear map",
+HEADER = {"teacher_en": "English teacher", "trained": "PEA", "paper": "paper's adapter", "untrained": "untrained", "linear_map": "linear map",
           "diffusion_only": "diffusion only", "dictionary": "dictionary", "output_kd": "output KD only",
           "no_native": "PEA w/o native", "perturbed": "PEA, LoRA-noised",
           "aligned": "PEA, aligned tokens", "aligned_perturbed": "aligned + LoRA-noised",
