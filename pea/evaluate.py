@@ -52,6 +52,7 @@ from pea.baselines import LinearMap, untrained_like, word_by_word
 from pea.distill import Conditioning, sdxl_time_ids
 from pea.embed import EmbedResult
 from pea.grids import HEADER, write_grid
+from pea.hub import pinned_revision
 from pea.pipeline import draw, generate
 from pea.spec import LanguageSpec, ModelRef, StudentSpec, home
 from pea.shards import pack
@@ -213,7 +214,8 @@ def clip_scores(ref: ModelRef, images: list[Image.Image], texts: list[str]) -> f
     """Mean CLIPScore (torchmetrics: 100 · max(cos(image, text), 0)) of images against their captions."""
     from torchmetrics.multimodal.clip_score import CLIPScore
 
-    model, processor = _clip(ref.id, ref.revision)
+    # Pinned like every model load (pea.hub): the commit it names, and an unreachable Hub treated as offline.
+    model, processor = _clip(ref.id, pinned_revision(ref.id, ref.revision) or ref.revision)
     metric = CLIPScore(model_name_or_path=lambda: (model, processor))
     pixels = [torch.from_numpy(np.asarray(image.convert("RGB"))).permute(2, 0, 1) for image in images]
     metric.update(pixels, list(texts))
