@@ -186,6 +186,11 @@ class MaskedStream(io.TextIOBase):
     def encoding(self) -> str:
         return getattr(self._stream, "encoding", "utf-8")
 
+    def __getattr__(self, name: str) -> Any:  # the rest (buffer, reconfigure, ...) as the wrapped stream has it
+        if name == "_stream":  # not set yet: no recursion
+            raise AttributeError(name)
+        return getattr(self._stream, name)
+
 
 class MaskingFilter(logging.Filter):
     """Masks a record's message and its traceback before any handler formats it (Prefect's console and API
