@@ -1,8 +1,10 @@
 """A manifest host on loopback, as object stores and web servers serve files: HEAD, ranged GET, Basic auth, and
-redirects; an origin on 127.0.0.1 (plain and TLS) and a canary on 127.0.0.2 that counts every request it gets.
+redirects; an origin on 127.0.0.1 (plain and TLS) and a canary on 127.0.0.2 that counts every request it gets; and
+FakeGCS, Cloud Storage's JSON API as far as gcsfs reads a file.
 Shared by tests/test_remote_manifests.py and tests/test_secrets_cli.py."""
 
 import base64
+import json
 import re
 import ssl
 import threading
@@ -10,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, unquote, urlsplit
 
 USER, PASSWORD = "alice", "pw-5ecret/#9"  # a password no URL parser keeps whole: '/' and '#'
 
@@ -87,3 +90,50 @@ def serving(site: Site, host: str = "127.0.0.1", tls: ssl.SSLContext | None = No
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+class FakeGCS(BaseHTTPRequestHandler):
+    """The part of Cloud Storage's JSON API gcsfs reads a file through (object metadata, listing by prefix, ranged
+    media download), for STORAGE_EMULATOR_HOST. `objects`: (bucket, name) -> bytes."""
+
+    protocol_version = "HTTP/1.1"
+    objects: dict[tuple[str, str], bytes] = {}
+
+    def log_message(self, format, *args):  # noqa: A002
+        pass
+
+    def _json(self, code: int, data: dict) -> None:
+        body = json.dumps(data).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _meta(self, bucket: str, name: str) -> dict:
+        return {"kind": "storage#object", "bucket": bucket, "name": name, "generation": "1", "metageneration": "1",
+                "size": str(len(self.objects[bucket, name])), "updated": "2026-12-01T10:00:00.000Z"}
+
+    def do_GET(self):  # noqa: N802
+        url = urlsplit(self.path)
+        if match := re.fullmatch(r"/download/storage/v1/b/([^/]+)/o/(.+)", url.path):
+            data = self.objects.get((match[1], unquote(match[2])))
+            if data is None:
+                return self._json(404, {"error": {"code": 404, "message": "No such object"}})
+            start, end = 0, len(data) - 1
+            if span := re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range") or ""):
+                start, end = int(span[1]), min(int(span[2]) if span[2] else end, end)
+            self.send_response(206 if span else 200)
+            self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
+            self.send_header("Content-Length", str(end + 1 - start))
+            self.end_headers()
+            return self.wfile.write(data[start:end + 1])
+        if match := re.fullmatch(r"/storage/v1/b/([^/]+)/o/(.+)", url.path):
+            if (match[1], unquote(match[2])) not in self.objects:
+                return self._json(404, {"error": {"code": 404, "message": "No such object"}})
+            return self._json(200, self._meta(match[1], unquote(match[2])))
+        if match := re.fullmatch(r"/storage/v1/b/([^/]+)/o", url.path):
+            prefix = parse_qs(url.query).get("prefix", [""])[0]
+            return self._json(200, {"kind": "storage#objects", "items": [
+                self._meta(b, n) for b, n in self.objects if b == match[1] and n.startswith(prefix)]})
+        return self._json(404, {"error": {"code": 404, "message": "not found"}})
