@@ -15,10 +15,12 @@ taken before its stage, does its fault, reruns the stage undisturbed, and compar
   for a store part, a training shard or a checkpoint: the error must say "no room" and name it;
 - `corrupt:store`: one byte flipped in a teacher store part, then pack: refused by name, the part set aside,
   the rerun (embed, pack) recomputes it; `corrupt:checkpoint`: one byte flipped in the newest checkpoint of a
-  finished run, whose adapter is removed: the rerun resumes from the previous intact one;
-- `shared:teacher`: zh and ja embed at once into the shared English teacher store.
+  finished run, whose adapter is removed: the rerun must say it skipped that tag for its checksum and resume from
+  the sealed one before (its TrainResult's resumed_from), else the corruption went unseen;
+- `shared:teacher`: zh and ja embed at once into the shared English teacher store (landed: both were running).
 
-Outcomes per trial: whether the kill landed (the child was still running), whether the rerun finished, whether
+Outcomes per trial: whether the fault landed (the kill hit a running stage, the error was raised, the corruption
+was detected, the embeds overlapped; a trial whose fault did not land does not pass), whether the rerun finished, whether
 the result equals the reference (stores, shards, kept rows byte for byte; adapter and metrics within 1e-6),
 partial files visible under final names, duplicate rows or model versions, temps left behind, and the error's
 last line. LAST line: `chaos_ok=<trials passed>/<trials>`.
@@ -148,7 +150,7 @@ class Child:
         return alive
 
     def finish(self) -> int:
-        self.proc.stdout.read()
+        self.output = self.proc.stdout.read()  # what the stage printed after it began (a resume says why here)
         code = self.proc.wait()
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)  # helpers it left behind
@@ -256,15 +258,36 @@ def trial(fault: str, work: Path, ref: dict, rng: random.Random) -> dict:
     elif kind == "corrupt" and target == "checkpoint":
         restore(work, "before-evaluate")
         run_dir = work / "trial" / "lake" / "zh" / "runs" / "chaos"
-        newest = sorted((run_dir / "checkpoints").glob("step*"))[-1]
+        *earlier, newest = sorted((run_dir / "checkpoints").glob("step*"))
         _flip_byte(max((p for p in newest.rglob("*") if p.is_file() and "seal" not in p.name),
                        key=lambda p: p.stat().st_size))
         shutil.rmtree(run_dir / "adapter")
         (work / "trial" / "results" / "zh" / "train.json").unlink()
-        check = "train"
+        # The corruption counts as caught only if the rerun skipped that tag, said why, and resumed from the one before.
+        child = Child("train", work)
+        child.started()
+        code = child.finish()
+        out["rerun"] = code == 0
+        if code:
+            out["message"] = f"rerun: {child.tail()}"
+        said = [line.strip() for line in child.output.splitlines()
+                if line.startswith(f"checkpoint {newest.name} skipped:") and "does not match its checksum" in line]
+        resumed = _resumed_from(work) if code == 0 else None
+        expected = int(earlier[-1].name.removeprefix("step")) if earlier else 0
+        out |= {"landed": bool(said) and resumed == expected, "clear_error": bool(said), "resumed_from": resumed,
+                "skipped": newest.name, "message": said[0] if said else out["message"]}
+        facts = inspect(work)
+        out["identical"] = code == 0 and same(digest("train", work), ref["digest"]["train"])
+        out |= {"partial": facts["visible_partial"], "duplicates": facts["store_duplicates"] + facts["extra_versions"],
+                "temps": facts["temps"]}
+        return out
     else:  # shared:teacher
         restore(work, "before-embed-zh-ja")
         children = [Child("embed", work, language) for language in ("zh", "ja")]
+        for c in children:
+            c.started()
+        # It landed if both were embedding at once: neither had ended when the other began.
+        out["landed"] = all(c.proc.poll() is None for c in children)
         codes = [c.finish() for c in children]
         out["message"] = " | ".join(c.tail() for c in children if c.proc.returncode)
         out["rerun"] = all(code == 0 for code in codes)
@@ -285,9 +308,19 @@ def trial(fault: str, work: Path, ref: dict, rng: random.Random) -> dict:
     return out
 
 
+def _resumed_from(work: Path) -> int | None:
+    """The step the last train stage resumed from (its TrainResult), None when it wrote none."""
+    from pea import results
+
+    path = work / "trial" / "results" / "zh" / "train.json"
+    return results.decode(json.loads(path.read_text())).resumed_from if path.is_file() else None
+
+
 def passed(o: dict) -> bool:
-    return (o["rerun"] and o.get("identical", False) and not o.get("partial") and not o.get("duplicates")
-            and o.get("clear_error", True))
+    """A trial counts only when its fault landed (a kill hit the running stage, the error was raised, the
+    corruption was caught, the two embeds overlapped) and everything after it was right."""
+    return (o["landed"] and o["rerun"] and o.get("identical", False) and not o.get("partial")
+            and not o.get("duplicates") and o.get("clear_error", True))
 
 
 def campaign(faults: list[str], trials: int, work: Path, seed: int = 0) -> list[dict]:
@@ -307,7 +340,7 @@ def campaign(faults: list[str], trials: int, work: Path, seed: int = 0) -> list[
 
 
 def table(outcomes: list[dict]) -> str:
-    lines = ["| fault | trials | kill landed / error raised | rerun finished | identical | partial visible | "
+    lines = ["| fault | trials | fault landed | rerun finished | identical | partial visible | "
              "duplicates | clear error | temps left |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for fault in dict.fromkeys(o["fault"] for o in outcomes):
         rows = [o for o in outcomes if o["fault"] == fault]
@@ -315,6 +348,10 @@ def table(outcomes: list[dict]) -> str:
         clear = f"{count('clear_error')}/{len(rows)}" if any("clear_error" in o for o in rows) else "–"
         lines.append(f"| {fault} | {len(rows)} | {count('landed')} | {count('rerun')} | {count('identical')} | "
                      f"{count('partial')} | {count('duplicates')} | {clear} | {sum(o.get('temps', 0) for o in rows)} |")
+    for o in outcomes:  # what detection looked like: the tag skipped, the step resumed from, the reason given
+        if o["fault"] == "corrupt:checkpoint":
+            lines.append(f"\ncorrupt:checkpoint: {o.get('skipped')} skipped, resumed from step {o.get('resumed_from')}: "
+                         f"{o['message']}")
     return "\n".join(lines)
 
 

@@ -39,7 +39,7 @@ from pea.corpus import acquire as acquire_stage
 from pea.corpus import filter as filter_stage
 from pea.discovery import SCAN_TAG, check_sources
 from pea.embedded import prepare_zoo
-from pea.redact import redact
+from pea.redact import mask_logging, masked_errors, redact
 from pea.spec import ENGINE_ADDRESS, LANGUAGE_CODE, LanguageSpec, lake_root, load_spec, profiles
 from pea.table import data_fingerprint
 
@@ -111,6 +111,7 @@ def _transient(task_, task_run, state) -> bool:
 # --- tasks: one per stage -------------------------------------------------------------------------------------
 
 @task(retries=0)
+@masked_errors()  # Prefect logs and stores the error's message: masked first (pea.redact)
 def load_language(language: str, profile: str | None, overrides: dict[str, dict[str, Any]]) -> LanguageSpec:
     """Load and validate the spec, then apply the run's overrides (validated again, never retried). A run the scan
     started checks the spec's sources again (pea.discovery): the YAML may have changed since the scan read it."""
@@ -122,11 +123,13 @@ def load_language(language: str, profile: str | None, overrides: dict[str, dict[
 
 
 @task
+@masked_errors()  # Prefect logs and stores the error's message: masked first (pea.redact)
 def build_zoo(spec: LanguageSpec) -> dict[str, Path]:
     return prepare_zoo(image_size=spec.corpus.image_size)
 
 
 @task
+@masked_errors()  # Prefect logs and stores the error's message: masked first (pea.redact)
 def build_full_size(spec: LanguageSpec) -> dict[str, Path]:
     """Profile fullsize: the real architectures with random weights (pea.fullsize), built once."""
     from pea import fullsize
@@ -136,34 +139,40 @@ def build_full_size(spec: LanguageSpec) -> dict[str, Path]:
 
 @task(retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=_transient, cache_key_fn=_acquire_key,
       persist_result=True)
+@masked_errors()  # Prefect logs and stores the error's message: masked first (pea.redact)
 def acquire(spec: LanguageSpec, lake: Path) -> acquire_stage.AcquireResult:
     return acquire_stage.acquire(spec, lake)
 
 
 @task(cache_key_fn=_filter_key, persist_result=True)
+@masked_errors()  # Prefect logs and stores the error's message: masked first (pea.redact)
 def filter_pairs(spec: LanguageSpec, lake: Path) -> filter_stage.FilterResult:
     return filter_stage.filter_pairs(spec, lake)
 
 
 @task(cache_key_fn=_embed_key, persist_result=True)
+@masked_errors()  # Prefect logs and stores the error's message: masked first (pea.redact)
 def embed(spec: LanguageSpec, lake: Path, pairs: Path) -> embed_stage.EmbedResult:
     # In this process for one worker; under the deepspeed launcher for spec embed.launcher's workers.
     return embed_stage.launch(spec, lake, pairs)
 
 
 @task(cache_key_fn=_pack_key, persist_result=True)
+@masked_errors()  # Prefect logs and stores the error's message: masked first (pea.redact)
 def pack(spec: LanguageSpec, pairs: Path, embedded: embed_stage.EmbedResult) -> shards_stage.Packed:
     """Join the pairs with their tensors into the training shards every rank streams (and the held-out sample)."""
     return shards_stage.pack(spec, pairs, embedded)
 
 
 @task(cache_key_fn=_per_flow_run_key("train"), persist_result=True)
+@masked_errors()  # Prefect logs and stores the error's message: masked first (pea.redact)
 def train(spec: LanguageSpec, pairs: Path, embedded: embed_stage.EmbedResult, run_dir: Path) -> train_stage.TrainResult:
     # In this process for one process; under the deepspeed launcher for spec train.launcher's processes/nodes.
     return train_stage.launch(spec, pairs, embedded, run_dir)
 
 
 @task(cache_key_fn=_per_flow_run_key("train_diffusion_only"), persist_result=True)
+@masked_errors()  # Prefect logs and stores the error's message: masked first (pea.redact)
 def train_diffusion_only(spec: LanguageSpec, pairs: Path, embedded: embed_stage.EmbedResult,
                          run_dir: Path) -> train_stage.TrainResult:
     """The table's diffusion-loss-only baseline (evaluate.diffusion_only_baseline): same data and steps, no KD,
@@ -172,6 +181,7 @@ def train_diffusion_only(spec: LanguageSpec, pairs: Path, embedded: embed_stage.
 
 
 @task(cache_key_fn=_per_flow_run_key("evaluate"), persist_result=True)
+@masked_errors()  # Prefect logs and stores the error's message: masked first (pea.redact)
 def evaluate(spec: LanguageSpec, pairs: Path, embedded: embed_stage.EmbedResult, trained: train_stage.TrainResult,
              baselines: dict[str, Path]) -> evaluate_stage.Evaluation:
     return evaluate_stage.evaluate(spec, pairs, embedded, trained.adapter_dir, trained.run_dir / "evaluation",
@@ -180,6 +190,7 @@ def evaluate(spec: LanguageSpec, pairs: Path, embedded: embed_stage.EmbedResult,
 
 @task(retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_transient,
       cache_key_fn=_per_flow_run_key("register"), persist_result=True)
+@masked_errors()  # Prefect logs and stores the error's message: masked first (pea.redact)
 def register(spec: LanguageSpec, trained: train_stage.TrainResult, evaluation: evaluate_stage.Evaluation,
              filtered: filter_stage.FilterResult) -> registry.Registration:
     result = registry.register(spec, trained, evaluation, [filtered.report_path, *filtered.histograms.values()],
@@ -258,6 +269,7 @@ def pea(language: Annotated[str, Field(pattern=LANGUAGE_CODE.pattern, descriptio
     cached results. Runs of the same language wait for each other.
     """
     progress.for_logs()
+    mask_logging()  # Prefect's console and API handlers: every line this run logs, tracebacks included, is masked
     spec = load_language(language, profile, run_overrides(steps, micro_batch_size, engine_address))
     threads = launcher.thread_budget(_runs_at_once())
     launcher.apply_thread_budget(threads)
@@ -358,8 +370,12 @@ def main() -> None:
     parser.add_argument("--engine-address", help="Ray for acquire and filter: 'auto' or ray://<head>:10001")
     parser.add_argument("--refresh-cache", action="store_true", help="recompute every stage")
     args = parser.parse_args()
-    print_summary(pea(args.language, args.profile, steps=args.steps, micro_batch_size=args.micro_batch_size,
-                      engine_address=args.engine_address, refresh_cache=args.refresh_cache))
+    from pea.cli import run_masked
+
+    # A failed run ends in one masked line naming the error (Prefect has logged its masked traceback above it).
+    raise SystemExit(run_masked("pea flow", lambda: print_summary(pea(
+        args.language, args.profile, steps=args.steps, micro_batch_size=args.micro_batch_size,
+        engine_address=args.engine_address, refresh_cache=args.refresh_cache))))
 
 
 if __name__ == "__main__":

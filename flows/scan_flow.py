@@ -26,7 +26,7 @@ from prefect.deployments import run_deployment
 
 from pea import ops
 from pea.discovery import SCAN_TAG
-from pea.redact import redact
+from pea.redact import mask_logging, masked_errors, redact
 from pea.spec import SpecError
 
 TRAIN_DEPLOYMENT = "pea/train-language"
@@ -46,6 +46,12 @@ def unfinished_languages(deployment: str = TRAIN_DEPLOYMENT) -> dict[str, str]:
 @flow(name="pea-scan", log_prints=True, retries=0)
 def scan_languages(profile: str | None = None, deployment: str = TRAIN_DEPLOYMENT) -> dict:
     """Start `deployment` for each due language of data/languages/ (with `profile`); report the others."""
+    mask_logging()  # what this run logs (Prefect's handlers), tracebacks included, is masked
+    with masked_errors():  # and the error it fails with, as Prefect logs and stores it
+        return _scan(profile, deployment)
+
+
+def _scan(profile: str | None, deployment: str) -> dict:
     scan = ops.due_languages(profile)
     busy = unfinished_languages(deployment)
     started, rows = {}, []
@@ -74,7 +80,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Start train-language runs for new or changed languages.")
     parser.add_argument("--profile", help="the profile the train-language runs use, e.g. 'embedded'")
     args = parser.parse_args()
-    print(json.dumps(scan_languages(args.profile), indent=2))
+    from pea.cli import run_masked
+
+    raise SystemExit(run_masked("pea scan", lambda: print(json.dumps(scan_languages(args.profile), indent=2))))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 from pathlib import Path
 
 from pea.atomic import publish
@@ -60,3 +62,45 @@ def newest_intact(checkpoints: Path, log=print) -> str | None:  # noqa: ANN001 -
             return tag_dir.name
         log(f"checkpoint {tag_dir.name} skipped: {why}")
     return None
+
+
+def run_directory(run_dir: Path) -> Path:
+    """Create `run_dir` (and missing parents) owner-only; an existing one is left as it is (check_private judges)."""
+    run_dir = Path(run_dir)
+    try:
+        run_dir.mkdir(mode=0o700, parents=True)
+        os.chmod(run_dir, 0o700)  # mkdir's mode passes through the umask: say it exactly
+    except FileExistsError:
+        pass
+    return run_dir
+
+
+def _unsafe(path: Path, uid: int) -> str | None:
+    info = os.lstat(path)
+    if stat.S_ISLNK(info.st_mode):
+        return "is a symbolic link"
+    if info.st_uid != uid:
+        return f"is owned by uid {info.st_uid}, not you (uid {uid})"
+    if writable := [who for who, bit in (("group", stat.S_IWGRP), ("others", stat.S_IWOTH)) if info.st_mode & bit]:
+        return f"is writable by {' and '.join(writable)} (mode {stat.S_IMODE(info.st_mode):o})"
+    return None
+
+
+def check_private(run_dir: Path) -> None:
+    """Refuse to resume from `run_dir` unless it, its checkpoints folder and everything in it are owned by this user,
+    are not symbolic links and are writable by nobody else (PermissionError naming the path and the fix)."""
+    run_dir = Path(run_dir)
+    uid = os.geteuid()
+    checkpoints = run_dir / "checkpoints"
+    paths = [run_dir]
+    if os.path.lexists(checkpoints):
+        paths.append(checkpoints)
+        if checkpoints.is_dir() and not checkpoints.is_symlink():
+            paths += sorted(checkpoints.rglob("*"))
+    for path in paths:
+        if (why := _unsafe(path, uid)) is not None:
+            raise PermissionError(
+                f"{path} {why}: DeepSpeed checkpoints are pickles, so training resumes only from a run directory "
+                f"that only you can write. If nobody else can have put files there, fix it with `chown -R "
+                f"{uid} {run_dir} && chmod -R go-w {run_dir}` (and replace any link by the file); otherwise train "
+                "into a new run directory")

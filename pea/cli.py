@@ -6,12 +6,19 @@
     pea generate --language zh --prompt "左边有一个红色的圆形" [--model-uri models:/pea-adapter-zh@champion] --out a.png
 
 The whole pipeline runs as the Prefect flow: `python -m flows.pea_flow --language zh`.
+
+A command that fails prints one line, `pea <command>: <error>`, masked (pea.redact: tracking-URI passwords, tokens,
+signed URLs) and naming the fix; no traceback (PEA_DEBUG=1 prints it, masked too). Everything the command and the
+libraries it calls print, their log lines included, passes through the same masking.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import tempfile
+import traceback
 from pathlib import Path
 
 
@@ -140,7 +147,9 @@ def _eval(args) -> None:
     try:
         version = resolve(uri, MlflowClient(tracking_uri()))
     except MlflowException as err:
-        raise SystemExit(f"{uri} is not in the registry at {redact(tracking_uri())}: {err.message}") from None
+        raise SystemExit(f"{uri} cannot be read from the registry at {redact(tracking_uri())}: {redact(err.message)}; "
+                         "start the tracking server or fix MLFLOW_TRACKING_URI, or pass --model-uri of a registered "
+                         "version") from None
     tags = version.tags
     for role, ref in (("teacher", spec.teacher), ("student", spec.student)):
         if tags.get(f"{role}_id") not in (None, ref.id):
@@ -190,7 +199,55 @@ def main(argv: list[str] | None = None) -> None:
                         "teacher.safety_checker, off)")
     p.set_defaults(run=_generate)
     args = parser.parse_args(argv)
-    args.run(args)
+    raise SystemExit(run_masked(f"pea {args.run.__name__.lstrip('_')}", lambda: args.run(args)))
+
+
+def _fix(err: BaseException) -> str | None:
+    """The fix for an error of the tracking server or the network (None for others: pea's own name theirs)."""
+    from pea.redact import redact
+
+    names = {c.__name__ for c in type(err).__mro__}
+    if "MlflowException" in names or "RestException" in names:
+        uri = redact(os.environ.get("MLFLOW_TRACKING_URI", "the embedded default's SQLite store"))
+        return (f"; check that the MLflow tracking server at {uri} is up and MLFLOW_TRACKING_URI (and its credentials) "
+                "are right, then rerun")
+    if names & {"ConnectionError", "TimeoutError", "gaierror", "TransportError", "RequestException"}:
+        return "; check the address and the network, then rerun"
+    return None
+
+
+def run_masked(name: str, command) -> int:  # noqa: ANN001 - any callable
+    """Run `command` with stdout, stderr and every log handler masked; an error becomes one masked line naming the fix
+    (exit 1). Returns the exit status."""
+    from pea.redact import MaskedStream, mask_logging, one_line
+
+    out, err_stream = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = MaskedStream(out), MaskedStream(err_stream)
+    mask_logging()
+    try:
+        command()
+        return 0
+    except SystemExit as exit_:  # pea's own refusals: already a sentence naming the fix
+        if exit_.code is None or isinstance(exit_.code, int):
+            return exit_.code or 0
+        print(f"{name}: {' '.join(str(exit_.code).split())}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - every error becomes one line
+        if os.environ.get("PEA_DEBUG"):
+            traceback.print_exc(file=sys.stderr)  # through the masked stream
+        message = one_line(error)
+        fix = _fix(error)
+        if fix is None:  # pea's errors end in "; <the fix>"; anything else at least says how to see more
+            fix = "" if "; " in message else "; rerun with PEA_DEBUG=1 for the (masked) traceback"
+        print(f"{name}: {message}{fix}", file=sys.stderr)
+        return 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        sys.stdout, sys.stderr = out, err_stream
 
 
 if __name__ == "__main__":

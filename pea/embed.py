@@ -52,6 +52,7 @@ from filelock import FileLock
 from PIL import Image
 
 from pea import launcher, models, progress
+from pea.atomic import publish
 from pea.spec import LanguageSpec, lake_root
 from pea.store import FORMAT as STORE_FORMAT
 from pea.store import TensorStore, connect, key_digest
@@ -298,9 +299,8 @@ def _write_result(result: EmbedResult, path: Path) -> None:
     fields = {"teacher_store": str(result.teacher_store), "student_store": str(result.student_store),
               "latent_store": str(result.latent_store), "computed": result.computed, "reused": result.reused,
               "seconds": result.seconds}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(fields, indent=2))
-    os.replace(tmp, path)
+    with publish(path, "embed: worker result") as tmp:
+        tmp.write_text(json.dumps(fields, indent=2))
 
 
 def _read_result(path: Path) -> EmbedResult:

@@ -38,7 +38,6 @@ from __future__ import annotations
 import csv
 import functools
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,11 +46,13 @@ import torch
 from PIL import Image
 
 from pea import models
+from pea.atomic import publish
 from pea.adapter import PEAAdapter
 from pea.baselines import LinearMap, untrained_like, word_by_word
 from pea.distill import Conditioning, sdxl_time_ids
 from pea.embed import EmbedResult
 from pea.grids import HEADER, write_grid
+from pea.hub import pinned_revision
 from pea.pipeline import draw, generate
 from pea.spec import LanguageSpec, ModelRef, StudentSpec, home
 from pea.shards import pack
@@ -213,7 +214,8 @@ def clip_scores(ref: ModelRef, images: list[Image.Image], texts: list[str]) -> f
     """Mean CLIPScore (torchmetrics: 100 · max(cos(image, text), 0)) of images against their captions."""
     from torchmetrics.multimodal.clip_score import CLIPScore
 
-    model, processor = _clip(ref.id, ref.revision)
+    # Pinned like every model load (pea.hub): the commit it names, and an unreachable Hub treated as offline.
+    model, processor = _clip(ref.id, pinned_revision(ref.id, ref.revision) or ref.revision)
     metric = CLIPScore(model_name_or_path=lambda: (model, processor))
     pixels = [torch.from_numpy(np.asarray(image.convert("RGB"))).permute(2, 0, 1) for image in images]
     metric.update(pixels, list(texts))
@@ -221,9 +223,8 @@ def clip_scores(ref: ModelRef, images: list[Image.Image], texts: list[str]) -> f
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    with publish(path, "evaluate: report") as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 # --- the harness --------------------------------------------------------------------------------------------------
@@ -334,11 +335,10 @@ def evaluate(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, adapte
                             out_dir / "evaluation.csv", Path(pairs_path), embedded, Path(adapter_dir), cfg.clip_model,
                             systems, judged, judged_sets)
     rows = evaluation.rows()
-    with open(tmp := out_dir / ".evaluation.csv.tmp", "w", newline="", encoding="utf-8") as f:
+    with publish(evaluation.table, "evaluate: table") as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, evaluation.table)
     report = {"language": spec.language, "heldout_pairs": len(heldout), **evaluation.metrics(), "table": rows,
               "settings": cfg.model_dump(mode="json"), "teacher": spec.teacher.id, "student": spec.student.id,
               "grid": str(grid), "grids": {k: str(v) for k, v in grids.items()},

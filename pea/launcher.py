@@ -8,7 +8,8 @@ multi-node runners echo their command with every exported variable, MLflow token
 the command, its exit code and the ranks' last lines. The environment is forwarded: the launcher's
 local ranks inherit it; for several nodes the variables of spec.FORWARDED_ENV plus the layout's
 `forward_env` are written (owner-only) to `<workdir>/.deepspeed_env`, which the launcher exports on
-every node (it runs with `workdir` as its working directory).
+every node (it runs with `workdir` as its working directory); the file holds tokens, so it is removed when the
+launch ends, whether it succeeded or failed (each node's launcher reads it when it starts).
 """
 
 from __future__ import annotations
@@ -138,9 +139,15 @@ def run(command: list[str], layout: LauncherSpec, workdir: Path) -> None:
                  "PYTHONPATH": os.pathsep.join(p for p in (str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")) if p)}
     env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV}
     env.update(forwarded)
-    if layout.num_nodes > 1:
-        write_deepspeed_env(workdir, forwarded)
+    env_file = write_deepspeed_env(workdir, forwarded) if layout.num_nodes > 1 else None
+    try:
+        _stream(command, layout, workdir, env)
+    finally:
+        if env_file is not None:  # it holds the forwarded tokens: gone once the launch ends, however it ends
+            env_file.unlink(missing_ok=True)
 
+
+def _stream(command: list[str], layout: LauncherSpec, workdir: Path, env: dict[str, str]) -> None:
     shown = redact(shlex.join(command))
     if layout.multinode_runner == "no_ssh" and layout.num_nodes > 1:  # this node's ranks only
         print(f"launching {layout.num_gpus} of {layout.world_size} processes: {shown}", flush=True)

@@ -28,7 +28,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from pydantic import ValidationError
 
-from pea.corpus.addresses import check_url, networks
+from pea.corpus.addresses import networks
 from pea.discovery import check_sources
 from pea.redact import masked_errors, redact
 from pea.registry import Registration, model_name, tracking_uri
@@ -48,18 +48,18 @@ def _sha256_file(path: Path) -> str:
 
 def _manifest_digest(location: str, allowed: tuple = ()) -> str:
     """sha256 of a local manifest; for a remote (fsspec) URL its size and ETag/modification time (an http(s) one
-    only at a public address or in `allowed`: the scan asks every spec's manifest host)."""
+    only at a public address or in `allowed`, on every redirect hop: pea.corpus.remote)."""
     if "://" not in location:
         path = Path(location) if Path(location).is_absolute() else home() / location
         return _sha256_file(path) if path.is_file() else "missing"
     try:
-        import fsspec
+        from pea.corpus.remote import describe, manifest_filesystem
 
-        check_url(location, allowed)
-        fs, _, (remote,) = fsspec.get_fs_token_paths(location)
-        info = fs.info(remote)
-        return f"{info.get('size')}:{info.get('ETag') or info.get('etag') or info.get('mtime') or info.get('LastModified')}"
-    except Exception as err:  # unreachable now: acquire will say why; the scan must not stop here
+        fs, remote = manifest_filesystem(location, allowed)
+        info = describe(fs, remote, location)
+        stamp = next((info[k] for k in ("ETag", "etag", "mtime", "LastModified", "Last-Modified") if info.get(k)), None)
+        return f"{info.get('size')}:{stamp}"
+    except Exception as err:  # unreachable or refused now: acquire will say why; the scan must not stop here
         return f"unreadable ({type(err).__name__})"
 
 

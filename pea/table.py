@@ -21,17 +21,23 @@ from pea.spec import LanguageSpec
 from pea.store import CorruptPart, connect, decode_tensor, pair_hash, read_part
 
 Split = Literal["train", "heldout"]
+PACKED_COLUMNS = ("key", "image_sha256", "caption_en", "caption", "native")  # what pack reads of the pairs
 
 
 def data_fingerprint(pairs_path: Path) -> str:
-    """A digest of the pairs' content (image hashes and captions), independent of file layout and row order,
-    computed inside DuckDB: the count, the XOR and the sum of each row's MD5 (a duplicated row changes the
-    sum even where the XORs cancel)."""
+    """A digest of the pairs' content, independent of file layout and row order, computed inside DuckDB: the count,
+    the XOR and the sum of each row's MD5 (a duplicated row changes the sum even where the XORs cancel). A row is
+    every column that changes what pack writes (key, image hash, both captions, the native flag; those a table has),
+    as JSON, so a NULL differs from '' and no value can run into the next; changing only which rows are native
+    changes it."""
     spill = Path(pairs_path).parent / f".duckdb-{uuid.uuid4().hex}.tmp"
     con = connect(spill)
     try:
-        row = con.execute("""SELECT count(*), bit_xor(md5_number(r)), sum(md5_number_lower(r)::HUGEINT)
-            FROM (SELECT concat_ws(chr(31), image_sha256, caption_en, caption) AS r FROM read_parquet($p))""",
+        has = {row[0] for row in con.execute("DESCRIBE SELECT * FROM read_parquet($p)", {"p": str(pairs_path)})
+               .fetchall()}
+        fields = ", ".join(f"'{c}': \"{c}\"" for c in PACKED_COLUMNS if c in has)  # names of our own: no injection
+        row = con.execute(f"""SELECT count(*), bit_xor(md5_number(r)), sum(md5_number_lower(r)::HUGEINT)
+            FROM (SELECT to_json({{{fields}}})::VARCHAR AS r FROM read_parquet($p))""",
                           {"p": str(pairs_path)}).fetchall()[0]
     finally:
         con.close()

@@ -75,9 +75,8 @@ class TrainResult:
     def write(self, path: Path) -> None:
         """As JSON (temp file, then rename): how a launched run hands its result back."""
         fields = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(fields, indent=2))
-        os.replace(tmp, path)
+        with publish(path, "train: result") as tmp:
+            tmp.write_text(json.dumps(fields, indent=2))
 
     @classmethod
     def read(cls, path: Path) -> TrainResult:
@@ -192,8 +191,10 @@ def train(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, run_dir: 
     cfg = spec.train
     run_dir = Path(run_dir)
     # DeepSpeed unpickles its own checkpoints (torch.load with weights_only=False): it only ever reads
-    # them from this run directory, which this code creates, owner-only, and never from user input.
-    run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # them from this run directory, created owner-only and checked before anything else (pea.checkpoints): a run
+    # directory someone else could write is refused before any work is done.
+    checkpoints_lib.run_directory(run_dir)
+    checkpoints_lib.check_private(run_dir)
     # Packed once per content key (the flow's pack task, or the first rank here); every rank streams its share.
     shards = pack(spec, pairs_path, embedded).train
     shapes = {name: shape for name, (shape, _) in shards.tensors.items()}
@@ -342,7 +343,7 @@ def launch(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, run_dir:
     if layout.world_size == 1:
         return train(spec, pairs_path, embedded, run_dir)
     run_dir = Path(run_dir).resolve()
-    run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # see train(): DeepSpeed unpickles what is in here
+    checkpoints_lib.run_directory(run_dir)  # see train(): DeepSpeed unpickles what is in here
     pack(spec, pairs_path, embedded)  # once, here, rather than raced by the ranks
     command = launch_command(spec, Path(pairs_path).resolve(), embedded, run_dir)
     with publish(run_dir / "spec.json", "train: launch spec") as tmp:  # a temp name of its own: no_ssh nodes race here

@@ -31,4 +31,13 @@ def test_the_rerun_after_the_fault_equals_the_undisturbed_run(outcomes, fault):
     assert outcome["rerun"] and outcome["identical"], outcome
     assert not outcome["partial"] and not outcome["duplicates"], outcome
     assert outcome.get("clear_error", True), f"unclear error: {outcome['message']}"
+    if fault == "corrupt:checkpoint":  # detected, not merely survived: the corrupted tag skipped by name, and why
+        assert outcome["resumed_from"] == 40 and outcome["skipped"] == "step00000060", outcome
+        assert outcome["message"].startswith("checkpoint step00000060 skipped:") and "checksum" in outcome["message"]
     assert chaos.passed(outcome)
+
+
+def test_a_trial_whose_fault_did_not_land_does_not_pass():
+    chaos = _benchmark()
+    clean = {"fault": "kill:train", "landed": True, "rerun": True, "identical": True, "partial": [], "duplicates": 0}
+    assert chaos.passed(clean) and not chaos.passed({**clean, "landed": False})

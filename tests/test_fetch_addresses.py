@@ -26,6 +26,38 @@ def test_non_public_addresses_are_refused_by_kind(address, kind):
     assert why is not None and (kind is None or why == kind), (address, why)
 
 
+@pytest.mark.parametrize("address, kind", [
+    ("2002:7f00:1::", "loopback"), ("2002:a9fe:a9fe::1", "link-local"), ("2002:0a00:0001:1::5", "private"),  # 6to4
+    ("2001:0:4136:e378:8000:63bf:80ff:fffe", "loopback"),  # Teredo: client 127.0.0.1 (stored inverted)
+    ("2001:0:a9fe:a9fe::f5ff:fffe", "link-local"),  # Teredo: server 169.254.169.254
+    ("fec0::1", "site-local"), ("feff::1", "site-local"), ("64:ff9b::7f00:1", None),
+])
+def test_ipv6_forms_carrying_an_ipv4_address_are_judged_by_it(address, kind):
+    why = refusal(address)
+    assert why is not None and (kind is None or why == kind), (address, why)
+
+
+def test_carried_public_addresses_pass_and_allowed_networks_apply_to_the_carried_one():
+    assert refusal("2002:808:808::1") is None  # 6to4 of 8.8.8.8, judged, never contacted
+    assert refusal("2001:0:808:808::f7f7:f7f7") is None  # Teredo, server and client 8.8.8.8
+    assert refusal("2002:7f00:1::", networks(LOOPBACK)) is None and refusal("2002:7f00:2::", networks(LOOPBACK))
+
+
+def test_a_url_with_user_info_is_refused_and_never_resolved(servers, monkeypatch):
+    import socket
+
+    looked_up = []
+    real = socket.getaddrinfo
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, *a, **k: looked_up.append(host) or real(host, *a, **k))
+    origin, _, hits = servers
+    before = len(hits["origin"])
+    host = origin.split("://")[1]
+    key, stream, error = fetch_image((6, f"http://bob:hunter2-x@{host}/ok.png"), 5, max_bytes=10_000,
+                                     allow_networks=LOOPBACK)
+    assert stream is None and error.startswith("bad_url: the URL has user-info"), error
+    assert "hunter2" not in error and looked_up == [] and len(hits["origin"]) == before
+
+
 def test_public_addresses_pass_and_allowed_networks_open_exactly_themselves():
     assert refusal("93.184.215.14") is None and refusal("2606:4700::1111") is None  # judged, never contacted
     allowed = networks(LOOPBACK)
@@ -62,6 +94,12 @@ def servers():
 
             def do_GET(self):  # noqa: N802
                 hits[name].append(self.path)
+                if self.path == "/to-userinfo.png":
+                    self.send_response(302)
+                    self.send_header("Location", origin_url.replace("://", "://eve:pw-9z@") + "/ok.png")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 if self.path == "/to-canary.png":
                     self.send_response(302)
                     self.send_header("Location", canary_url + "/ok.png")
@@ -111,3 +149,9 @@ def test_a_named_network_opens_the_redirect_target(servers):
     key, stream, error = fetch_image((5, origin + "/to-canary.png"), 5, max_bytes=10_000,
                                      allow_networks=("127.0.0.0/8",))
     assert error is None and stream.read() == IMAGE and hits["canary"] == ["/ok.png"]
+
+
+def test_a_redirect_to_a_url_with_user_info_is_refused(servers):
+    origin, _, hits = servers
+    key, stream, error = fetch_image((7, origin + "/to-userinfo.png"), 5, max_bytes=10_000, allow_networks=LOOPBACK)
+    assert stream is None and error.startswith("redirect:") and "user-info" in error and "pw-9z" not in error, error

@@ -47,3 +47,46 @@ def test_structures_keep_their_shape():
     data = {"corpus": {"manifests": [{"path": "https://u:p@h/x.parquet"}]}, "n": 2, "t": ("TOKEN=a",)}
     assert redact_all(data) == {"corpus": {"manifests": [{"path": "https://u:***@h/x.parquet"}]}, "n": 2,
                                 "t": ("TOKEN=***",)}
+
+
+def test_secrets_of_the_environment_are_masked_in_any_form(monkeypatch):
+    # A password holding '/' and '#': no URL parser keeps it whole, so only knowing the value finds it.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://alice:pa/ss#w0rd@mlflow.example.org")
+    monkeypatch.setenv("HF_TOKEN", "hf_abcdefgh")
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")  # a 'TOKEN' name with a short, ordinary value: kept
+    text = "POST https://alice:pa/ss#w0rd@mlflow.example.org/api failed; sent pa%2Fss%23w0rd and Bearer hf_abcdefgh"
+    masked = redact(text)
+    assert "pa/ss" not in masked and "pa%2Fss" not in masked and "hf_abcdefgh" not in masked, masked
+    assert "alice:***@mlflow.example.org" in masked and redact("false and true") == "false and true"
+
+
+def test_an_exception_chain_and_log_records_are_masked(monkeypatch, capsys):
+    import io
+    import logging
+
+    from pea.redact import MaskedStream, MaskingFilter, mask_exception
+
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "tok-1234567")
+    try:
+        try:
+            raise ConnectionError("GET https://u:p4ssw0rd@h/x?sig=abc failed")
+        except ConnectionError as inner:
+            raise RuntimeError("registry down, token tok-1234567") from inner
+    except RuntimeError as err:
+        mask_exception(err)
+        assert "tok-1234567" not in str(err) and "p4ssw0rd" not in str(err.__cause__)
+        assert "sig=***" in str(err.__cause__)
+        stream = io.StringIO()
+        handler = logging.StreamHandler(stream)
+        handler.addFilter(MaskingFilter())
+        logger = logging.getLogger("pea-test-masking")
+        logger.addHandler(handler)
+        logger.error("failed with %s", "https://u:p4ssw0rd@h/", exc_info=(type(err), err, err.__traceback__))
+        logger.removeHandler(handler)
+    assert "u:***@h" in stream.getvalue() and "p4ssw0rd" not in stream.getvalue() and "Traceback" in stream.getvalue()
+    out = io.StringIO()
+    masked = MaskedStream(out)
+    masked.write("https://u:p4ss")  # a secret split across writes is masked once its line is whole
+    masked.write("w0rd@h/ tok-1234567\nnext")
+    masked.flush()
+    assert out.getvalue() == "https://u:***@h/ ***\nnext"

@@ -23,7 +23,9 @@ def test_deepspeed_multinode_runner_echo_is_masked_in_the_stream_and_the_error(t
     # would, and fails. DeepSpeed's runner, which logs `cmd = pdsh ... export MLFLOW_TRACKING_TOKEN=...`, is real.
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "pdsh").write_text("#!/bin/sh\necho \"pdsh: cannot reach nodes for: $*\"\nexit 3\n")
+    # It also keeps what the launch's .deepspeed_env held, and its mode, while the launch runs (pdsh runs in it).
+    (bin_dir / "pdsh").write_text("#!/bin/sh\ncp .deepspeed_env ../env-seen; stat -c %a .deepspeed_env > ../env-mode\n"
+                                  "echo \"pdsh: cannot reach nodes for: $*\"\nexit 3\n")
     (bin_dir / "pdsh").chmod(stat.S_IRWXU)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", f"tok-{SECRET}")
@@ -43,9 +45,10 @@ def test_deepspeed_multinode_runner_echo_is_masked_in_the_stream_and_the_error(t
     assert "export MLFLOW_TRACKING_TOKEN=***;" in out and "pdsh: cannot reach nodes" in out  # the echo happened
     assert "MLFLOW_TRACKING_PASSWORD=***" in out and "alice:***@mlflow.example.org" in out
     assert SECRET not in out and SECRET not in str(raised.value) and "MLFLOW_TRACKING_TOKEN=***" in str(raised.value)
-    # The nodes still get the real values, from the owner-only file DeepSpeed exports.
-    env_file = workdir / ".deepspeed_env"
-    assert f"MLFLOW_TRACKING_TOKEN=tok-{SECRET}" in env_file.read_text() and env_file.stat().st_mode & 0o077 == 0
+    # The nodes got the real values, from the owner-only file DeepSpeed exports, which is gone once the launch ended
+    # (here in failure; tests/test_launcher_env.py: in success).
+    assert f"MLFLOW_TRACKING_TOKEN=tok-{SECRET}" in (tmp_path / "env-seen").read_text()
+    assert (tmp_path / "env-mode").read_text().strip() == "600" and not (workdir / ".deepspeed_env").exists()
 
 
 @pytest.fixture(scope="module")

@@ -86,9 +86,8 @@ def _synthetic_manifest(spec: LanguageSpec, corpus_dir: Path, base_url: str) -> 
     table = pq.read_table(manifest)
     urls = pa.array([u if "://" in u else base_url + u for u in table["url"].to_pylist()])
     served = corpus_dir / "manifest-served.parquet"
-    tmp = served.with_name(served.name + ".tmp")
-    pq.write_table(table.set_column(table.schema.get_field_index("url"), "url", urls), tmp)
-    tmp.replace(served)
+    with publish(served, "acquire: served synthetic manifest") as tmp:
+        pq.write_table(table.set_column(table.schema.get_field_index("url"), "url", urls), tmp)
     return ManifestSpec(path=str(served), columns=ColumnMapping(native="native"))
 
 

@@ -6,16 +6,16 @@ checks every resolved address here and connects only to an address that passes, 
 every redirect, so a name that resolves differently later (DNS rebinding) cannot slip past the check.
 
 Refused unless `corpus.allow_networks` holds them: loopback, private (RFC 1918, ULA), link-local, multicast,
-reserved, unspecified and every other non-global address (carrier-grade NAT, documentation ranges); an
-IPv4-mapped IPv6 address is judged as its IPv4 address.
+reserved, unspecified, deprecated site-local (fec0::/10) and every other non-global address (carrier-grade NAT,
+documentation ranges, NAT64's 64:ff9b::/96). An IPv6 address that carries an IPv4 one is judged by what it carries:
+IPv4-mapped (::ffff:a.b.c.d), 6to4 (2002:aabb:ccdd::/48) and Teredo (2001:0::/32: its server and its client, both
+must pass), so 2002:7f00:1:: is loopback and 2002:a9fe:a9fe:: the metadata service.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import socket
 from collections.abc import Iterable
-from urllib.parse import urlsplit
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -34,31 +34,28 @@ def networks(cidrs: Iterable[str]) -> tuple[Network, ...]:
     return tuple(out)
 
 
+def _carried(ip: Address) -> tuple[ipaddress.IPv4Address, ...]:
+    """The IPv4 addresses an IPv6 address carries (mapped, 6to4, Teredo's server and client), else none."""
+    if ip.version != 6:
+        return ()
+    if ip.ipv4_mapped is not None:
+        return (ip.ipv4_mapped,)
+    if ip.sixtofour is not None:
+        return (ip.sixtofour,)
+    return ip.teredo or ()
+
+
 def refusal(address: str | Address, allowed: Iterable[Network] = ()) -> str | None:
     """Why the fetch must not connect to `address` (e.g. 'loopback'), or None when it may."""
     ip = ipaddress.ip_address(address.split("%", 1)[0] if isinstance(address, str) else address)  # no IPv6 zone
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    allowed = tuple(allowed)
+    if carried := _carried(ip):  # the tunnel delivers to the IPv4 address: that is what is reached
+        return next((why for why in (refusal(v4, allowed) for v4 in carried) if why is not None), None)
     if any(ip.version == net.version and ip in net for net in allowed):
         return None
     for kind in KINDS:
         if getattr(ip, f"is_{kind}"):
             return kind.replace("_", "-")
+    if ip.version == 6 and ip.is_site_local:  # fec0::/10: deprecated, but still routed inside some sites
+        return "site-local"
     return None if ip.is_global else "not globally routable"
-
-
-def check_url(url: str, allowed: Iterable[Network] = (), what: str = "manifest") -> None:
-    """Refuse an http(s) URL whose host resolves to any address `refusal` refuses (a manifest is read by fsspec,
-    which resolves the name again when it connects: a rebinding DNS could still switch it in between, so this
-    guards against a misconfigured or hostile spec, not a hostile DNS server; the corpus fetch pins its address)."""
-    parts = urlsplit(url)
-    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-        return
-    try:
-        resolved = {info[4][0] for info in socket.getaddrinfo(parts.hostname, parts.port or 443, 0,
-                                                                socket.SOCK_STREAM)}
-    except OSError as err:
-        raise FileNotFoundError(f"{what} {url}: cannot resolve {parts.hostname} ({err})") from None
-    if refused := sorted(f"{a} ({why})" for a in resolved if (why := refusal(a, allowed)) is not None):
-        raise PermissionError(f"{what} {url}: {parts.hostname} resolves to {', '.join(refused)}; pea reads only "
-                              "public addresses unless the spec's corpus.allow_networks lists the network")

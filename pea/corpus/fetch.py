@@ -47,10 +47,19 @@ NOT_IMAGE_TYPES = ("text/", "audio/", "video/", "font/", "multipart/", "applicat
                    "application/javascript", "application/pdf", "application/zip", "application/xhtml")
 
 
+def _has_userinfo(url: str) -> bool:
+    """`user[:pass]@` before the host: urllib would take 'user:pass@host' for the host (a DNS lookup of the
+    credentials, or a 'port' of 'pass@host'), so such a URL is refused, never sent."""
+    return "@" in urlsplit(url).netloc
+
+
 class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
     def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001 - urllib's signature
         if urlsplit(newurl).scheme.lower() not in URL_SCHEMES:
             raise urllib.error.HTTPError(newurl, code, f"redirect to a non-http(s) URL {newurl[:80]!r}", headers, fp)
+        if _has_userinfo(newurl):
+            raise urllib.error.HTTPError(newurl, code, "redirect to a URL with user-info (credentials before '@'), "
+                                         "which the fetch never sends", headers, fp)
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
@@ -210,6 +219,9 @@ def fetch_image(row: tuple[int, str], timeout: float, user_agent_token: str | No
     try:
         if not isinstance(url, str) or urlsplit(url).scheme.lower() not in URL_SCHEMES:
             raise FetchError(f"bad_url: only {'/'.join(URL_SCHEMES)} URLs are fetched, not {str(url)[:80]!r}")
+        if _has_userinfo(url):
+            raise FetchError("bad_url: the URL has user-info (credentials before '@'), which the fetch never sends; "
+                             "give images at URLs without credentials (signed URLs work)")
         request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
         with _opener(deadline, timeout, networks(allow_networks)).open(request, timeout=timeout) as response:
             if disallowed_header_directives and is_disallowed(response.headers, user_agent_token,

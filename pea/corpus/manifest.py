@@ -24,14 +24,18 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import duckdb
 import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pea.corpus.addresses import Network, check_url, networks
+from pea import atomic
+from pea.corpus.addresses import Network, networks
+from pea.corpus.remote import describe, manifest_filesystem, refused_error
 from pea.corpus.urllist import GROUP_SHARDS, PART_SHARDS, PartWriter, clear_leftovers, digest, publish
+from pea.redact import redact
 from pea.spec import URL_SCHEMES, LanguageSpec, ManifestSpec, home
 from pea.store import connect
 
@@ -69,7 +73,7 @@ def _format(manifest: ManifestSpec) -> str:
                         (".ndjson", "jsonl"), (".json", "jsonl")):
         if name.endswith(suffix):
             return fmt
-    raise ValueError(f"manifest {manifest.path}: cannot tell its format from the name; name it .parquet, .csv, "
+    raise ValueError(f"manifest {redact(manifest.path)}: cannot tell its format from the name; name it .parquet, .csv, "
                      ".tsv or .jsonl (optionally .gz), or set format in corpus.manifests")
 
 
@@ -86,24 +90,26 @@ READERS = {
 }
 
 
-def _location(manifest: ManifestSpec, con: duckdb.DuckDBPyConnection, allowed: tuple[Network, ...] = ()) -> str:
-    """A path DuckDB can read: local paths resolved against the project home, other fsspec URLs registered (an
-    http(s) one only at a public address, or in the spec's corpus.allow_networks)."""
-    check_url(manifest.path, allowed)
-    fs, path = fsspec.core.url_to_fs(manifest.path)
-    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
-    if "file" in protocols or "local" in protocols:
-        local = Path(path) if Path(path).is_absolute() else home() / manifest.path
+def _location(manifest: ManifestSpec, con: duckdb.DuckDBPyConnection, allowed: tuple[Network, ...] = (),
+              filesystems: dict | None = None) -> tuple[str, fsspec.AbstractFileSystem | None]:
+    """A path DuckDB can read and the filesystem it reads it through (None: local): local paths resolved against the
+    project home; remote URLs (pea.corpus.remote: http(s) only at allowed addresses, on every redirect hop) checked
+    to exist and registered with the connection."""
+    if "://" not in manifest.path or urlsplit(manifest.path).scheme.lower() in ("file", "local"):
+        path = urlsplit(manifest.path).path if "://" in manifest.path else manifest.path
+        local = Path(path) if Path(path).is_absolute() else home() / path
         if not local.is_file():
             raise FileNotFoundError(f"manifest {local} does not exist; fix corpus.manifests in the spec or create "
                                     "the file")
-        return str(local)
-    if not fs.exists(path):
-        raise FileNotFoundError(f"manifest {manifest.path} does not exist (fsspec {protocols[0]}); fix "
-                                "corpus.manifests in the spec")
-    if fs.protocol not in con.list_filesystems() and protocols[0] not in con.list_filesystems():
+        return str(local), None
+    fs, path = manifest_filesystem(manifest.path, allowed)
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+    # DuckDB reads every URL of a protocol through the one filesystem registered for it: use that one here too.
+    fs = (filesystems if filesystems is not None else {}).setdefault(protocols[0], fs)
+    describe(fs, path, manifest.path)  # exists, and reachable: else one clear error, before DuckDB is involved
+    if not any(p in con.list_filesystems() for p in protocols):
         con.register_filesystem(fs)  # once per connection: DuckDB refuses a second one of the same name
-    return manifest.path
+    return manifest.path, fs
 
 
 def _quote(name: str) -> str:
@@ -121,6 +127,14 @@ class _Plan:
     params: dict
     select: list[str]
     optional: frozenset[str]  # output names of the optional roles this manifest has
+    fs: fsspec.AbstractFileSystem | None = None  # a remote manifest's filesystem (its refused addresses)
+
+    def unreadable(self, err: duckdb.Error, doing: str) -> Exception:
+        """A read that failed: the address refusal that caused it, else `doing` with DuckDB's reason."""
+        if (blocked := refused_error(self.fs, self.manifest.path)) is not None:
+            return blocked
+        return ValueError(f"manifest {redact(self.manifest.path)} {doing} as {self.fmt}: {redact(str(err))}; fix "
+                          f"the file or set format in corpus.manifests[{self.index}]")
 
     def query(self, columns: list[str]) -> str:
         """The manifest's rows, mapped and judged, in file order; `columns` of the url list plus `reason`."""
@@ -136,15 +150,15 @@ class _Plan:
             SELECT {', '.join(columns)}, reason FROM judged"""
 
 
-def _plan(spec: LanguageSpec, index: int, manifest: ManifestSpec, con: duckdb.DuckDBPyConnection) -> _Plan:
+def _plan(spec: LanguageSpec, index: int, manifest: ManifestSpec, con: duckdb.DuckDBPyConnection,
+          filesystems: dict) -> _Plan:
     fmt = _format(manifest)
-    location = _location(manifest, con, networks(spec.corpus.allow_networks))
+    location, fs = _location(manifest, con, networks(spec.corpus.allow_networks), filesystems)
     source = READERS[fmt].format(rejects=f"pea_rejects_{index}")
     try:  # binds only: nothing is read beyond what the reader sniffs
         has = [row[0] for row in con.execute(f"DESCRIBE SELECT * FROM {source}", {"path": location}).fetchall()]
     except duckdb.Error as err:
-        raise ValueError(f"manifest {manifest.path} cannot be read as {fmt}: {err}; fix the file or set format "
-                         f"in corpus.manifests[{index}]") from None
+        raise _Plan(index, manifest, fmt, source, {}, [], frozenset(), fs).unreadable(err, "cannot be read") from None
     cols = manifest.columns
     required = {"url": cols.url, "caption": cols.caption or spec.caption_column}
     if cols.caption_en is not None:
@@ -154,7 +168,7 @@ def _plan(spec: LanguageSpec, index: int, manifest: ManifestSpec, con: duckdb.Du
             required[role] = getattr(cols, role)
     missing = [name for name in required.values() if name not in has]
     if missing:
-        raise ValueError(f"manifest {manifest.path} lacks column(s) {', '.join(missing)} (has {', '.join(has)}); "
+        raise ValueError(f"manifest {redact(manifest.path)} lacks column(s) {', '.join(missing)} (has {', '.join(has)}); "
                          f"add them, or map the existing columns in corpus.manifests[{index}].columns")
     optional = {role: getattr(cols, role) or (role if role in has else None) for role in OPTIONAL_ROLES}
     select = [f"trim(CAST({_quote(required['url'])} AS VARCHAR)) AS url",
@@ -169,7 +183,7 @@ def _plan(spec: LanguageSpec, index: int, manifest: ManifestSpec, con: duckdb.Du
     params = {"path": location, "native": manifest.native, "no_english": "caption_en" not in required,
               "scheme": "^(?i)(" + "|".join(URL_SCHEMES) + ")://[^/?#]", "languages": manifest.languages}
     return _Plan(index, manifest, fmt, source, params, select,
-                 frozenset(OUTPUT_NAMES.get(role, role) for role, name in optional.items() if name))
+                 frozenset(OUTPUT_NAMES.get(role, role) for role, name in optional.items() if name), fs)
 
 
 def _stream(con: duckdb.DuckDBPyConnection, plan: _Plan, columns: list[str], writer: PartWriter,
@@ -193,11 +207,10 @@ def _stream(con: duckdb.DuckDBPyConnection, plan: _Plan, columns: list[str], wri
             dropped["manifest_unreadable"] += rejected
             rows += rejected
     except duckdb.OutOfMemoryException as err:
-        raise MemoryError(f"manifest {plan.manifest.path}: DuckDB ran out of memory ({err}); raise "
+        raise MemoryError(f"manifest {redact(plan.manifest.path)}: DuckDB ran out of memory ({err}); raise "
                           "corpus.duckdb.memory_limit or give corpus.duckdb.spill_dir more disk") from None
     except duckdb.Error as err:
-        raise ValueError(f"manifest {plan.manifest.path} could not be read to the end as {plan.fmt}: {err}; fix the "
-                         f"file, or set format in corpus.manifests[{plan.index}]") from None
+        raise plan.unreadable(err, "could not be read to the end") from None
     return rows
 
 
@@ -217,7 +230,8 @@ def prepare_url_list(spec: LanguageSpec, manifests: list[ManifestSpec], out: Pat
     con = connect(spill, bounds.memory_limit, threads=bounds.threads, preserve_order=True)  # order: stable shards
     writer = None
     try:
-        plans = [_plan(spec, i, m, con) for i, m in enumerate(manifests)]  # every manifest checked before any read
+        filesystems: dict = {}  # protocol -> the remote filesystem registered with `con`
+        plans = [_plan(spec, i, m, con, filesystems) for i, m in enumerate(manifests)]  # every manifest checked before any read
         # Roles no manifest has stay out of the raw shards: decided from the schemas, before any row is read.
         extra = [spec.caption_column, "native"] + [OUTPUT_NAMES.get(r, r) for r in OPTIONAL_ROLES
                                                   if any(OUTPUT_NAMES.get(r, r) in p.optional for p in plans)]
@@ -231,7 +245,7 @@ def prepare_url_list(spec: LanguageSpec, manifests: list[ManifestSpec], out: Pat
             rows_in += _stream(con, plan, columns, writer, dropped)
         parts = writer.finish()
         if not parts:
-            raise ValueError(f"no row of {', '.join(m.path for m in manifests)} can be fetched (dropped before "
+            raise ValueError(f"no row of {', '.join(redact(m.path) for m in manifests)} can be fetched (dropped before "
                              f"download: {dropped}); check the URLs and columns")
         replaced = publish(writer)
     except BaseException:
@@ -246,11 +260,10 @@ def prepare_url_list(spec: LanguageSpec, manifests: list[ManifestSpec], out: Pat
                 spill.parent.rmdir()  # only when empty: another stage may be spilling there
             except OSError:
                 pass
-    summary = {"manifests": [m.path for m in manifests], "rows_in": rows_in, "rows": writer.rows,
+    summary = {"manifests": [redact(m.path) for m in manifests], "rows_in": rows_in, "rows": writer.rows,
                "dropped": dropped, "columns": schema.names, "digest": digest(parts),
                "parts": [vars(p) for p in parts]}
-    tmp = report.with_name(report.name + ".tmp")
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, report)
+    with atomic.publish(report, "acquire: url list report") as tmp:
+        tmp.write_text(json.dumps(summary, indent=2) + "\n")
     return UrlList(path=out, rows_in=rows_in, rows=writer.rows, dropped=dropped, extra_columns=extra,
                    parts=tuple(p.rows for p in parts), digest=summary["digest"], replaced=replaced)

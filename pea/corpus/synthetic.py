@@ -16,7 +16,6 @@ import functools
 import hashlib
 import io
 import itertools
-import os
 import random
 import threading
 from collections.abc import Iterator
@@ -29,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
+from pea.atomic import publish
 from pea.spec import SLOTS, LanguageSpec, SyntheticCaptions
 
 ENGLISH = SyntheticCaptions(
@@ -137,9 +137,8 @@ def _check_words(captions: SyntheticCaptions, where: str) -> None:
 def _write_if_changed(path: Path, data: bytes) -> None:
     if path.is_file() and path.read_bytes() == data:
         return
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)  # atomic: the server never hands out half a file
+    with publish(path, "synthetic corpus: file") as tmp:  # the server never hands out half a file
+        tmp.write_bytes(data)
 
 
 def make_corpus(spec: LanguageSpec, out_dir: Path) -> Path:
@@ -230,9 +229,8 @@ def make_corpus(spec: LanguageSpec, out_dir: Path) -> Path:
     manifest = out_dir / "manifest.parquet"
     if manifest.is_file() and pq.read_table(manifest).equals(table):
         return manifest
-    tmp = out_dir / "manifest.parquet.tmp"
-    pq.write_table(table, tmp)
-    os.replace(tmp, manifest)
+    with publish(manifest, "synthetic corpus: manifest") as tmp:
+        pq.write_table(table, tmp)
     return manifest
 
 
