@@ -187,7 +187,8 @@ def load_systems(lake: Path, language: str, noise: float, seed: int = 0):
     train = pack(spec, pairs_path, embedded).train
     trained = PEAAdapter.from_pretrained(run / "adapter").eval()
     systems = {"PEA": trained, "untrained": untrained_like(trained, seed),
-               "diffusion only": PEAAdapter.from_pretrained(run / "diffusion_only" / "adapter").eval(),
+               **({"diffusion only": PEAAdapter.from_pretrained(run / "diffusion_only" / "adapter").eval()}
+                  if (run / "diffusion_only" / "adapter").is_dir() else {}),
                # toy_table.py's ablations, whichever were trained in this run (aligned, perturbed, ...)
                **{f"PEA {folder.name}": PEAAdapter.from_pretrained(folder / "adapter").eval()
                   for folder in sorted(run.iterdir()) if (folder / "adapter").is_dir() and folder.name != "diffusion_only"},

@@ -1,29 +1,27 @@
 """The toy world's comparison table (docs/results.md): PEA against its ablations and baselines on web-like pairs.
 
-    .venv/bin/python benchmarks/toy_table.py --languages zh --noise 0 0.3 0.6 --ablations-at 0.3 --threads 1
-    .venv/bin/python benchmarks/toy_table.py --languages ko ru it vi --noise 0.3 --ablations --threads 1
-    .venv/bin/python benchmarks/toy_table.py --languages ja --seeds 0 1 2 --noise 0 0.3 0.6   # ~3x the time
-    .venv/bin/python benchmarks/toy_table.py --languages ja --seeds 0 1 2 --noise 0 0.3 0.6 --ablations \
-        --lake <the lake of an earlier run> --reuse   # only the seeds that lake has not evaluated
+    .venv/bin/python benchmarks/toy_table.py --languages zh --noise 0.3 --threads 1 --lake /work/tables
+    .venv/bin/python benchmarks/toy_table.py --languages zh --seeds 0 1 2 --every-seed paper --lake /work/tables --reuse
+    .venv/bin/python benchmarks/toy_table.py --languages ja --noise 0 0.3 0.6 --ablations paper no_native --ablations-at 0.3
     .venv/bin/python benchmarks/toy_table.py --languages zh --noise 0.3 --native-noise 0 --ablations no_native
 
 For each language and noise share (corpus.synthetic.mismatched: that share of pairs shows another scene; the
 English caption stays a faithful translation) the stages of the main job (`--profile embedded,toy`: its 84
 native culture rows, its training settings) run in a scratch lake: acquire the synthetic corpus over 127.0.0.1,
-filter, embed, then train per training seed the PEA adapter and the diffusion-loss-only adapter, and at the
-`--ablations-at` shares also output KD only (no feature KD), PEA without native captions
-(train.diffusion_loss: none) and PEA distilled under random LoRAs (`perturbed`: train.perturbation, for
-benchmarks/lora_robustness.py and style_lora.py); evaluate them with the attribute judge on the held-out prompts and on the
-held-out culture prompt set (data/prompts/<language>/synthetic-culture.txt). No registration. `--native-noise`
-gives the native culture rows their own share of mismatched images (default: the pairs'), in a world folder of
-its own.
+filter, embed, then train per training seed PEA (the shipped default: the plug-and-play adapter) and the
+diffusion-loss-only adapter, and at the `--ablations-at` shares the `--ablations` (ABLATIONS below; by default
+`paper`, the paper's adapter); evaluate them with the attribute judge on the held-out prompts and on the held-out
+culture prompt set (data/prompts/<language>/synthetic-culture.txt). No registration. The first seed trains every
+variant, the others PEA and `--every-seed` (default diffusion_only). `--native-noise` gives the native culture rows
+their own share of mismatched images (default: the pairs'), in a world folder of its own. The lake's adapters are
+what benchmarks/lora_robustness.py, style_lora.py and controlnet.py then measure.
 
 Prints, per language and noise, one row of each table (held-out prompts; culture prompts), the per-seed
 figures, and last:
 `kd_margin_min=<min over the languages of PEA − diffusion-only at the largest noise run>
 culture_ratio_min=<min over every cell of PEA ÷ teacher on the culture set>`.
-A training cell (~13 min for PEA + diffusion-only at one thread beside another job, ~30 with the ablations)
-is the cost: run languages as separate processes side by side, one thread each.
+A training cell (~45 min for PEA, the paper's adapter and diffusion-only at one thread beside another job) is the
+cost: run languages as separate processes side by side, one thread each.
 """
 
 from __future__ import annotations
@@ -78,8 +76,10 @@ HELDOUT = ("teacher_en", "trained", *(a for a in ABLATIONS if a != "no_native"),
 
 
 def run_cell(language: str, lake: Path, noise: float, seeds: list[int], ablations: list[str],
-             steps: int | None = None, native_noise: float | None = None, reuse: bool = False) -> dict:
-    """One language at one noise share: {system: [judge score per seed]} for both prompt sets, and the time."""
+             steps: int | None = None, native_noise: float | None = None, reuse: bool = False,
+             every_seed: tuple[str, ...] = ("diffusion_only",)) -> dict:
+    """One language at one noise share: {system: [judge score per seed]} for both prompt sets, and the time. The
+    first seed trains every variant, the others PEA and `every_seed`."""
     from pea import embed, evaluate, ops, train
     from pea.corpus import acquire, filter as filter_stage
     from pea.embedded import prepare_zoo
@@ -101,7 +101,7 @@ def run_cell(language: str, lake: Path, noise: float, seeds: list[int], ablation
         spec = ops.with_overrides(base, train={"seed": seed})
         run = world / language / f"seed-{seed}"
         report = run / "evaluation" / "evaluation.json"
-        wanted = {"trained", *(variants if i == 0 else ["diffusion_only"])}
+        wanted = {"trained", *(variants if i == 0 else every_seed)}
         done = json.loads(report.read_text()) if reuse and report.is_file() else {"judge": {}}
         if wanted <= set(done["judge"]):
             # Published whole (pea.atomic), from adapters that never change once trained: read, not redone.
@@ -111,7 +111,7 @@ def run_cell(language: str, lake: Path, noise: float, seeds: list[int], ablation
         trained = train.train(spec, filtered.pairs_path, embedded, run)
         others = {name: train.train(ops.with_overrides(spec, train=overrides), filtered.pairs_path, embedded,
                                     run / name).adapter_dir
-                  for name, overrides in variants.items() if i == 0 or name == "diffusion_only"}
+                  for name, overrides in variants.items() if i == 0 or name in every_seed}
         result = evaluate.evaluate(spec, filtered.pairs_path, embedded, trained.adapter_dir, run / "evaluation", others)
         print(evaluate.format_table(result), flush=True)
         _collect(result.judge, result.judge_sets[SET], heldout, culture)
@@ -146,6 +146,8 @@ def main() -> None:
     parser.add_argument("--ablations", nargs="*", choices=sorted(ABLATIONS), default=["paper"],
                         help="ablations trained too (first seed only; ABLATIONS above): by default the paper's adapter; "
                              "none with an empty list")
+    parser.add_argument("--every-seed", nargs="+", default=["diffusion_only"],
+                        help="variants trained at every seed, not only the first (diffusion_only and/or ablations)")
     parser.add_argument("--ablations-at", type=float, nargs="*", default=None,
                         help="noise shares at which the ablations are trained; default: every share run")
     parser.add_argument("--reuse", action="store_true", help="read a seed's evaluation.json from --lake where it "
@@ -168,7 +170,7 @@ def main() -> None:
             for noise in args.noise:
                 results[language, noise] = run_cell(language, lake, noise, args.seeds,
                                                     args.ablations if noise in ablate else [], args.steps,
-                                                    args.native_noise, args.reuse)
+                                                    args.native_noise, args.reuse, tuple(args.every_seed))
     print(f"\nHeld-out prompts (judge: share of images with all four attributes right; mean over seeds {args.seeds})\n")
     ablated = " | ".join(HEADER.get(a, a) for a in HELDOUT[2:-3])
     print(f"| language | mismatched | (1) English teacher | (2) PEA | {ablated} | diffusion loss only | dictionary → "
