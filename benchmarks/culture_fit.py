@@ -20,7 +20,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--lake", type=Path, required=True, help="a benchmarks/toy_table.py lake (one language)")
     parser.add_argument("--language", default="zh")
-    parser.add_argument("--runs", nargs="+", required=True, help="<world>/<seed> folders, e.g. noise-0.3/seed-0")
+    parser.add_argument("--runs", nargs="+", required=True, help="<world>/<seed> folders, e.g. noise-0.3/seed-0 or "
+                        "noise-0.3/seed-0/paper (an ablation of that run)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 beside other jobs)")
     args = parser.parse_args()
 
@@ -37,7 +38,7 @@ def main() -> None:
     spec = load_spec(args.language, "embedded,toy", zoo_dir=args.lake / "zoo")
     adapters = {}
     for run in args.runs:
-        world, seed = run.split("/")
+        world, seed = run.split("/", 1)  # a seed folder, or one of its ablations (seed-0/<name>)
         folder = args.lake / world / args.language / seed / "adapter"
         if not folder.is_dir():
             raise SystemExit(f"--runs {run}: no adapter at {folder}; train it with benchmarks/toy_table.py --lake")
