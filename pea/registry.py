@@ -36,6 +36,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, DataType, Schema, TensorSpec
 
+from pea.curves import curve
 from pea.evaluate import Evaluation
 from pea.hub import pinned_revision
 from pea.redact import masked_errors, redact, redact_all
@@ -360,10 +361,9 @@ def _log_run(spec: LanguageSpec, trained: TrainResult, evaluation: Evaluation, a
         run_id = run.info.run_id
         log_spec(client, run_id, spec, lineage_tags)
         mlflow.log_dict(trained.ds_config, "ds_config.json")
-        history = [json.loads(line) for line in trained.history_path.read_text().splitlines()]
         now = int(time.time() * 1000)
-        metrics = [Metric(f"train/{k}", float(v), now, h["step"]) for h in history for k, v in h.items() if k != "step"]
-        metrics += [Metric(f"eval/{k}", float(v), now, 0) for k, v in metrics_now.items()]
+        metrics = curve(trained.history_path, now) + [Metric(f"eval/{k}", float(v), now, 0)
+                                                      for k, v in metrics_now.items()]
         for start in range(0, len(metrics), 1000):  # MLflow's per-batch cap for metrics
             client.log_batch(run_id, metrics=metrics[start:start + 1000])
         mlflow.log_table({k: [r[k] for r in evaluation.rows()] for k in evaluation.rows()[0]},
