@@ -25,8 +25,9 @@ to their raw shards in the same query. Memory is bounded independently of the co
 Many workers, exactly once: worker i of n takes only the inputs whose bucket, the first 32 bits of the
 (hex sha256) hash modulo n, is i, so the slices are disjoint whatever each worker has already written,
 and together they leave the stores as one worker does (encoders see fixed-shape rows, so a row's
-tensor does not depend on its batch). `launch` runs embed.launcher's layout through the `deepspeed`
-launcher (pea.launcher, as training does); each rank reads RANK / WORLD_SIZE and embeds its bucket:
+tensor does not depend on its batch). `launch` hashes every distinct input once (write_inputs: one folder of
+Parquet per bucket, DuckDB's partitioned COPY) and runs embed.launcher's layout through the `deepspeed`
+launcher (pea.launcher, as training does); each rank reads RANK / WORLD_SIZE and embeds its bucket's inputs:
     deepspeed --num_gpus 8 --module pea.embed --language zh [--profile embedded] [--lake L] [--pairs P]
 A killed worker loses at most the part it was filling; a rerun computes only what is still missing.
 Images must all be corpus.image_size square (corpus.resize_mode center_crop or border): another size

@@ -1,12 +1,16 @@
 """Training shards: the joined rows that training and evaluation read, packed once after embed.
 
-    pack(spec, pairs_path, embedded) -> Packed      # Packed.train, Packed.heldout: Shards
+    pack(spec, pairs_path, embedded) -> Packed      # Packed.train, Packed.heldout: Shards; Packed.fingerprint
+    Packed.open(root) -> Packed                      # a pack another process made: nothing scanned or packed
 
 A row is one pair joined with its tensors: pairs ⋈ teacher conditioning (+ pooled) ⋈ student states ⋈
-latents, with the native flag and both captions. DuckDB joins the pairs with where each tensor is (part file,
-row: the stores' hash columns only) under its memory limit, and the tensors are then gathered part by part
-with pyarrow as raw 16-bit bytes (pea.store), never decoded. Memory is a chunk of GATHER_ROWS pairs plus
-PARTS_CACHED parts per store, whatever the corpus size.
+latents, with the native flag and both captions. DuckDB places every packed pair (split, position) and joins it
+with where each tensor is (part file, row: the stores' hash columns only) under its memory limit; pea.gather then
+reads each store part that holds a needed row once, with pyarrow, as raw 16-bit bytes (pea.store, never decoded),
+whatever order and number of embed workers wrote the stores, through staging files the writer reads back in
+order. The empty caption's two rows come through the same pass, by their location. Memory is one store part and a
+chunk of GATHER_ROWS rows, whatever the corpus size; disk, the pack's size twice while it is written. The bytes each
+store gave (the OS's count) and the tensor bytes packed are recorded in the index (`gather`).
 
 - `train/`: Parquet files of row groups of `train.data.row_group_rows` rows: the pairs in key order, shuffled
   within each chunk of GATHER_ROWS by a seeded permutation; a row group is the unit the streaming reader
@@ -15,8 +19,9 @@ PARTS_CACHED parts per store, whatever the corpus size.
 - `heldout/`: a bounded, deterministic sample of the held-out pairs (at most `evaluate.heldout_rows`, the
   lowest pair hashes first), what evaluation and promotion score.
 - `empty.safetensors`: the teacher's and the student's encodings of "" (caption dropout, guidance).
-- `index.json`: the key, the tensors' shapes and dtypes, every file's row-group sizes. Written last, inside
-  a temp folder that is then renamed: a pack without it is never seen.
+- `index.json`: the key, the pairs' fingerprint (pea.table.data_fingerprint, scanned once: ranks, evaluation and
+  registration read it here), the tensors' shapes and dtypes, every file's row-group sizes, what the gather read.
+  Written last, inside a temp folder that is then renamed: a pack without it is never seen.
 
 The folder is `<pairs dir>/shards/<key>/`, the key a digest of the pairs' content, the stores' keys and the
 split settings, so a rerun or a run with other training settings reuses it, and new pairs or a new model
