@@ -219,7 +219,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="pea-fullsize-") as work:
             models_dir = args.models_dir or (Path(work) / "zoo" if args.tiny else None)
             out = rehearse(args.language, kind, args.pairs, args.steps, Path(work), models_dir, meter,
-                           image_size=args.sdxl_image_size if kind == "sdxl" and not args.tiny else None, tiny=args.tiny)
+                           image_size=args.sdxl_image_size if kind == "sdxl" and not args.tiny else None,
+                           tiny=args.tiny)
             for name, store in out["stores"].items():
                 print(f"store {name:8} {store['rows']:3} rows  {store['bytes_per_row']:10,.0f} B/row on disk "
                       f"({store['dtype']})  {store['shapes']}")

@@ -102,7 +102,8 @@ def main() -> None:
     parser.add_argument("--cases", default="one,eight,shared,embed8")
     parser.add_argument("--work", default=str(ROOT / "data" / "lake" / "bench-pack-reads"))
     parser.add_argument("--aim", type=float, default=1.2)
-    parser.add_argument("--embed-pairs", type=int, default=9000, help="pairs of the embed8 case (8 full parts of 1,024 rows need 8,192)")
+    parser.add_argument("--embed-pairs", type=int, default=9000,
+                        help="pairs of the embed8 case (8 full parts of 1,024 rows need 8,192)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--lake", help=argparse.SUPPRESS)

@@ -168,7 +168,8 @@ def _write(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, out: Pat
             WITH pairs AS (SELECT key, caption_en, caption, native, image_sha256,
                     pea_text_hash(caption_en) AS teacher_hash, pea_text_hash(caption) AS student_hash,
                     pea_pair_hash(caption_en, caption) AS pair_hash FROM read_parquet($p))
-            SELECT *, 'train' AS split, row_number() OVER (ORDER BY key, pair_hash, image_sha256) - 1 AS pos FROM pairs WHERE NOT {heldout}
+            SELECT *, 'train' AS split, row_number() OVER (ORDER BY key, pair_hash, image_sha256) - 1 AS pos
+            FROM pairs WHERE NOT {heldout}
             UNION ALL
             SELECT * FROM (SELECT *, 'heldout' AS split, row_number() OVER (ORDER BY pair_hash, key) - 1 AS pos
                            FROM pairs WHERE {heldout}) WHERE pos < {spec.evaluate.heldout_rows}""",
@@ -212,7 +213,8 @@ def _write(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, out: Pat
             ).to_arrow_reader(GATHER_ROWS), shuffle=split == "train")
             written[split] = _write_row_groups(batches, out / split, spec.train.data.row_group_rows
                                                if split == "train" else spec.evaluate.heldout_rows)
-        empty_tensors = {"teacher": staging.read("empty", "tokens", 0, 1), "student": staging.read("empty", "states", 0, 1)}
+        empty_tensors = {"teacher": staging.read("empty", "tokens", 0, 1),
+                         "student": staging.read("empty", "states", 0, 1)}
         tensors = {}
         for field, columns in STORES.values():  # shapes and dtypes as the stores record them
             schema = pq.read_schema(TensorStore.open(getattr(embedded, field)).parts()[0])
