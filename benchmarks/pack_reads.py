@@ -82,10 +82,9 @@ def child(args) -> None:
         pairs = lake / "pairs" / "pairs.parquet"
         embedded = EmbedResult(*stores(lake).values())
     shutil.rmtree(pairs.parent / "shards", ignore_errors=True)
-    before, started = read_chars(), time.perf_counter()
-    packed = pack(spec, pairs, embedded)
+    before, started, gather = read_chars(), time.perf_counter(), {}
+    packed = pack(spec, pairs, embedded, gather)
     seconds, total = time.perf_counter() - started, read_chars() - before
-    gather = json.loads((packed.root / "index.json").read_text())["gather"]
     from pea.store import TensorStore
 
     parts = {name: len(TensorStore.open(root).parts()) for name, root in

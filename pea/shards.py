@@ -9,8 +9,9 @@ with where each tensor is (part file, row: the stores' hash columns only) under 
 reads each store part that holds a needed row once, with pyarrow, as raw 16-bit bytes (pea.store, never decoded),
 whatever order and number of embed workers wrote the stores, through staging files the writer reads back in
 order. The empty caption's two rows come through the same pass, by their location. Memory is one store part and a
-chunk of GATHER_ROWS rows, whatever the corpus size; disk, the pack's size twice while it is written. The bytes each
-store gave (the OS's count) and the tensor bytes packed are recorded in the index (`gather`).
+chunk of GATHER_ROWS rows, whatever the corpus size; disk, the pack's size twice while it is written. What the gather
+read (parts, and the bytes each store gave by the OS's count) goes to the caller's `stats`, not into the pack: the
+pack stays a pure function of its inputs, whatever layout of the stores it was read from.
 
 - `train/`: Parquet files of row groups of `train.data.row_group_rows` rows: the pairs in key order, shuffled
   within each chunk of GATHER_ROWS by a seeded permutation; a row group is the unit the streaming reader
@@ -20,7 +21,7 @@ store gave (the OS's count) and the tensor bytes packed are recorded in the inde
   lowest pair hashes first), what evaluation and promotion score.
 - `empty.safetensors`: the teacher's and the student's encodings of "" (caption dropout, guidance).
 - `index.json`: the key, the pairs' fingerprint (pea.table.data_fingerprint, scanned once: ranks, evaluation and
-  registration read it here), the tensors' shapes and dtypes, every file's row-group sizes, what the gather read.
+  registration read it here), the tensors' shapes and dtypes, every file's row-group sizes.
   Written last, inside a temp folder that is then renamed: a pack without it is never seen.
 
 The folder is `<pairs dir>/shards/<key>/`, the key a digest of the pairs' content, the stores' keys and the
@@ -154,7 +155,7 @@ def _parts(root: Path) -> str:
     return "[" + ", ".join("'" + p.replace("'", "''") + "'" for p in parts) + "]"
 
 
-def _write(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, out: Path) -> dict:
+def _write(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, out: Path) -> tuple[dict, dict]:
     """Both splits' row groups into `out`, the empty caption's tensors into `out/empty.safetensors`; returns the
     splits' file listing and what the gather read (pea.gather: each store part once, whatever wrote the stores)."""
     spill = spec.corpus.duckdb.spill(out, f"spill-{os.getpid()}")
@@ -241,7 +242,7 @@ def _write(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, out: Pat
         {"path": f.name, "row_groups": [md.row_group(i).num_rows for i in range(md.num_row_groups)]}
         for f in sorted((out / split).glob("*.parquet")) if (md := pq.read_metadata(f)).num_rows]}
         for split in ("train", "heldout")}
-    return {"tensors": tensors, "splits": splits, "gather": gathered}
+    return {"tensors": tensors, "splits": splits}, gathered
 
 
 def _with_tensors(staging: Staging, split: str, batches: pa.RecordBatchReader, shuffle: bool):
@@ -292,8 +293,9 @@ def _write_row_groups(batches, folder: Path, rows: int) -> int:
     return total
 
 
-def pack(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult) -> Packed:
-    """Pack the pairs' training and held-out rows once (reused while the key holds)."""
+def pack(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, stats: dict | None = None) -> Packed:
+    """Pack the pairs' training and held-out rows once (reused while the key holds). `stats`, when packed here, is
+    filled with what the gather read: read_bytes (per store, the OS's count), packed_bytes, parts_read."""
     pairs_path = Path(pairs_path)
     if not pairs_path.is_file():
         raise FileNotFoundError(f"pairs table {pairs_path} does not exist; run the filter and embed stages first")
@@ -305,7 +307,9 @@ def pack(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult) -> Packed:
         tmp = temp_path(root)
         tmp.mkdir()
         try:
-            written = _write(spec, pairs_path, embedded, tmp)
+            written, gathered = _write(spec, pairs_path, embedded, tmp)
+            if stats is not None:
+                stats.update(gathered)
             (tmp / "index.json").write_text(json.dumps({"key": key, "fingerprint": key["pairs"], **written},
                                                        indent=1))
             try:
