@@ -1,16 +1,22 @@
-"""The full-size rehearsal on the CPU (issue #17): the pea flow's stages with the real architectures at 512 px.
+"""The full-size rehearsal on the CPU (issues #17, #33): the pea flow's stages with the real architectures.
 
 Builds once (pea.fullsize, random weights, fp16 files in `--models-dir`, default <lake>/zoo/full) the SD 1.5
 pipeline and the language's student at full size, then runs the stages the `pea` flow runs, in this process,
 on the profile `fullsize` merged on the language spec (data/profiles/fullsize.yaml) in a fresh temporary lake:
 acquire (the synthetic corpus over 127.0.0.1, image_size 512), filter, embed, pack, train (DeepSpeed, the spec's
 bf16 on the CPU, or fp32 on a CPU without fast bf16: `bf16_is_fast`), evaluate (held-out pairs, one grid row), register (MLflow on SQLite in the temp dir), and
-`pea generate` of one 512×512 image. Prints seconds and peak RSS (this process and its children, sampled) per
-stage and the bytes per pair of each store; LAST line `full_size_ok=<models> peak_rss_gb=<x>`.
+`pea generate` of one image. Prints seconds and peak RSS (this process and its children, sampled) per stage and
+the bytes per pair of each store; LAST line `full_size_ok=<models> peak_rss_gb=<x>` (aim for sd15,sdxl: ≤ 22).
 
     python benchmarks/full_size.py [--language zh] [--models sd15[,sdxl]] [--pairs 12] [--steps 2]
+                                   [--sdxl-image-size 512]
+    python benchmarks/full_size.py --tiny --models sd15,sdxl        # every path with the embedded zoo (a smoke test)
 
-`sdxl` stacks data/profiles/fullsize-sdxl.yaml (SDXL base at 1024 px; ≈ 7 GB of fp16 files to build).
+`sdxl` stacks data/profiles/fullsize-sdxl.yaml: SDXL base's real architecture, weight shapes and both tokenizers
+(random values, ≈ 7 GB of fp16 files to build, ≈ 14 GB of RSS while building) in the spec's bf16, at
+--sdxl-image-size (default 512 px: 64×64 latents; SDXL's own 1024 px did not fit this machine's memory and time
+beside other work; benchmarks/memory_model.py sizes it for a GPU). `--tiny` runs the same stages on the embedded
+profile's tiny models ("embedded", "embedded,sdxl"): what the script does, not what full size costs.
 """
 
 from __future__ import annotations
@@ -104,9 +110,11 @@ def bf16_is_fast() -> bool:
 
 
 def rehearse(language: str = "zh", kind: str = "sd15", pairs: int = 12, steps: int = 2, work: Path | None = None,
-             models_dir: Path | None = None, meter: Meter | None = None, evaluate: dict | None = None) -> dict:
+             models_dir: Path | None = None, meter: Meter | None = None, evaluate: dict | None = None,
+             image_size: int | None = None, tiny: bool = False) -> dict:
     """Every stage once on full-size models; returns shapes, figures and the generated image's path. `evaluate`:
-    fields over the profile's evaluate section (the test draws without guidance, see tests/test_fullsize.py)."""
+    fields over the profile's evaluate section (the test draws without guidance, see tests/test_fullsize.py);
+    `image_size` overrides the profile's resolution; `tiny` takes the embedded zoo's models instead."""
     from pea import fullsize
     from pea.ops import with_overrides
     from pea.spec import SyntheticCorpus, load_spec
@@ -114,17 +122,26 @@ def rehearse(language: str = "zh", kind: str = "sd15", pairs: int = 12, steps: i
     meter = meter or Meter()
     work = Path(work or tempfile.mkdtemp(prefix="pea-fullsize-"))
     models_dir = Path(models_dir or fullsize.root())
-    profile = "fullsize" + (",fullsize-sdxl" if kind == "sdxl" else "")
-    spec = load_spec(language, profile, zoo_dir=models_dir.parent)
+    if tiny:
+        profile = "embedded" + (",sdxl" if kind == "sdxl" else "")
+        spec = load_spec(language, profile, zoo_dir=models_dir)
+    else:
+        profile = "fullsize" + (",fullsize-sdxl" if kind == "sdxl" else "")
+        spec = load_spec(language, profile, zoo_dir=models_dir.parent)
     train_overrides: dict = {"steps": steps}
+    if tiny:  # the fullsize profile's small-run settings over the embedded profile's
+        train_overrides |= {"warmup_steps": 0, "checkpoint_every": 1000, "micro_batch_size": 2,
+                            "data": {"row_group_rows": 4, "partitions": 1, "shuffle_row_groups": 2}}
+        evaluate = {"heldout_percent": 25, "heldout_rows": 2, "timesteps": [500], "grid_prompts": 1,
+                    "inference_steps": 2, "linear_map_rows": 16, "prompt_sets": [], **(evaluate or {})}
     if spec.train.precision == "bf16" and not bf16_is_fast():
         # A CPU without AVX-512 runs bf16 matmuls and convolutions on a slow fallback: one SD 1.5 UNet forward at
         # 512 px did not finish in 10 min on an AMD EPYC with AVX2 only, against 27 s in fp32. Rehearse in fp32
         # there (the GPU run keeps the spec's bf16) and say so.
         train_overrides["precision"] = "fp32"
         print("full_size: this CPU has no fast bf16 (no AVX-512): training in fp32 instead of the spec's bf16")
-    spec = with_overrides(spec, corpus={"synthetic": SyntheticCorpus(size=pairs, seed=0)}, train=train_overrides,
-                          evaluate=evaluate or {})
+    corpus = {"synthetic": SyntheticCorpus(size=pairs, seed=0), **({"image_size": image_size} if image_size else {})}
+    spec = with_overrides(spec, corpus=corpus, train=train_overrides, evaluate=evaluate or {})
     lake = work / "lake"
     (work / "tracking").mkdir(parents=True, exist_ok=True)
     saved = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "PEA_LAKE")}
@@ -150,7 +167,12 @@ def _stages(spec, profile: str, lake: Path, models_dir: Path, meter: Meter, work
     language = spec.language
 
     with meter.stage("build"):
-        fullsize.build([Path(spec.teacher.id).name, Path(spec.student.id).name], models_dir)
+        if "embedded" in profile:
+            from pea.embedded import prepare_zoo
+
+            prepare_zoo(models_dir, image_size=spec.corpus.image_size)
+        else:
+            fullsize.build([Path(spec.teacher.id).name, Path(spec.student.id).name], models_dir)
     with meter.stage("acquire"):
         acquired = acquire.acquire(spec, lake)
     with meter.stage("filter"):
@@ -171,7 +193,7 @@ def _stages(spec, profile: str, lake: Path, models_dir: Path, meter: Meter, work
     with meter.stage("generate"):
         os.environ["PEA_LAKE"] = str(lake)  # `pea generate` reads the spec's settings; the models come from lineage
         pea_cli(["generate", "--language", language, "--profile", profile, "--model-uri", registered.model_uri,
-                 "--prompt", prompt, "--steps", "2", "--out", str(image)])
+                 "--prompt", prompt, "--steps", "2", "--size", str(spec.corpus.image_size), "--out", str(image)])
     return {"spec": spec, "acquired": acquired, "filtered": filtered, "embedded": embedded, "packed": packed,
             "trained": trained, "evaluation": evaluation, "registered": registered, "image": image,
             "stores": store_report(embedded), "meter": meter, "work": work}
@@ -183,7 +205,9 @@ def main() -> None:
     parser.add_argument("--models", default="sd15", help="comma-separated: sd15, sdxl")
     parser.add_argument("--pairs", type=int, default=12, help="good synthetic pairs, at least 10 (a few are held out)")
     parser.add_argument("--steps", type=int, default=2, help="training steps")
-    parser.add_argument("--models-dir", type=Path, help="default: <lake>/zoo/full")
+    parser.add_argument("--models-dir", type=Path, help="default: <lake>/zoo/full (with --tiny: a temp zoo)")
+    parser.add_argument("--sdxl-image-size", type=int, default=512, help="SDXL's resolution here (its own: 1024)")
+    parser.add_argument("--tiny", action="store_true", help="the embedded zoo's tiny models: a smoke test")
     args = parser.parse_args()
 
     import torch
@@ -193,7 +217,10 @@ def main() -> None:
         print(f"--- {kind} + student-{args.language}, {args.pairs} pairs, {args.steps} steps, "
               f"torch threads {torch.get_num_threads()}", flush=True)
         with tempfile.TemporaryDirectory(prefix="pea-fullsize-") as work:
-            out = rehearse(args.language, kind, args.pairs, args.steps, Path(work), args.models_dir, meter)
+            models_dir = args.models_dir or (Path(work) / "zoo" if args.tiny else None)
+            out = rehearse(args.language, kind, args.pairs, args.steps, Path(work), models_dir, meter,
+                           image_size=args.sdxl_image_size if kind == "sdxl" and not args.tiny else None,
+                           tiny=args.tiny)
             for name, store in out["stores"].items():
                 print(f"store {name:8} {store['rows']:3} rows  {store['bytes_per_row']:10,.0f} B/row on disk "
                       f"({store['dtype']})  {store['shapes']}")

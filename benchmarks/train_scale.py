@@ -1,26 +1,36 @@
-"""Training at N and 10·N pairs with SD 1.5's tensor shapes: memory and throughput must not grow with the corpus.
+"""Training at N and 10·N pairs with SD 1.5's tensor shapes: memory and throughput must not grow with the corpus,
+and the reader's cost, separated from the disk's, must keep up with a node of GPUs.
 
-Random stores with SD 1.5's shapes in fp16 (teacher tokens 77×768, student states 77×1024 as the zh spec's
-Chinese-CLIP tower gives, latents 4×64×64 of a 512-pixel image: ≈ 309 KB a pair, ../shared/SCALE.md) are written
-part by part for N and 10·N pairs, packed by pea.shards, then trained by pea.train for a few dozen steps with
-the same small UNet (SD 1.5's context width and latent size, few channels), each in a fresh process with one
-torch thread. 10·N is chosen so that the in-memory table of the previous design (the whole split in fp32) would
-not fit this machine's 24 GB: 40,000 pairs × 618 KB = 24.7 GB.
+Random stores with SD 1.5's shapes in fp16 (benchmarks/sd15_lake.py: ≈ 309 KB a pair) for N and 10·N pairs, packed
+by pea.shards, then, each in a fresh process with one torch thread:
+- reader: pea.reader.ShardStream alone (one partition, `shuffle_row_groups` row groups a window, prefetch 1). One
+  window untimed, then --reader-windows whole windows timed, the pack's files evicted from the page cache before
+  each (posix_fadvise DONTNEED: the reads come from the disk, or from whatever cache lies below this machine), with
+  the process's CPU seconds (every thread) beside the wall time; then the same files read raw (os.read, 8 MB
+  blocks), evicted first, for as many bytes: the disk's own sequential rate in the same run;
+- train: pea.train for one warm window and --train-windows timed windows of steps; samples/s over the timed
+  windows' steps (their reads included), peak RSS of the process.
+10·N is chosen so that the in-memory table of an earlier design (the split in fp32) would not fit this machine's
+24 GB: 40,000 pairs × 618 KB = 24.7 GB.
 
-    python benchmarks/train_scale.py [--pairs 4000] [--steps 40] [--batch 8] [--work /path/with/30GB] [--drop-caches]
+    python benchmarks/train_scale.py [--pairs 4000] [--work DIR]          # ≈ 45 GB of disk at 40,000 pairs
+    python benchmarks/train_scale.py --smoke                               # every path, small: row groups of 16
 
-Printed last: pack_rss_ratio_10x= (the pack's peak RSS at 10·N ÷ at N), reader_samples_per_s= (the reader alone, one process, prefetch on), reader_vs_node_demand=
-(÷ 8 × the 93 samples/s per H100 of docs/performance.md), then rss_ratio_10x= (peak RSS of training at
-10·N ÷ at N; aim ≤ 1.10) and throughput_ratio_10x= (samples/s at 10·N ÷ at N; aim ≥ 0.95).
+Printed last:
+- pack_rss_ratio_10x= (the pack's peak RSS at 10·N ÷ at N);
+- reader_cpu_s_per_sample=, disk_raw_mb_s=, reader_mb_s= (cold, at 10·N): what the reader costs, what the disk gives,
+  what the reader got from it here;
+- reader_vs_node_demand= min(8 cores ÷ the reader's CPU s per sample, the node's disk rate ÷ bytes per sample) ÷ a
+  node's demand (8 × 93.2 samples/s per H100, docs/performance.md): one reader per GPU, each with a core, on a node
+  whose disk delivers --node-disk-mb-s (default 2,000 MB/s: an assumption, docs/scale.md § 5 gives its source);
+- rss_ratio_10x= (training's peak RSS at 10·N ÷ at N; aim ≤ 1.10), throughput_ratio_10x= (aim ≥ 0.95).
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -31,9 +41,12 @@ os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", DO_NOT_TRACK="1"
                   OMP_NUM_THREADS="1", TQDM_DISABLE="1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-SHAPES = {"teacher": (77, 768), "student": (77, 1024), "latents": (4, 64, 64)}
-H100_SD15_SAMPLES_PER_S = 93.0  # docs/performance.md, "The distillation step on a GPU", bf16 batch 32
+from sd15_lake import peak_rss_gb, stores, write_lake  # noqa: E402
+
+H100_SD15_SAMPLES_PER_S = 93.2  # docs/performance.md, "The distillation step on a GPU", bf16 batch 32
+GPUS_PER_NODE = 8
 
 
 def _unet_dir(root: Path) -> Path:
@@ -56,41 +69,8 @@ def _unet_dir(root: Path) -> Path:
     return root
 
 
-def write_lake(lake: Path, pairs: int, chunk: int = 1024) -> None:
-    """pairs.parquet and three stores of random SD 1.5-shaped tensors, one chunk in memory at a time."""
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    import torch
-
-    from pea.embed import EmbedResult  # noqa: F401 (the same module the real stores come from)
-    from pea.store import TensorStore, key_digest, text_hash
-
-    if (lake / "done").is_file():
-        return
-    shutil.rmtree(lake, ignore_errors=True)
-    (lake / "pairs").mkdir(parents=True)
-    stores = {name: TensorStore(lake / name / key_digest({"bench": name}), {"bench": name}, "float16")
-              for name in SHAPES}
-    rng = np.random.default_rng(0)
-    writer = None
-    for start in range(0, pairs, chunk):
-        n = min(chunk, pairs - start)
-        en = [f"an english caption number {i}" for i in range(start, start + n)]
-        zh = [f"第{i}个中文说明" for i in range(start, start + n)]
-        images = [hashlib.sha256(f"image {i}".encode()).hexdigest() for i in range(start, start + n)]
-        rows = pa.table({"key": [f"{i:09d}" for i in range(start, start + n)], "image_sha256": images,
-                         "caption_en": en, "caption": zh, "native": [False] * n})
-        writer = writer or pq.ParquetWriter(lake / "pairs" / "pairs.parquet", rows.schema)
-        writer.write_table(rows)
-        for name, hashes in (("teacher", [text_hash(c) for c in en]), ("student", [text_hash(c) for c in zh]),
-                             ("latents", images)):
-            values = torch.from_numpy(rng.standard_normal((n, *SHAPES[name]), dtype=np.float32))
-            stores[name].write(hashes, {{"teacher": "tokens", "student": "states", "latents": "latents"}[name]: values})
-    writer.close()
-    for name, column in (("teacher", "tokens"), ("student", "states")):
-        stores[name].write([text_hash("")], {column: torch.zeros(1, *SHAPES[name])})
-    (lake / "done").write_text("ok")
+def _window_steps(args) -> int:
+    return args.row_group_rows * args.shuffle_row_groups // args.batch
 
 
 def _spec(lake: Path, args):
@@ -100,84 +80,147 @@ def _spec(lake: Path, args):
     raw = spec.model_dump()
     raw["teacher"] = {"id": str(_unet_dir(Path(args.work) / "teacher")), "revision": None, "kind": "sd15"}
     raw["corpus"]["image_size"] = 512
-    raw["train"].update(steps=args.warmup + args.steps, micro_batch_size=args.batch, checkpoint_every=10**6,
-                        warmup_steps=1, data={"row_group_rows": 256, "partitions": 1, "shuffle_row_groups": 4,
-                                              "prefetch": 1})
+    raw["train"].update(steps=(1 + args.train_windows) * _window_steps(args), micro_batch_size=args.batch,
+                        checkpoint_every=10**6, warmup_steps=1,
+                        data={"row_group_rows": args.row_group_rows, "partitions": 1,
+                              "shuffle_row_groups": args.shuffle_row_groups, "prefetch": 1})
     return LanguageSpec.model_validate(raw)
 
 
+def _evict(files: list[Path]) -> None:
+    """Drop the files' pages from this machine's page cache (no root needed); a cache below the VM stays."""
+    for path in files:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def _raw_read(files: list[Path], limit: int) -> tuple[int, float]:
+    """Bytes read and seconds: the files in order, sequentially, 8 MB reads, until `limit` bytes."""
+    done, started = 0, time.perf_counter()
+    for path in files:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            while done < limit and (block := os.read(fd, 8 << 20)):
+                done += len(block)
+        finally:
+            os.close(fd)
+        if done >= limit:
+            break
+    return done, time.perf_counter() - started
+
+
+def _reader(packed, args) -> dict:
+    from pea.reader import ShardStream
+
+    files = sorted((packed.root / "train").glob("*.parquet"))
+    row_bytes = sum(f.stat().st_size for f in files) / packed.train.rows
+    steps = _window_steps(args)
+    with ShardStream(packed.train, args.batch, seed=1, partitions=1, shuffle_row_groups=args.shuffle_row_groups,
+                     prefetch=1) as stream:
+        for step in range(steps):  # the warm window (its read, and the read-ahead of the next, untimed)
+            stream.batch(step)
+        wall, cpu, samples = 0.0, 0.0, 0
+        for window in range(1, 1 + args.reader_windows):
+            _evict(files)  # every window from the disk, even where the pack fits the page cache several times over
+            started, cpu_started = time.perf_counter(), time.process_time()
+            for step in range(window * steps, (window + 1) * steps):
+                samples += len(stream.batch(step))
+            wall += time.perf_counter() - started
+            cpu += time.process_time() - cpu_started
+    _evict(files)
+    raw_bytes, raw_s = _raw_read(files, int(samples * row_bytes))
+    return {"reader_samples_per_s": samples / wall, "reader_mb_s": samples * row_bytes / wall / 1e6,
+            "reader_cpu_s_per_sample": cpu / samples, "reader_samples": samples, "row_bytes": row_bytes,
+            "disk_raw_mb_s": raw_bytes / raw_s / 1e6, "disk_raw_gb": raw_bytes / 1e9}
+
+
 def child(args) -> None:
-    """In a fresh process, one stage: `pack`, or `train` (the reader alone, then training); JSON on the last line."""
+    """In a fresh process, one stage: `pack`, `reader` or `train`; JSON on the last line."""
     import torch
 
     from pea.embed import EmbedResult
-    from pea.reader import ShardStream
     from pea.shards import pack
     from pea.train import train
 
     torch.set_num_threads(1)
     lake = Path(args.lake)
     spec = _spec(lake, args)
-    embedded = EmbedResult(*(next((lake / name).iterdir()) for name in ("teacher", "student", "latents")))
+    embedded = EmbedResult(*stores(lake).values())
     pairs = lake / "pairs" / "pairs.parquet"
+    if args.child == "pack":  # packed here, not found: the stage's time and memory are what is measured
+        shutil.rmtree(lake / "pairs" / "shards", ignore_errors=True)
     started = time.perf_counter()
     packed = pack(spec, pairs, embedded)
     out = {"pack_s": time.perf_counter() - started, "train_rows": packed.train.rows}
-    if args.child == "train":
-        with ShardStream(packed.train, args.batch, seed=1, partitions=1, shuffle_row_groups=4, prefetch=1) as stream:
-            stream.batch(0)
-            started, n = time.perf_counter(), 0
-            for step in range(1, args.reader_batches + 1):
-                n += len(stream.batch(step))
-            out["reader_samples_per_s"] = n / (time.perf_counter() - started)
-        result = train(spec, pairs, embedded, lake / "run")
-        timed = [json.loads(line) for line in result.history_path.read_text().splitlines()][args.warmup:]
-        # the timed steps only, their reads included
+    if args.child == "reader":
+        out |= _reader(packed, args)
+    elif args.child == "train":
+        _evict(sorted((packed.root / "train").glob("*.parquet")))
+        result = train(spec, pairs, embedded, lake / "run", packed)
+        timed = [json.loads(line) for line in result.history_path.read_text().splitlines()][_window_steps(args):]
+        # whole windows after the warm one, their reads included
         out["train_samples_per_s"] = len(timed) * args.batch / sum(h["step_s"] for h in timed)
+        out["train_timed_steps"] = len(timed)
         shutil.rmtree(lake / "run")
-    out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    out["peak_rss_gb"] = peak_rss_gb()
     print(json.dumps(out))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", type=int, default=4000, help="N; the second run has 10·N")
-    parser.add_argument("--steps", type=int, default=40, help="timed training steps, after --warmup")
-    parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--reader-batches", type=int, default=200)
+    parser.add_argument("--row-group-rows", type=int, default=256, help="train.data.row_group_rows (the default)")
+    parser.add_argument("--shuffle-row-groups", type=int, default=4, help="train.data.shuffle_row_groups")
+    parser.add_argument("--train-windows", type=int, default=4, help="timed training windows, after a warm one")
+    parser.add_argument("--reader-windows", type=int, default=10, help="timed reader windows, after a warm one")
+    parser.add_argument("--node-disk-mb-s", type=float, default=2000.0, help="a node's disk rate (docs/scale.md § 5)")
+    parser.add_argument("--smoke", action="store_true", help="every path at a small size: 300 / 3,000 pairs, row "
+                        "groups of 16 (windows of 64 rows)")
     parser.add_argument("--work", default=str(ROOT / "data" / "lake" / "bench-train-scale"))
-    parser.add_argument("--drop-caches", action="store_true", help="drop the page cache before each stage (root)")
-    parser.add_argument("--child", choices=["pack", "train"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["pack", "reader", "train"], help=argparse.SUPPRESS)
     parser.add_argument("--lake", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.smoke:
+        args.pairs, args.row_group_rows = 300, 16
     if args.child:
         return child(args)
+    forward = ["--work", args.work, "--batch", str(args.batch), "--row-group-rows", str(args.row_group_rows),
+               "--shuffle-row-groups", str(args.shuffle_row_groups), "--train-windows", str(args.train_windows),
+               "--reader-windows", str(args.reader_windows)]
     results = {}
     for n in (args.pairs, 10 * args.pairs):
         lake = Path(args.work) / f"pairs-{n}"
         started = time.perf_counter()
         write_lake(lake, n)
         print(f"{n} pairs: stores written in {time.perf_counter() - started:.0f} s "
-              f"({sum(f.stat().st_size for f in lake.rglob('*.parquet')) / 1e9:.1f} GB with the pairs)", flush=True)
+              f"({sum(f.stat().st_size for f in lake.glob('*/*/*.parquet')) / 1e9:.1f} GB of stores)", flush=True)
         results[n] = {}
-        for stage in ("pack", "train"):  # separate processes: each peak RSS is its own stage's
-            if args.drop_caches:  # read the shards from disk, not from the page cache the pack just filled
-                subprocess.run(["sh", "-c", "sync; echo 1 > /proc/sys/vm/drop_caches"], check=True)
-            out = subprocess.run([sys.executable, __file__, "--child", stage, "--lake", str(lake), "--work", args.work,
-                                  "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
-                                  "--reader-batches", str(args.reader_batches)],
+        for stage in ("pack", "reader", "train"):  # separate processes: each peak RSS is its own stage's
+            out = subprocess.run([sys.executable, __file__, "--child", stage, "--lake", str(lake), *forward],
                                  capture_output=True, text=True, env={**os.environ, "PEA_LAKE": str(lake)})
             if out.returncode:
                 sys.exit(out.stdout[-3000:] + out.stderr[-3000:])
             results[n][stage] = json.loads(out.stdout.strip().splitlines()[-1])
             print(f"{n} pairs, {stage}: {json.dumps(results[n][stage])}", flush=True)
-    small, large = results[args.pairs]["train"], results[10 * args.pairs]["train"]
-    print(f"pack_rss_ratio_10x={results[10 * args.pairs]['pack']['peak_rss_gb'] / results[args.pairs]['pack']['peak_rss_gb']:.3f}")
-    print(f"reader_samples_per_s={large['reader_samples_per_s']:.0f}")
-    print(f"reader_vs_node_demand={large['reader_samples_per_s'] / (8 * H100_SD15_SAMPLES_PER_S):.2f}")
-    print(f"rss_ratio_10x={large['peak_rss_gb'] / small['peak_rss_gb']:.3f}")
-    print(f"throughput_ratio_10x={large['train_samples_per_s'] / small['train_samples_per_s']:.3f}")
+    small, large = results[args.pairs], results[10 * args.pairs]
+    reader = large["reader"]
+    demand = GPUS_PER_NODE * H100_SD15_SAMPLES_PER_S
+    cpu_bound = GPUS_PER_NODE / reader["reader_cpu_s_per_sample"]
+    disk_bound = args.node_disk_mb_s * 1e6 / reader["row_bytes"]
+    print(f"pack_rss_ratio_10x={large['pack']['peak_rss_gb'] / small['pack']['peak_rss_gb']:.3f}")
+    print(f"reader_cpu_s_per_sample={reader['reader_cpu_s_per_sample']:.2e} "
+          f"(one core: {1 / reader['reader_cpu_s_per_sample']:,.0f} samples/s)")
+    print(f"disk_raw_mb_s={reader['disk_raw_mb_s']:.0f} reader_mb_s={reader['reader_mb_s']:.0f} "
+          f"reader_samples_per_s={reader['reader_samples_per_s']:.0f} (cold, {reader['reader_samples']} samples)")
+    print(f"node: {demand:.0f} samples/s demanded; {cpu_bound:,.0f} from 8 reader cores, {disk_bound:,.0f} from "
+          f"{args.node_disk_mb_s:,.0f} MB/s of disk")
+    print(f"reader_vs_node_demand={min(cpu_bound, disk_bound) / demand:.2f}")
+    print(f"rss_ratio_10x={large['train']['peak_rss_gb'] / small['train']['peak_rss_gb']:.3f}")
+    print(f"throughput_ratio_10x={large['train']['train_samples_per_s'] / small['train']['train_samples_per_s']:.3f}")
 
 
 if __name__ == "__main__":

@@ -41,7 +41,6 @@ from pea.discovery import SCAN_TAG, check_sources
 from pea.embedded import prepare_zoo
 from pea.redact import mask_logging, masked_errors, redact
 from pea.spec import ENGINE_ADDRESS, LANGUAGE_CODE, LanguageSpec, lake_root, load_spec, profiles
-from pea.table import data_fingerprint
 
 from flows.summary import print_summary  # noqa: F401 (the flow module's API: main() and callers print with it)
 
@@ -81,10 +80,11 @@ def _filter_key(_: TaskRunContext, p: dict[str, Any]) -> str:
 
 def _embed_key(_: TaskRunContext, p: dict[str, Any]) -> str:
     spec: LanguageSpec = p["spec"]
-    # The worker layout changes how, not what: the same stores whatever embed.launcher says.
+    # The worker layout changes how, not what: the same stores whatever embed.launcher says. The pairs' fingerprint is
+    # scanned once a process (pea.shards.fingerprint): pack, train, evaluate and register reuse it.
     return _digest("embed", lake=p["lake"], stores=embed_stage.store_keys(spec),
                    embed=spec.embed.model_dump(mode="json", exclude={"launcher"}),
-                   data=data_fingerprint(p["pairs"]))
+                   data=shards_stage.fingerprint(p["pairs"]))
 
 
 def _pack_key(_: TaskRunContext, p: dict[str, Any]) -> str:

@@ -25,8 +25,9 @@ to their raw shards in the same query. Memory is bounded independently of the co
 Many workers, exactly once: worker i of n takes only the inputs whose bucket, the first 32 bits of the
 (hex sha256) hash modulo n, is i, so the slices are disjoint whatever each worker has already written,
 and together they leave the stores as one worker does (encoders see fixed-shape rows, so a row's
-tensor does not depend on its batch). `launch` runs embed.launcher's layout through the `deepspeed`
-launcher (pea.launcher, as training does); each rank reads RANK / WORLD_SIZE and embeds its bucket:
+tensor does not depend on its batch). `launch` hashes every distinct input once (write_inputs: one folder of
+Parquet per bucket, DuckDB's partitioned COPY) and runs embed.launcher's layout through the `deepspeed`
+launcher (pea.launcher, as training does); each rank reads RANK / WORLD_SIZE and embeds its bucket's inputs:
     deepspeed --num_gpus 8 --module pea.embed --language zh [--profile embedded] [--lake L] [--pairs P]
 A killed worker loses at most the part it was filling; a rerun computes only what is still missing.
 Images must all be corpus.image_size square (corpus.resize_mode center_crop or border): another size
@@ -172,8 +173,10 @@ def _batches(con: duckdb.DuckDBPyConnection, query: str, column: str, size: int
             yield batch.column("hash").to_pylist(), batch.column(column).to_pylist()
 
 
-def embed(spec: LanguageSpec, lake: Path, pairs_path: Path, worker: int = 0, workers: int = 1) -> EmbedResult:
-    """Compute the missing rows whose hash bucket is `worker` (of `workers`); the defaults: all of them."""
+def embed(spec: LanguageSpec, lake: Path, pairs_path: Path, worker: int = 0, workers: int = 1,
+          inputs: Path | None = None) -> EmbedResult:
+    """Compute the missing rows whose hash bucket is `worker` (of `workers`); the defaults: all of them. `inputs`:
+    the folder write_inputs made for these pairs and workers (the launcher's), read instead of hashing here."""
     started = time.perf_counter()
     if not 0 <= worker < workers:
         raise ValueError(f"worker {worker} of {workers} does not exist; workers are numbered 0 to {workers - 1}")
@@ -188,16 +191,12 @@ def embed(spec: LanguageSpec, lake: Path, pairs_path: Path, worker: int = 0, wor
     pairs = _literal(str(pairs_path))
     # The distinct inputs of each store in this worker's bucket, with one representative text or image
     # location per hash.
-    mine = f"{bucket('hash', workers)} = {int(worker)}" if workers > 1 else "true"  # one worker: every hash
-    for name, column in (("teacher", "caption_en"), ("student", "caption")):
-        con.execute(f"""CREATE TEMP TABLE {name}_inputs AS
-            SELECT pea_text_hash(text) AS hash, arg_min(text, key) AS text, min(key) AS key
-            FROM (SELECT {column} AS text, key FROM read_parquet({pairs}) WHERE {column} IS NOT NULL
-                  UNION ALL SELECT '', '')
-            GROUP BY hash HAVING {mine}""")
-    con.execute(f"""CREATE TEMP TABLE latents_inputs AS
-        SELECT image_sha256 AS hash, min(key) AS key, arg_min(raw_file, key) AS raw_file
-        FROM read_parquet({pairs}) GROUP BY image_sha256 HAVING {mine}""")
+    if inputs is not None:  # the launcher hashed every input once (write_inputs): read this worker's bucket
+        _read_inputs(con, Path(inputs), worker)
+    else:  # called directly: hash here, keep this worker's bucket
+        for name, query in _input_queries(pairs).items():
+            where = f"WHERE {bucket('hash', workers)} = {int(worker)}" if workers > 1 else ""
+            con.execute(f"CREATE TEMP TABLE {name}_inputs AS SELECT * FROM ({query}) {where}")
 
     def teacher_encoder():
         return models.load_teacher_text(spec.teacher).encode
@@ -233,6 +232,45 @@ def embed(spec: LanguageSpec, lake: Path, pairs_path: Path, worker: int = 0, wor
         shutil.rmtree(spill, ignore_errors=True)
     return EmbedResult(stores["teacher"].root, stores["student"].root, stores["latents"].root,
                        computed, reused, time.perf_counter() - started)
+
+
+def _input_queries(pairs: str) -> dict[str, str]:
+    """Per store, its distinct inputs with one representative text (or image location) and key per hash. A caption
+    is hashed once however often it repeats (pea_text_hash runs in Python: DuckDB's own NFC and whitespace rules
+    differ from text_hash's on NUL and on characters of newer Unicode versions, so SQL does not compute it)."""
+    queries = {name: f"""SELECT pea_text_hash(text) AS hash, arg_min(text, key) AS text, min(key) AS key
+        FROM (SELECT text, min(key) AS key FROM (SELECT {column} AS text, key FROM read_parquet({pairs})
+                                                WHERE {column} IS NOT NULL UNION ALL SELECT '', '') GROUP BY text)
+        GROUP BY hash""" for name, column in (("teacher", "caption_en"), ("student", "caption"))}
+    queries["latents"] = f"""SELECT image_sha256 AS hash, min(key) AS key, arg_min(raw_file, key) AS raw_file
+        FROM read_parquet({pairs}) GROUP BY image_sha256"""
+    return queries
+
+
+def write_inputs(spec: LanguageSpec, pairs_path: Path, out: Path, workers: int) -> None:
+    """Hash every input once, for all workers: `out/<store>/bucket=<i>/*.parquet` holds worker i's distinct inputs
+    (DuckDB's partitioned COPY, streamed under corpus.duckdb's memory limit). Each worker then reads its own bucket
+    and hashes nothing, where each used to hash every row of the pairs to keep 1/workers of them."""
+    spill = spec.corpus.duckdb.spill(out, f".duckdb-{uuid.uuid4().hex}.tmp")
+    con = _connect(spec, spill)
+    try:
+        for name, query in _input_queries(_literal(str(pairs_path))).items():
+            con.execute(f"COPY (SELECT *, {bucket('hash', workers)} AS bucket FROM ({query})) TO "
+                        f"{_literal(str(Path(out) / name))} (FORMAT parquet, PARTITION_BY (bucket))")
+    finally:
+        con.close()
+        shutil.rmtree(spill, ignore_errors=True)
+
+
+def _read_inputs(con: duckdb.DuckDBPyConnection, inputs: Path, worker: int) -> None:
+    for name, columns in (("teacher", "hash VARCHAR, text VARCHAR, key VARCHAR"),
+                          ("student", "hash VARCHAR, text VARCHAR, key VARCHAR"),
+                          ("latents", "hash VARCHAR, key VARCHAR, raw_file VARCHAR")):
+        files = sorted((inputs / name / f"bucket={worker}").glob("*.parquet"))
+        con.execute(f"CREATE TEMP TABLE {name}_inputs ({columns})")  # empty when no input falls in this bucket
+        if files:
+            con.execute(f"INSERT INTO {name}_inputs BY NAME SELECT * FROM "
+                        f"read_parquet([{', '.join(_literal(str(f)) for f in files)}], hive_partitioning = false)")
 
 
 def _claim(store: TensorStore, worker: int, workers: int) -> FileLock:
@@ -281,8 +319,10 @@ def launch(spec: LanguageSpec, lake: Path, pairs_path: Path) -> EmbedResult:
     work.mkdir(mode=0o700, parents=True)
     try:
         (work / "spec.json").write_text(spec.model_dump_json(indent=2))
+        write_inputs(spec, pairs_path, work / "inputs", layout.world_size)  # hashed once here, not in every worker
         command = [*launcher.deepspeed_command(layout, "pea.embed", "embed.launcher"), "--spec",
-                   str(work / "spec.json"), "--lake", str(lake), "--pairs", str(pairs_path), "--result-dir", str(work)]
+                   str(work / "spec.json"), "--lake", str(lake), "--pairs", str(pairs_path), "--result-dir", str(work),
+                   "--inputs", str(work / "inputs")]
         launcher.run(command, layout, work)
         results = [_read_result(p) for p in sorted(work.glob("rank-*.json"))]
         if len(results) != layout.world_size:
@@ -313,6 +353,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = launcher.rank_parser(__doc__)
     parser.add_argument("--lake", type=Path, help="default $PEA_LAKE or the project's data/lake")
     parser.add_argument("--result-dir", type=Path, help="write this rank's counts to <dir>/rank-<RANK>.json")
+    parser.add_argument("--inputs", type=Path, help="the hashed inputs the launcher wrote (write_inputs)")
     args = parser.parse_args(argv)
     spec = launcher.spec_from(args)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
@@ -323,7 +364,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(max(1, budget // local))
     lake = args.lake or lake_root()
     pairs = args.pairs or lake / spec.language / "pairs" / "pairs.parquet"
-    result = embed(spec, lake, pairs, worker=rank, workers=world)
+    result = embed(spec, lake, pairs, worker=rank, workers=world, inputs=args.inputs)
     if args.result_dir is not None:
         _write_result(result, args.result_dir / f"rank-{rank}.json")
     print(f"embed worker {rank} of {world}: computed {result.computed}, reused {result.reused} "

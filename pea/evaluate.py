@@ -55,7 +55,7 @@ from pea.grids import HEADER, write_grid
 from pea.hub import pinned_revision
 from pea.pipeline import draw, generate
 from pea.spec import LanguageSpec, ModelRef, StudentSpec, home
-from pea.shards import pack
+from pea.shards import Packed, pack
 from pea.table import TrainingTable, load_table
 
 SYSTEMS = ("teacher_en", "trained", "untrained", "linear_map")  # always in the table
@@ -82,6 +82,7 @@ class Evaluation:
     systems: tuple[str, ...] = SYSTEMS  # the table's rows, in ORDER
     judge: dict[str, dict[str, float]] = field(default_factory=dict)  # {system: {all_right, count, ...}}
     judge_sets: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # {set: {system: {...}}}
+    pack_root: Path | None = None      # the pack scored (pea.shards): the registry opens it, its fingerprint included
 
     @property
     def improvement(self) -> float:
@@ -283,15 +284,17 @@ def judge_systems(spec: LanguageSpec, pipe, student, adapters: dict[str, torch.n
 
 
 def evaluate(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, adapter_dir: Path,
-             out_dir: Path, baselines: dict[str, Path] | None = None) -> Evaluation:
+             out_dir: Path, baselines: dict[str, Path] | None = None, packed: Packed | None = None) -> Evaluation:
     """Every system of the table on the held-out pairs and the prompt sets; writes evaluation.json, evaluation.csv
-    and the grids into `out_dir`. `baselines` adds other trained adapters as rows ({"diffusion_only": dir})."""
+    and the grids into `out_dir`. `baselines` adds other trained adapters as rows ({"diffusion_only": dir}).
+    `packed`: the pack training read (opened, never made again); without it, pea.shards.pack finds it."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = spec.evaluate
-    heldout = load_table(spec, pairs_path, embedded, "heldout").with_english()
+    packed = packed or pack(spec, pairs_path, embedded)  # the pairs' fingerprint: scanned at most once a process
+    heldout = load_table(spec, pairs_path, embedded, "heldout", packed=packed).with_english()
     trained = PEAAdapter.from_pretrained(adapter_dir).eval()
-    linear = LinearMap.fit(pack(spec, pairs_path, embedded).train, cfg.linear_map_rows, cfg.seed)
+    linear = LinearMap.fit(packed.train, cfg.linear_map_rows, cfg.seed)
     adapters = {"trained": trained, "untrained": untrained_like(trained, spec.train.seed), "linear_map": linear}
     for name, folder in (baselines or {}).items():
         if name in SYSTEMS or not name.isidentifier():  # other names (a benchmark's variants) come after ORDER's
@@ -333,7 +336,7 @@ def evaluate(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, adapte
 
     evaluation = Evaluation(len(heldout), relative, image_mse, grid, out_dir / "evaluation.json", clip, grids,
                             out_dir / "evaluation.csv", Path(pairs_path), embedded, Path(adapter_dir), cfg.clip_model,
-                            systems, judged, judged_sets)
+                            systems, judged, judged_sets, packed.root)
     rows = evaluation.rows()
     with publish(evaluation.table, "evaluate: table") as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))

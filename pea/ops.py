@@ -33,7 +33,7 @@ from pea.discovery import check_sources
 from pea.redact import masked_errors, redact
 from pea.registry import Registration, model_name, tracking_uri
 from pea.spec import LanguageSpec, SpecError, deep_merge, available_languages, home, lake_root, load_spec
-from pea.table import data_fingerprint
+from pea.shards import fingerprint
 
 SOURCE_TAG = "source_fingerprint"
 
@@ -169,7 +169,7 @@ def check_language(spec: LanguageSpec, client: MlflowClient, lake: Path) -> tupl
         return True, (f"spec or manifests changed since version {latest.version} "
                       f"(source fingerprint {recorded or 'not recorded'} -> {current})")
     pairs = lake / spec.language / "pairs" / "pairs.parquet"
-    if pairs.is_file() and (data := data_fingerprint(pairs)) != latest.tags.get("data_fingerprint"):
+    if pairs.is_file() and (data := fingerprint(pairs)) != latest.tags.get("data_fingerprint"):
         return True, (f"the filtered pairs in the lake changed since version {latest.version} "
                       f"(data fingerprint {latest.tags.get('data_fingerprint')} -> {data})")
     if _has_champion(client, name):

@@ -36,6 +36,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, DataType, Schema, TensorSpec
 
+from pea.curves import curve
 from pea.evaluate import Evaluation
 from pea.hub import pinned_revision
 from pea.redact import masked_errors, redact, redact_all
@@ -43,7 +44,8 @@ from pea.registration import (COMPLETE, KEY_TAG, STATE_TAG, abandon, create_sqli
                               promotion_tags, recorded_decision, registration_key, set_promotion_tags, unreachable,
                               wait_ready)
 from pea.spec import LanguageSpec, home
-from pea.table import data_fingerprint
+from pea.shards import Packed, fingerprint
+from pea.table import data_fingerprint  # noqa: F401 (what the data_fingerprint tag holds; callers compare with it)
 from pea.train import TrainResult
 
 log = logging.getLogger("pea.registry")
@@ -135,12 +137,21 @@ def code_version() -> str:
         return "pea " + importlib.metadata.version("pea")
 
 
-def lineage(spec: LanguageSpec, pairs_path: Path) -> dict[str, str]:
-    """What a model version was made from: models (Hub revisions as the commits they name), data and code."""
+def lineage(spec: LanguageSpec, pairs_path: Path, data: str | None = None) -> dict[str, str]:
+    """What a model version was made from: models (Hub revisions as the commits they name), data and code. `data`:
+    the pairs' fingerprint as the pack recorded it; without it the pairs are fingerprinted (once a process)."""
     return {"language": spec.language, "teacher_id": spec.teacher.id,
             "teacher_revision": str(pinned_revision(spec.teacher.id, spec.teacher.revision)),
             "student_id": spec.student.id, "student_revision": str(pinned_revision(spec.student.id, spec.student.revision)),
-            "data_fingerprint": data_fingerprint(pairs_path), "code_version": code_version()}
+            "data_fingerprint": data or fingerprint(pairs_path), "code_version": code_version()}
+
+
+def _pack_of(evaluation: Evaluation) -> Packed | None:
+    """The pack `evaluation` scored, opened (not made again); None where it does not say or the pack is gone."""
+    try:
+        return Packed.open(evaluation.pack_root) if evaluation.pack_root is not None else None
+    except FileNotFoundError:
+        return None
 
 
 def signature(spec: LanguageSpec, trained: TrainResult) -> ModelSignature:
@@ -179,7 +190,8 @@ def score(spec: LanguageSpec, evaluation: Evaluation, adapter_dirs: dict[str, Pa
     adapters = {k: ev.PEAAdapter.from_pretrained(p).eval().to(models.device()) for k, p in adapter_dirs.items()}
     adapters["untrained"] = untrained_like(next(iter(adapters.values())), spec.train.seed).to(models.device())
     if spec.evaluate.promotion_metric == "rel_error":
-        table = load_table(spec, evaluation.pairs_path, evaluation.embedded, "heldout").with_english()
+        table = load_table(spec, evaluation.pairs_path, evaluation.embedded, "heldout",
+                           packed=_pack_of(evaluation)).with_english()
         chunk = spec.embed.text_batch_size  # an encoder never sees the whole held-out sample in one batch
         states = {}
         for key, ref in students.items():
@@ -299,7 +311,8 @@ def register(spec: LanguageSpec, trained: TrainResult, evaluation: Evaluation, a
 
 def _register(spec: LanguageSpec, trained: TrainResult, evaluation: Evaluation, artifacts: list[Path],
               pairs_path: Path, uri: str) -> Registration:
-    lineage_tags = lineage(spec, pairs_path)
+    packed = _pack_of(evaluation)  # its index holds the pairs' fingerprint: no scan of the pairs here
+    lineage_tags = lineage(spec, pairs_path, packed.fingerprint if packed is not None else None)
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     experiment, experiment_id = _experiment_id(client, spec.language, uri)
@@ -348,10 +361,9 @@ def _log_run(spec: LanguageSpec, trained: TrainResult, evaluation: Evaluation, a
         run_id = run.info.run_id
         log_spec(client, run_id, spec, lineage_tags)
         mlflow.log_dict(trained.ds_config, "ds_config.json")
-        history = [json.loads(line) for line in trained.history_path.read_text().splitlines()]
         now = int(time.time() * 1000)
-        metrics = [Metric(f"train/{k}", float(v), now, h["step"]) for h in history for k, v in h.items() if k != "step"]
-        metrics += [Metric(f"eval/{k}", float(v), now, 0) for k, v in metrics_now.items()]
+        metrics = curve(trained.history_path, now) + [Metric(f"eval/{k}", float(v), now, 0)
+                                                      for k, v in metrics_now.items()]
         for start in range(0, len(metrics), 1000):  # MLflow's per-batch cap for metrics
             client.log_batch(run_id, metrics=metrics[start:start + 1000])
         mlflow.log_table({k: [r[k] for r in evaluation.rows()] for k in evaluation.rows()[0]},

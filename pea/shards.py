@@ -1,12 +1,17 @@
 """Training shards: the joined rows that training and evaluation read, packed once after embed.
 
-    pack(spec, pairs_path, embedded) -> Packed      # Packed.train, Packed.heldout: Shards
+    pack(spec, pairs_path, embedded) -> Packed      # Packed.train, Packed.heldout: Shards; Packed.fingerprint
+    Packed.open(root) -> Packed                      # a pack another process made: nothing scanned or packed
 
 A row is one pair joined with its tensors: pairs ⋈ teacher conditioning (+ pooled) ⋈ student states ⋈
-latents, with the native flag and both captions. DuckDB joins the pairs with where each tensor is (part file,
-row: the stores' hash columns only) under its memory limit, and the tensors are then gathered part by part
-with pyarrow as raw 16-bit bytes (pea.store), never decoded. Memory is a chunk of GATHER_ROWS pairs plus
-PARTS_CACHED parts per store, whatever the corpus size.
+latents, with the native flag and both captions. DuckDB places every packed pair (split, position) and joins it
+with where each tensor is (part file, row: the stores' hash columns only) under its memory limit; pea.gather then
+reads each store part that holds a needed row once, with pyarrow, as raw 16-bit bytes (pea.store, never decoded),
+whatever order and number of embed workers wrote the stores, through staging files the writer reads back in
+order. The empty caption's two rows come through the same pass, by their location. Memory is one store part and a
+chunk of GATHER_ROWS rows, whatever the corpus size; disk, the pack's size twice while it is written. What the gather
+read (parts, and the bytes each store gave by the OS's count) goes to the caller's `stats`, not into the pack: the
+pack stays a pure function of its inputs, whatever layout of the stores it was read from.
 
 - `train/`: Parquet files of row groups of `train.data.row_group_rows` rows: the pairs in key order, shuffled
   within each chunk of GATHER_ROWS by a seeded permutation; a row group is the unit the streaming reader
@@ -15,8 +20,9 @@ PARTS_CACHED parts per store, whatever the corpus size.
 - `heldout/`: a bounded, deterministic sample of the held-out pairs (at most `evaluate.heldout_rows`, the
   lowest pair hashes first), what evaluation and promotion score.
 - `empty.safetensors`: the teacher's and the student's encodings of "" (caption dropout, guidance).
-- `index.json`: the key, the tensors' shapes and dtypes, every file's row-group sizes. Written last, inside
-  a temp folder that is then renamed: a pack without it is never seen.
+- `index.json`: the key, the pairs' fingerprint (pea.table.data_fingerprint, scanned once: ranks, evaluation and
+  registration read it here), the tensors' shapes and dtypes, every file's row-group sizes.
+  Written last, inside a temp folder that is then renamed: a pack without it is never seen.
 
 The folder is `<pairs dir>/shards/<key>/`, the key a digest of the pairs' content, the stores' keys and the
 split settings, so a rerun or a run with other training settings reuses it, and new pairs or a new model
@@ -35,7 +41,6 @@ from pathlib import Path
 import fsspec
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
@@ -44,7 +49,8 @@ from safetensors.torch import load, save_file
 from pea.embed import EmbedResult
 from pea.spec import LanguageSpec
 from pea.atomic import is_no_room, no_room, sweep, temp_path
-from pea.store import CorruptPart, TensorStore, connect, corrupt_parts, key_digest, read_part, tensor_meta, text_hash
+from pea.gather import Staging, read_chars
+from pea.store import TensorStore, connect, decode_tensor, key_digest, tensor_meta, text_hash
 
 FORMAT = 2  # bump when the layout of a pack changes (2: rows shuffled within each gathered chunk)
 
@@ -94,25 +100,52 @@ class Packed:
     root: Path
     train: Shards
     heldout: Shards
+    fingerprint: str = ""  # the pairs' data_fingerprint, as the pack's index records it
+
+    @classmethod
+    def open(cls, root: str | Path) -> Packed:
+        """The complete pack at `root`, as a launcher or an earlier stage made it: nothing is scanned or packed
+        again (what training ranks, evaluate and register do with the root they are handed)."""
+        train = Shards.open(root, "train")
+        fs, path = fsspec.core.url_to_fs(str(root))
+        with fs.open(f"{path.rstrip('/')}/index.json", "r") as f:
+            index = json.load(f)
+        return cls(Path(root), train, Shards.open(root, "heldout"), index.get("fingerprint", index["key"]["pairs"]))
+
+
+_FINGERPRINTS: dict[tuple, str] = {}
+
+
+def fingerprint(pairs_path: Path) -> str:
+    """pea.table.data_fingerprint of the pairs, scanned once per version of the file in this process (a stage
+    result or a cache key asks again and gets the same answer): keyed by the file's identity (path, device, inode,
+    size, modification time in ns). The filter stage replaces pairs.parquet by rename, so a new table is a new
+    inode; a table rewritten in place keeps neither its size nor its mtime. Other processes get the fingerprint
+    from the pack's index (Packed.open)."""
+    from pea.table import data_fingerprint
+
+    stat = os.stat(pairs_path)
+    identity = (os.path.realpath(pairs_path), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    if identity not in _FINGERPRINTS:
+        _FINGERPRINTS[identity] = data_fingerprint(Path(pairs_path))
+    return _FINGERPRINTS[identity]
 
 
 def pack_key(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult) -> dict:
-    from pea.table import data_fingerprint
-
     stores = {name: TensorStore.open(root).key for name, root in
               (("teacher", embedded.teacher_store), ("student", embedded.student_store),
                ("latents", embedded.latent_store))}
-    return {"format": FORMAT, "pairs": data_fingerprint(pairs_path), "stores": stores,
+    return {"format": FORMAT, "pairs": fingerprint(pairs_path), "stores": stores,
             "heldout_percent": spec.evaluate.heldout_percent, "heldout_rows": spec.evaluate.heldout_rows,
             "row_group_rows": spec.train.data.row_group_rows}
 
 
 ROW_GROUPS_PER_FILE = 8     # 8 × 256 SD 1.5 rows ≈ 630 MB per file: few files, each still a cheap retry
-GATHER_ROWS = 1024          # pairs whose tensors are gathered at once
-PARTS_CACHED = 3            # store parts kept open per store between chunks (rows near each other share parts)
+GATHER_ROWS = 1024          # packed rows read back from staging, shuffled and written at once
 STORES = {"teacher": ("teacher_store", ("tokens", "pooled")), "student": ("student_store", ("states",)),
           "latents": ("latent_store", ("latents",))}
 OUT_NAMES = {"tokens": "teacher", "pooled": "teacher_pooled", "states": "student", "latents": "latents"}
+META = ("key", "caption_en", "caption", "native", "pair_hash")
 
 
 def _parts(root: Path) -> str:
@@ -122,95 +155,108 @@ def _parts(root: Path) -> str:
     return "[" + ", ".join("'" + p.replace("'", "''") + "'" for p in parts) + "]"
 
 
-class _Gather:
-    """The tensors of pairs, store by store, from their (part file, row) locations. DuckDB would join the tensors
-    itself, but a join whose sides carry ~300 KB rows holds one side in memory (measured: out of memory at 40,000
-    SD 1.5 pairs under a 3.7 GB limit), so DuckDB joins only the small location columns and this reads each part's
-    tensor column with pyarrow, keeping the last PARTS_CACHED parts. Embed writes stores in pair order, so the
-    pairs of one chunk sit in a few consecutive parts and each part is read about once."""
-
-    def __init__(self, columns: tuple[str, ...]):
-        self.columns, self.cache = columns, {}
-
-    def part(self, file: str) -> pa.Table:
-        if file not in self.cache:
-            schema = pq.read_schema(file)
-            try:
-                self.cache[file] = read_part(file, columns=[c for c in self.columns if c in schema.names])
-            except CorruptPart as err:
-                raise corrupt_parts([file], err) from err
-            while len(self.cache) > PARTS_CACHED:
-                self.cache.pop(next(iter(self.cache)))
-        return self.cache[file]
-
-    def __call__(self, files: pa.Array, rows: pa.Array) -> dict[str, pa.Array]:
-        """Each column's cell for (files[i], rows[i]), in that order."""
-        pieces, order = [], []
-        for file in pc.unique(files).to_pylist():
-            where = pc.indices_nonzero(pc.equal(files, file))
-            pieces.append(self.part(file).take(pc.take(rows, where)))
-            order.append(where)
-        back = pc.sort_indices(pa.concat_arrays(order))  # from file-grouped order back to the chunk's order
-        table = pa.concat_tables(pieces).take(back)
-        return {name: table.column(name).combine_chunks() for name in table.column_names}
-
-
-def _write(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, out: Path) -> dict:
+def _write(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, out: Path) -> tuple[dict, dict]:
+    """Both splits' row groups into `out`, the empty caption's tensors into `out/empty.safetensors`; returns the
+    splits' file listing and what the gather read (pea.gather: each store part once, whatever wrote the stores)."""
     spill = spec.corpus.duckdb.spill(out, f"spill-{os.getpid()}")
     con = connect(spill, spec.corpus.duckdb.memory_limit)
+    staging = None
     try:
-        con.execute("""CREATE TEMP TABLE pairs AS SELECT key, caption_en, caption, native, image_sha256,
-                pea_text_hash(caption_en) AS teacher_hash, pea_text_hash(caption) AS student_hash,
-                pea_pair_hash(caption_en, caption) AS pair_hash
-            FROM read_parquet($p)""", {"p": str(pairs_path)})
-        for name, (field, _) in STORES.items():  # where each hash's tensors are: the hash column only, not tensors
+        heldout = f"('0x' || pair_hash[1:8])::BIGINT % 100 < {spec.evaluate.heldout_percent}"
+        # Every packed row with its split and position: the train split in key order (the order the pack has always
+        # had), the held-out sample by pair hash, cut at evaluate.heldout_rows.
+        con.execute(f"""CREATE TEMP TABLE placed AS
+            WITH pairs AS (SELECT key, caption_en, caption, native, image_sha256,
+                    pea_text_hash(caption_en) AS teacher_hash, pea_text_hash(caption) AS student_hash,
+                    pea_pair_hash(caption_en, caption) AS pair_hash FROM read_parquet($p))
+            SELECT *, 'train' AS split, row_number() OVER (ORDER BY key, pair_hash, image_sha256) - 1 AS pos
+            FROM pairs WHERE NOT {heldout}
+            UNION ALL
+            SELECT * FROM (SELECT *, 'heldout' AS split, row_number() OVER (ORDER BY pair_hash, key) - 1 AS pos
+                           FROM pairs WHERE {heldout}) WHERE pos < {spec.evaluate.heldout_rows}""",
+                    {"p": str(pairs_path)})
+        rows = dict(con.execute("SELECT split, count(*) FROM placed GROUP BY split").fetchall())
+        for split in ("train", "heldout"):
+            if not rows.get(split):
+                raise ValueError(f"the {split} split of {pairs_path} is empty; acquire more pairs or change "
+                                 "evaluate.heldout_percent in the spec")
+        staging = Staging(out / ".staging", {**rows, "empty": 1})
+        empty, read = text_hash(""), {}
+        for name, (field, columns) in STORES.items():
+            before = read_chars()
+            # Where each hash's tensors are (one location per hash: a duplicate row is never read): the stores'
+            # hash column only, never their tensors.
             con.execute(f"""CREATE TEMP TABLE {name}_at AS SELECT hash, min(filename) AS file,
                     arg_min(file_row_number, filename) AS row
                 FROM read_parquet({_parts(getattr(embedded, field))}, filename = true, file_row_number = true)
                 GROUP BY hash""")
-        heldout = f"('0x' || p.pair_hash[1:8])::BIGINT % 100 < {spec.evaluate.heldout_percent}"
-        located = """SELECT p.key, p.caption_en, p.caption, p.native, p.pair_hash, t.file AS teacher_file,
-                t.row AS teacher_row, s.file AS student_file, s.row AS student_row, l.file AS latents_file,
-                l.row AS latents_row
-            FROM pairs p JOIN teacher_at t ON t.hash = p.teacher_hash JOIN student_at s ON s.hash = p.student_hash
-            JOIN latents_at l ON l.hash = p.image_sha256"""
-        counts = dict(con.execute(f"SELECT {heldout}, count(*) FROM pairs p GROUP BY ALL").fetchall())
+            column = {"teacher": "teacher_hash", "student": "student_hash", "latents": "image_sha256"}[name]
+            missing = con.execute(f"SELECT count(*) FROM placed p ANTI JOIN {name}_at a ON a.hash = p.{column}"
+                                  ).fetchall()[0][0]
+            if missing:
+                raise KeyError(f"{missing} pairs of {pairs_path} have no {name} tensors in {getattr(embedded, field)}; "
+                               "run the embed stage for these pairs first")
+            also = (f"UNION ALL SELECT file, row, 'empty', 0 FROM {name}_at WHERE hash = '{empty}'"
+                    if name != "latents" else "")
+            con.execute(f"""CREATE TEMP TABLE need_{name} AS SELECT a.file, a.row, p.split, p.pos FROM placed p
+                JOIN {name}_at a ON a.hash = p.{column} {also}""")
+            if name != "latents" and not con.execute(f"SELECT count(*) FROM need_{name} WHERE split = 'empty'"
+                                                     ).fetchall()[0][0]:
+                raise KeyError(f"the empty caption is missing from store {getattr(embedded, field)}; run the embed "
+                               "stage first (it always stores it)")
+            staging.scatter(con, f"need_{name}", name, columns)
+            con.execute(f"DROP TABLE need_{name}")
+            read[name] = None if before is None else read_chars() - before
         written = {}
-        # The train split in pair order (the stores' order: sequential reads); the held-out sample by pair hash.
-        for split, query in (("train", f"{located} WHERE NOT {heldout} ORDER BY p.key"),
-                             ("heldout", f"{located} WHERE {heldout} ORDER BY p.pair_hash, p.key "
-                                         f"LIMIT {spec.evaluate.heldout_rows}")):
-            rows = spec.train.data.row_group_rows if split == "train" else spec.evaluate.heldout_rows
-            written[split] = _write_row_groups(_with_tensors(con.sql(query).to_arrow_reader(GATHER_ROWS),
-                                                             shuffle=split == "train"), out / split, rows)
+        for split in ("train", "heldout"):
+            batches = _with_tensors(staging, split, con.sql(
+                f"SELECT {', '.join(META)} FROM placed WHERE split = '{split}' ORDER BY pos"
+            ).to_arrow_reader(GATHER_ROWS), shuffle=split == "train")
+            written[split] = _write_row_groups(batches, out / split, spec.train.data.row_group_rows
+                                               if split == "train" else spec.evaluate.heldout_rows)
+        empty_tensors = {"teacher": staging.read("empty", "tokens", 0, 1),
+                         "student": staging.read("empty", "states", 0, 1)}
+        tensors = {}
+        for field, columns in STORES.values():  # shapes and dtypes as the stores record them
+            schema = pq.read_schema(TensorStore.open(getattr(embedded, field)).parts()[0])
+            for column in (c for c in columns if c in schema.names):
+                shape, dtype = tensor_meta(schema.field(column))
+                tensors[OUT_NAMES[column]] = {"shape": list(shape), "dtype": dtype}
+        save_file({name: decode_tensor(cells, shape=tuple(tensors[name]["shape"]), dtype=tensors[name]["dtype"])[0]
+                   .float().contiguous() for name, cells in empty_tensors.items()}, out / "empty.safetensors")
+        # What the stores gave: the bytes this process read while locating and gathering each store (the OS's
+        # count: hash columns, Parquet footers, tensor columns), and the packed rows' tensor bytes they became.
+        packed = sum(staging.widths[c] * (rows["train"] + rows["heldout"]) for c in staging.widths)
+        gathered = {"read_bytes": read, "packed_bytes": packed, "parts_read": staging.parts_read,
+                    "column_bytes_read": staging.bytes_read}
     finally:
+        if staging is not None:
+            staging.close()
+            shutil.rmtree(staging.folder, ignore_errors=True)
         con.close()
         shutil.rmtree(spill, ignore_errors=True)
-    expected = {"train": counts.get(False, 0), "heldout": min(counts.get(True, 0), spec.evaluate.heldout_rows)}
     for split in ("train", "heldout"):
-        if written[split] != expected[split]:
-            raise KeyError(f"{expected[split] - written[split]} {split} pairs of {pairs_path} have no tensors in "
-                           "the stores; run the embed stage for these pairs first")
-        if not written[split]:
-            raise ValueError(f"the {split} split of {pairs_path} is empty; acquire more pairs or change "
-                             "evaluate.heldout_percent in the spec")
-    return {split: {"rows": written[split], "files": [
+        if written[split] != rows[split]:
+            raise KeyError(f"{rows[split] - written[split]} {split} pairs of {pairs_path} were not packed")
+    splits = {split: {"rows": written[split], "files": [
         {"path": f.name, "row_groups": [md.row_group(i).num_rows for i in range(md.num_row_groups)]}
         for f in sorted((out / split).glob("*.parquet")) if (md := pq.read_metadata(f)).num_rows]}
         for split in ("train", "heldout")}
+    return {"tensors": tensors, "splits": splits}, gathered
 
 
-def _with_tensors(batches: pa.RecordBatchReader, shuffle: bool):
-    """Each batch of located pairs with its tensor columns in place of the locations; with `shuffle`, its rows in
-    a seeded random order. Pairs arrive in key order (manifest order, sometimes sorted by topic or source), so
-    without it a row group would hold neighbours; the reader only shuffles whole row groups and rows within a
-    few of them. The seed is the batch's index: the pack stays a pure function of its inputs."""
-    gathers = {name: _Gather(columns) for name, (_, columns) in STORES.items()}
+def _with_tensors(staging: Staging, split: str, batches: pa.RecordBatchReader, shuffle: bool):
+    """Each batch of placed pairs (in position order) with its tensor columns read back from staging; with
+    `shuffle`, its rows in a seeded random order. Pairs arrive in key order (manifest order, sometimes sorted by
+    topic or source), so without it a row group would hold neighbours; the reader only shuffles whole row groups
+    and rows within a few of them. The seed is the batch's index: the pack stays a pure function of its inputs."""
+    start = 0
     for index, batch in enumerate(batches):
-        columns = {name: batch.column(name) for name in ("key", "caption_en", "caption", "native", "pair_hash")}
-        for name, gather in gathers.items():
-            for column, cells in gather(batch.column(f"{name}_file"), batch.column(f"{name}_row")).items():
-                columns[OUT_NAMES[column]] = cells
+        columns = {name: batch.column(name) for name in META}
+        for store_columns in (c for _, c in STORES.values()):
+            for column in (c for c in store_columns if c in staging.widths):
+                columns[OUT_NAMES[column]] = staging.read(split, column, start, batch.num_rows)
+        start += batch.num_rows
         out = pa.RecordBatch.from_pydict(columns)
         yield out.take(np.random.default_rng([FORMAT, index]).permutation(out.num_rows)) if shuffle else out
 
@@ -247,8 +293,9 @@ def _write_row_groups(batches, folder: Path, rows: int) -> int:
     return total
 
 
-def pack(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult) -> Packed:
-    """Pack the pairs' training and held-out rows once (reused while the key holds)."""
+def pack(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, stats: dict | None = None) -> Packed:
+    """Pack the pairs' training and held-out rows once (reused while the key holds). `stats`, when packed here, is
+    filled with what the gather read: read_bytes (per store, the OS's count), packed_bytes, parts_read."""
     pairs_path = Path(pairs_path)
     if not pairs_path.is_file():
         raise FileNotFoundError(f"pairs table {pairs_path} does not exist; run the filter and embed stages first")
@@ -260,17 +307,11 @@ def pack(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult) -> Packed:
         tmp = temp_path(root)
         tmp.mkdir()
         try:
-            splits = _write(spec, pairs_path, embedded, tmp)
-            tensors = {}
-            for field, columns in STORES.values():  # shapes and dtypes as the stores record them
-                schema = pq.read_schema(TensorStore.open(getattr(embedded, field)).parts()[0])
-                for column in (c for c in columns if c in schema.names):
-                    shape, dtype = tensor_meta(schema.field(column))
-                    tensors[OUT_NAMES[column]] = {"shape": list(shape), "dtype": dtype}
-            empty = {"teacher": TensorStore.open(embedded.teacher_store).read([text_hash("")])["tokens"][0],
-                     "student": TensorStore.open(embedded.student_store).read([text_hash("")])["states"][0]}
-            save_file(empty, tmp / "empty.safetensors")
-            (tmp / "index.json").write_text(json.dumps({"key": key, "tensors": tensors, "splits": splits}, indent=1))
+            written, gathered = _write(spec, pairs_path, embedded, tmp)
+            if stats is not None:
+                stats.update(gathered)
+            (tmp / "index.json").write_text(json.dumps({"key": key, "fingerprint": key["pairs"], **written},
+                                                       indent=1))
             try:
                 os.rename(tmp, root)
             except OSError:  # another process (a rank) packed the same key first: its pack is the one
@@ -282,4 +323,4 @@ def pack(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult) -> Packed:
             raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    return Packed(root, Shards.open(root, "train"), Shards.open(root, "heldout"))
+    return Packed.open(root)

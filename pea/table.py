@@ -78,14 +78,15 @@ class TrainingTable:
                              self.student_empty)
 
 
-def load_table(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, split: Split = "heldout"
-               ) -> TrainingTable:
-    """The held-out sample in memory (packing the shards first if needed); bounded by evaluate.heldout_rows."""
+def load_table(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, split: Split = "heldout",
+               packed=None) -> TrainingTable:
+    """The held-out sample in memory, from `packed` (a pea.shards.Packed: opened, not made again) or else packing
+    the shards first if needed; bounded by evaluate.heldout_rows."""
     from pea.shards import pack
 
     if split != "heldout":
         raise ValueError("only the held-out split is loaded whole; training streams its split (pea.reader)")
-    shards = pack(spec, pairs_path, embedded).heldout
+    shards = (packed or pack(spec, pairs_path, embedded)).heldout
     fs, root = shards.filesystem()
     try:
         table = read_part(f"{root}/{shards.files[0]}", filesystem=fs)

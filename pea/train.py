@@ -11,7 +11,7 @@ every rank runs
 
     deepspeed --num_gpus N [--num_nodes M --hostfile H] [--master_addr A] --master_port P \
         --module pea.train --spec <run_dir>/spec.json --run-dir <run_dir> --pairs <pairs.parquet> \
-        --stores <teacher store> <student store> <latent store>
+        --stores <teacher store> <student store> <latent store> --pack <the pack launch made>
 
 then the TrainResult is read back from `<run_dir>/train_result.json` (written by rank 0). The launch
 itself is pea.launcher's, shared with the embed stage: a failure raises LaunchError naming the command
@@ -56,7 +56,7 @@ from pea.launcher import forwarded_env as _forwarded_env  # noqa: F401 (kept for
 from pea.launcher import free_port as _free_port
 from pea.perturb import RandomLoRA
 from pea.reader import ShardStream
-from pea.shards import pack
+from pea.shards import Packed, pack
 from pea.spec import LanguageSpec, TrainSpec, home, lake_root
 
 
@@ -179,7 +179,8 @@ def _export(engine, zero_stage: int, run_dir: Path, adapter_dir: Path) -> None:
         adapter.save_pretrained(staging, safe_serialization=True)
 
 
-def train(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, run_dir: Path) -> TrainResult:
+def train(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, run_dir: Path,
+          packed: Packed | None = None) -> TrainResult:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(home() / ".cache" / "torch_extensions"))
     _single_process_env()
     # DeepSpeed picks its accelerator once, at import (DS_ACCELERATOR, else whatever it detects): name the
@@ -195,8 +196,9 @@ def train(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, run_dir: 
     # directory someone else could write is refused before any work is done.
     checkpoints_lib.run_directory(run_dir)
     checkpoints_lib.check_private(run_dir)
-    # Packed once per content key (the flow's pack task, or the first rank here); every rank streams its share.
-    shards = pack(spec, pairs_path, embedded).train
+    # A rank opens the pack its launcher made (`packed`, from --pack): nothing is scanned or packed again. Without
+    # one (in-process training) the pack is made or found here, its fingerprint scanned once per process.
+    shards = (packed or pack(spec, pairs_path, embedded)).train
     shapes = {name: shape for name, (shape, _) in shards.tensors.items()}
     # Under bf16/fp16 the frozen UNet is held in that precision too, as diffusers' training examples hold their
     # frozen models: it is nearly all of a step's FLOPs, and in fp32 it would run on a GPU's slowest path.
@@ -330,11 +332,14 @@ def train(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, run_dir: 
     return result
 
 
-def launch_command(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, run_dir: Path) -> list[str]:
-    """The `deepspeed` command line that trains `spec` with its train.launcher layout into `run_dir`."""
+def launch_command(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, run_dir: Path,
+                   packed: Packed | None = None) -> list[str]:
+    """The `deepspeed` command line that trains `spec` with its train.launcher layout into `run_dir`; with `packed`,
+    every rank opens that pack (--pack) instead of fingerprinting the pairs and looking for it."""
     return [*deepspeed_command(spec.train.launcher, "pea.train", "train.launcher"),
             "--spec", str(Path(run_dir) / "spec.json"), "--run-dir", str(run_dir), "--pairs", str(pairs_path),
-            "--stores", str(embedded.teacher_store), str(embedded.student_store), str(embedded.latent_store)]
+            "--stores", str(embedded.teacher_store), str(embedded.student_store), str(embedded.latent_store),
+            *(["--pack", str(packed.root)] if packed is not None else [])]
 
 
 def launch(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, run_dir: Path) -> TrainResult:
@@ -344,8 +349,8 @@ def launch(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, run_dir:
         return train(spec, pairs_path, embedded, run_dir)
     run_dir = Path(run_dir).resolve()
     checkpoints_lib.run_directory(run_dir)  # see train(): DeepSpeed unpickles what is in here
-    pack(spec, pairs_path, embedded)  # once, here, rather than raced by the ranks
-    command = launch_command(spec, Path(pairs_path).resolve(), embedded, run_dir)
+    packed = pack(spec, pairs_path, embedded)  # once, here; the ranks open it (--pack) rather than repack or rescan
+    command = launch_command(spec, Path(pairs_path).resolve(), embedded, run_dir, packed)
     with publish(run_dir / "spec.json", "train: launch spec") as tmp:  # a temp name of its own: no_ssh nodes race here
         tmp.write_text(spec.model_dump_json(indent=2))
     if "--no_ssh" not in command or not launcher.node_rank():  # node 0 clears it; the others wait for it below
@@ -372,6 +377,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--micro-batch-size", type=int, help="override train.micro_batch_size (per process)")
     parser.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], help="override train.zero_stage")
     parser.add_argument("--checkpoint-every", type=int, help="override train.checkpoint_every")
+    parser.add_argument("--pack", help="the pack the launcher made (its root): opened, not made or looked for")
     args = parser.parse_args(argv)
     spec = launcher.spec_from(args)
     overrides = {name: value for name, value in {
@@ -386,7 +392,7 @@ def main(argv: list[str] | None = None) -> None:
         stores = open_stores(spec, lake)
         embedded = EmbedResult(stores["teacher"].root, stores["student"].root, stores["latents"].root)
     pairs = args.pairs or lake / spec.language / "pairs" / "pairs.parquet"
-    result = train(spec, pairs, embedded, args.run_dir)
+    result = train(spec, pairs, embedded, args.run_dir, Packed.open(args.pack) if args.pack else None)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"adapter written to {result.adapter_dir} (final loss {result.final_loss:.4f})")
 
