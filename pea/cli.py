@@ -199,7 +199,9 @@ def main(argv: list[str] | None = None) -> None:
                         "teacher.safety_checker, off)")
     p.set_defaults(run=_generate)
     args = parser.parse_args(argv)
-    raise SystemExit(run_masked(f"pea {args.run.__name__.lstrip('_')}", lambda: args.run(args)))
+    status = run_masked(f"pea {args.run.__name__.lstrip('_')}", lambda: args.run(args))
+    if status:  # success returns, so that in-process callers (benchmarks, tests) go on
+        raise SystemExit(status)
 
 
 def _fix(err: BaseException) -> str | None:

@@ -302,8 +302,8 @@ def evaluate(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, adapte
                              f"{[s for s in ORDER if s not in SYSTEMS]}")
         adapters[name] = PEAAdapter.from_pretrained(folder).eval()
     adapters = {name: adapter.to(models.device()) for name, adapter in adapters.items()}
-    extra = [s for s in ORDER if s in adapters or (s == "dictionary" and cfg.dictionary_baseline)]
-    systems = tuple(s for s in ORDER if s in SYSTEMS or s in extra) + tuple(s for s in adapters if s not in ORDER)
+    optional = [s for s in ORDER if s in adapters or (s == "dictionary" and cfg.dictionary_baseline)]
+    systems = tuple(s for s in ORDER if s in SYSTEMS or s in optional) + tuple(s for s in adapters if s not in ORDER)
     relative = relative_errors(spec, heldout, adapters)
 
     pipe = models.load_pipeline(spec.teacher, dtype=models.inference_dtype(spec.train.precision))
@@ -325,7 +325,7 @@ def evaluate(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, adapte
     for name in cfg.prompt_sets:
         prompts = load_prompts(spec.language, name, cfg.prompts_per_set)
         seeds = [cfg.seed + i for i in range(len(prompts))]
-        drawn = _draw(spec, pipe, student, adapters, prompts, seeds, extra=extra)
+        drawn = _draw(spec, pipe, student, adapters, prompts, seeds)
         targets = [t for t, _ in prompts]
         clip[name] = {system: clip_scores(clip_ref, drawn[system], targets) for system in systems}
         k = min(cfg.grid_prompts, len(prompts))

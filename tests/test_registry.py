@@ -3,6 +3,7 @@ two languages registering at once, `pea eval` on a registered version, and regis
 chosen point and rerun, a server that is down, a server too slow for MLflow's client (which then POSTs twice)."""
 
 import dataclasses
+import re
 import http.client
 import json
 import logging
@@ -232,9 +233,10 @@ def test_pea_eval_prints_the_table_for_a_registered_version(cycle, trained_sd15,
     assert "models:/pea-adapter-zh/1 (version 1)" in out
     assert all(s in out for s in ("teacher_en", "trained", "untrained", "linear_map", "clip_culture"))
     assert (tmp_path / "eval" / "grid-general.png").is_file()
-    with pytest.raises(SystemExit, match="not in the registry"):
+    with pytest.raises(SystemExit) as refused:  # one line on stderr naming the fix, exit 1
         main(["eval", "--language", "zh", "--profile", "embedded", "--model-uri", "models:/pea-adapter-zh/99",
               "--pairs", str(trained_sd15.pairs)])
+    assert refused.value.code == 1 and "not in the registry" in capsys.readouterr().err
 
 
 def test_pea_generate_draws_with_a_registered_version_and_the_safety_checker_is_a_flag(cycle, zoo_dir, tmp_path,
@@ -251,8 +253,10 @@ def test_pea_generate_draws_with_a_registered_version_and_the_safety_checker_is_
             "--prompt", "左边有一个红色的圆形", "--steps", "2", "--size", "32", "--out", str(tmp_path / "a.png")]
     main(args)
     assert Image.open(tmp_path / "a.png").size == (32, 32) and "models:/pea-adapter-zh/1" in capsys.readouterr().out
-    with pytest.raises(ValueError, match=r"teacher .*sd15-teacher ships no safety_checker.*--no-safety-checker"):
-        main(args + ["--safety-checker"])  # the zoo's teacher has none: named, not silently dropped
+    with pytest.raises(SystemExit) as refused:  # the zoo's teacher has none: named, not silently dropped
+        main(args + ["--safety-checker"])
+    assert refused.value.code == 1
+    assert re.search(r"teacher .*sd15-teacher ships no safety_checker.*--no-safety-checker", capsys.readouterr().err)
 
 
 def test_promotion_names_both_teacher_commits_when_they_differ(cycle, trained_sd15, server):
