@@ -113,10 +113,13 @@ def distill_loss(unet: UNet2DConditionModel, noisy_latents: torch.Tensor, timest
                      _mean_over(feature_kd, 1 - m), _mean_over(token_kd, 1 - m))
 
 
-def token_fit_loss(student: Conditioning, teacher: Conditioning, native: torch.Tensor) -> LossTerms:
+def token_fit_loss(student: Conditioning, teacher: Conditioning, native: torch.Tensor,
+                   weight: torch.Tensor | None = None) -> LossTerms:
     """The warm start's objective (train.token_warmup): the adapter's context regressed on the teacher's, token by
     token (and the pooled vector on SDXL), over the parallel rows; no UNet pass, so a step costs the adapter's
-    forward and backward only. Native-only rows have no English side and take no part."""
+    forward and backward only. Native-only rows have no English side and take no part. `weight`: each row's share of
+    the mean (default equal); a row every rank holds (the empty caption) weighs 1/world on each, so any process layout
+    with the same global batch takes the same mean."""
     if student.tokens.shape != teacher.tokens.shape:
         raise ValueError(f"the token warm start fits contexts token by token, but the adapter gives "
                          f"{tuple(student.tokens.shape)} and the teacher {tuple(teacher.tokens.shape)}; train with "
@@ -128,7 +131,8 @@ def token_fit_loss(student: Conditioning, teacher: Conditioning, native: torch.T
         per_sample = per_sample + torch.nn.functional.pad(pooled, (0, len(per_sample) - len(pooled)))
     unused = torch.full((), float("nan"))
     token_kd = _mean_over(per_sample, pairs)
-    return LossTerms((per_sample * pairs).mean(), unused, unused, unused, token_kd)
+    weight = torch.ones_like(per_sample) if weight is None else weight.to(per_sample)
+    return LossTerms((per_sample * pairs * weight).sum() / weight.sum(), unused, unused, unused, token_kd)
 
 
 def _mean_over(per_sample: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -266,7 +266,8 @@ def train(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, run_dir: 
             if step < cfg.fitting_steps:  # the warm start: the context regressed on the teacher's, "" included; no UNet
                 terms = token_fit_loss(Conditioning(tokens, None if pooled is None else pooled[:-1]),
                                        Conditioning(torch.cat([teacher_tokens, empty["teacher"][None]]), teacher_pooled),
-                                       torch.cat([batch.native, torch.zeros(1, dtype=batch.native.dtype)]).to(device))
+                                       torch.cat([batch.native, torch.zeros(1, dtype=batch.native.dtype)]).to(device),
+                                       torch.tensor([1.0] * len(batch) + [1.0 / world], device=device))
                 engine.backward(terms.total)
                 engine.step()
                 seen += len(batch)

@@ -37,9 +37,18 @@ def _env(lake: Path) -> dict:
     return {**env, "PEA_LAKE": str(lake), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
+STEPS = 24  # distillation steps of the runs below; the token warm start's steps come before them
+
+
+def _total_steps(lake: Path) -> int:
+    """Every step a run of _train_cmd takes: the warm start's and the distillation's (history and tags count both)."""
+    spec = load_spec("zh", "embedded", zoo_dir=lake / "zoo")
+    return spec.train.model_copy(update={"steps": STEPS}).total_steps
+
+
 def _train_cmd(run_dir: Path, *extra: str) -> list[str]:
     return ["-m", "pea.train", "--language", "zh", "--profile", "embedded", "--run-dir", str(run_dir),
-            "--steps", "24", "--checkpoint-every", "4", *extra]
+            "--steps", str(STEPS), "--checkpoint-every", "4", *extra]
 
 
 def _free_port() -> int:
@@ -72,6 +81,12 @@ def _adapter(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(run_dir / "adapter" / "diffusion_pytorch_model.safetensors")
 
 
+# Two process layouts with the same global batch see the same rows, noise and LoRA draws; only the float reduction
+# order differs, which 96 warm-start and 24 distillation steps of AdamW carry to 1.1e-5 (ZeRO-3: 2.0e-5) on one weight.
+# A layout that weighs a row differently is far off: the empty caption counted once per rank moved a weight by 3.3e-2.
+LAYOUT_TOLERANCE = 1e-4
+
+
 def _max_diff(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max(float((a[k] - b[k]).abs().max()) for k in a)
@@ -94,12 +109,13 @@ def test_kill_9_mid_run_then_resume_equals_an_uninterrupted_run(lake, tmp_path):
     proc.wait()
     assert not (run / "adapter").exists()  # nothing exported by the killed run
     killed_at = int(latest.read_text().strip().removeprefix("step"))
-    assert 8 <= killed_at < 24
+    total = _total_steps(lake)
+    assert 8 <= killed_at < total
 
     subprocess.run([sys.executable, *_train_cmd(run)], env=env, check=True, capture_output=True)
     assert _max_diff(_adapter(run), _adapter(tmp_path / "whole")) <= 1e-6
     steps = [int(line.split('"step": ')[1].split(",")[0]) for line in (run / "history.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 25))
+    assert steps == list(range(1, total + 1))
 
 
 def test_resume_skips_a_torn_latest_a_half_written_tag_and_a_corrupt_one(lake, tmp_path, capfd):
@@ -113,8 +129,9 @@ def test_resume_skips_a_torn_latest_a_half_written_tag_and_a_corrupt_one(lake, t
     shutil.copytree(whole, run)
     shutil.rmtree(run / "adapter")
     checkpoints = run / "checkpoints"
-    for tag in ("step00000016", "step00000020", "step00000024"):
-        shutil.rmtree(checkpoints / tag)
+    for tag in checkpoints.glob("step*"):  # the run as it was after step 12's save
+        if int(tag.name.removeprefix("step")) > 12:
+            shutil.rmtree(tag)
     half = checkpoints / "step00000016"  # the save that was killed: files copied, one cut short, never sealed
     shutil.copytree(checkpoints / "step00000012", half)
     (half / "pea-seal.json").unlink()
@@ -133,7 +150,7 @@ def test_resume_skips_a_torn_latest_a_half_written_tag_and_a_corrupt_one(lake, t
     assert f"checkpoint step00000012 skipped: {corrupt} does not match its checksum" in out
     assert _max_diff(_adapter(run), _adapter(whole)) <= 1e-6  # resumed from step 8, the newest intact tag
     steps = [int(line.split('"step": ')[1].split(",")[0]) for line in (run / "history.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 25))
+    assert steps == list(range(1, _total_steps(lake) + 1))
 
 
 def test_two_processes_under_the_deepspeed_launcher_equal_one_with_the_same_global_batch(lake, tmp_path):
@@ -150,7 +167,7 @@ def test_two_processes_under_the_deepspeed_launcher_equal_one_with_the_same_glob
     config = json.loads((tmp_path / "two" / "ds_config.json").read_text())
     assert (config["train_batch_size"], config["train_micro_batch_size_per_gpu"]) == (16, 8)  # two ranks
     # Same rows, noise and timesteps per global-batch position; only float reduction order differs.
-    assert _max_diff(_adapter(tmp_path / "two"), _adapter(tmp_path / "one")) <= 1e-5
+    assert _max_diff(_adapter(tmp_path / "two"), _adapter(tmp_path / "one")) <= LAYOUT_TOLERANCE
 
 
 # --- the spec-driven launch: what the flow's train task calls -------------------------------------------------
@@ -160,7 +177,7 @@ def _spec(lake: Path, **train):
 
     spec = load_spec("zh", "embedded", zoo_dir=lake / "zoo")
     return LanguageSpec.model_validate({**spec.model_dump(), "train": {
-        **spec.train.model_dump(), "steps": 24, "checkpoint_every": 12, **train}})
+        **spec.train.model_dump(), "steps": STEPS, "checkpoint_every": 12, **train}})
 
 
 def _stores(spec, lake: Path):
@@ -195,11 +212,11 @@ def test_the_spec_launches_two_processes_that_equal_one_in_process(lake, in_proc
     out = capsys.readouterr().out
     assert "launching 2 processes: " in out and "--num_gpus 2" in out and "--module pea.train --spec" in out
     assert "adapter written to" in out  # the ranks' output was streamed through
-    assert result.run_dir == (tmp_path / "two").resolve() and result.steps == 24 and result.resumed_from == 0
+    assert result.run_dir == (tmp_path / "two").resolve() and result.steps == _total_steps(lake) and result.resumed_from == 0
     assert (result.ds_config["train_batch_size"], result.ds_config["train_micro_batch_size_per_gpu"]) == (16, 8)
     assert result.history_path.is_file() and result.loss_curve.is_file()
     # Same tolerance as the hand-launched test above: only float reduction order differs.
-    assert _max_diff(_adapter(result.run_dir), _adapter(in_process.run_dir)) <= 1e-5
+    assert _max_diff(_adapter(result.run_dir), _adapter(in_process.run_dir)) <= LAYOUT_TOLERANCE
 
 
 def test_zero_3_exports_the_gathered_adapter(lake, in_process, tmp_path, monkeypatch):
@@ -214,7 +231,7 @@ def test_zero_3_exports_the_gathered_adapter(lake, in_process, tmp_path, monkeyp
     exported, reference = _adapter(result.run_dir), _adapter(in_process.run_dir)
     assert {k: v.shape for k, v in exported.items()} == {k: v.shape for k, v in reference.items()}
     assert all(v.numel() > 0 for v in exported.values())  # a shard-only (ungathered) export would be empty
-    assert _max_diff(exported, reference) <= 1e-5
+    assert _max_diff(exported, reference) <= LAYOUT_TOLERANCE
 
 
 def test_a_failing_launch_names_the_command_and_its_exit_code(lake, tmp_path, monkeypatch):
@@ -300,4 +317,4 @@ def test_two_nodes_on_loopback_launched_without_ssh_equal_one_process(lake, in_p
         assert f"--no_ssh --node_rank {rank}" in out and "RESULT " in out
         line = next(line for line in out.splitlines() if line.startswith(f"rank {rank}/2:"))
         assert f"partitions [{rank}] of 2" in line and "PEA_REHEARSAL_SETTING" in line
-    assert _max_diff(_adapter(tmp_path / "run"), _adapter(in_process.run_dir)) <= 1e-5
+    assert _max_diff(_adapter(tmp_path / "run"), _adapter(in_process.run_dir)) <= LAYOUT_TOLERANCE
