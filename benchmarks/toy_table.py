@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 from pea.corpus.culture import PROMPT_SET as SET  # the held-out culture prompts
+from pea.spec import DIFFUSION_ONLY
 
 CULTURE = ("teacher_en", "trained", "paper", "no_native", "diffusion_only", "dictionary")
 
@@ -94,7 +95,7 @@ def run_cell(language: str, lake: Path, noise: float, seeds: list[int], ablation
     acquire.acquire(base, world)
     filtered = filter_stage.filter_pairs(base, world)
     embedded = embed.embed(base, world, filtered.pairs_path)
-    variants = {"diffusion_only": {"diffusion_loss": "all"}} | {name: ABLATIONS[name] for name in ablations}
+    variants = {"diffusion_only": DIFFUSION_ONLY} | {name: ABLATIONS[name] for name in ablations}
     heldout: dict[str, list[float]] = {}
     culture: dict[str, list[float]] = {}
     for i, seed in enumerate(seeds):

@@ -40,7 +40,7 @@ from pea.corpus import filter as filter_stage
 from pea.discovery import SCAN_TAG, check_sources
 from pea.embedded import prepare_zoo
 from pea.redact import mask_logging, masked_errors, redact
-from pea.spec import ENGINE_ADDRESS, LANGUAGE_CODE, LanguageSpec, lake_root, load_spec, profiles
+from pea.spec import DIFFUSION_ONLY, ENGINE_ADDRESS, LANGUAGE_CODE, LanguageSpec, lake_root, load_spec, profiles
 
 from flows.summary import print_summary  # noqa: F401 (the flow module's API: main() and callers print with it)
 
@@ -175,9 +175,9 @@ def train(spec: LanguageSpec, pairs: Path, embedded: embed_stage.EmbedResult, ru
 @masked_errors()  # Prefect logs and stores the error's message: masked first (pea.redact)
 def train_diffusion_only(spec: LanguageSpec, pairs: Path, embedded: embed_stage.EmbedResult,
                          run_dir: Path) -> train_stage.TrainResult:
-    """The table's diffusion-loss-only baseline (evaluate.diffusion_only_baseline): same data and steps, no KD,
-    and the same process layout as the PEA adapter (train.launcher), through the same launch."""
-    return train_stage.launch(ops.with_overrides(spec, train={"diffusion_loss": "all"}), pairs, embedded, run_dir)
+    """The table's diffusion-loss-only baseline (evaluate.diffusion_only_baseline): same adapter, data and steps,
+    nothing from the teacher (pea.spec.DIFFUSION_ONLY), the same process layout (train.launcher) and launch."""
+    return train_stage.launch(ops.with_overrides(spec, train=DIFFUSION_ONLY), pairs, embedded, run_dir)
 
 
 @task(cache_key_fn=_per_flow_run_key("evaluate"), persist_result=True)

@@ -30,7 +30,7 @@ from pea.spec_sections import (  # noqa: F401 (re-exported)
     EvaluateSpec, FilterSpec, LanguageIdSpec, ManifestSpec, Strict, SyntheticCorpus,
 )
 from pea.spec_training import (  # noqa: F401 (re-exported)
-    ENV_NAME, FORWARDED_ENV, DataSpec, EmbedSpec, LauncherSpec, PerturbationSpec, TrainSpec,
+    DIFFUSION_ONLY, ENV_NAME, FORWARDED_ENV, DataSpec, EmbedSpec, LauncherSpec, PerturbationSpec, TrainSpec,
 )
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]

@@ -82,6 +82,18 @@ def test_the_default_is_plug_and_play_and_the_paper_is_one_profile_away(zoo_dir)
         assert paper.total_steps == paper.steps
 
 
+def test_the_diffusion_only_baseline_reads_nothing_of_the_teacher(zoo_dir):
+    from pea.spec import DIFFUSION_ONLY
+
+    default = load_spec("zh", "embedded,toy", zoo_dir=zoo_dir)
+    with pytest.raises(SpecError, match="diffusion_loss: all .* token_kd_weight, token_warmup or perturbation.share"):
+        ops.with_overrides(default, train={"diffusion_loss": "all"})  # the default's warm start would fit the teacher
+    for shipped in available_languages():
+        baseline = ops.with_overrides(load_spec(shipped, "embedded,toy", zoo_dir=zoo_dir), train=DIFFUSION_ONLY).train
+        assert (baseline.token_kd_weight, baseline.fitting_steps, baseline.perturbation.share) == (0.0, 0, 0.0)
+        assert baseline.adapter_tokens == default.train.adapter_tokens  # the default's adapter, by the images alone
+
+
 def test_the_token_terms_need_the_teachers_token_count(zoo_dir):
     paper = load_spec("zh", "embedded,paper", zoo_dir=zoo_dir)
     with pytest.raises(SpecError, match="adapter_tokens: teacher"):
