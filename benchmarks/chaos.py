@@ -54,7 +54,8 @@ from pea.launcher import DISTRIBUTED_ENV  # noqa: E402
 STAGES = ("acquire", "filter", "embed", "pack", "train", "evaluate", "register")
 FAULTS = (*(f"kill:{s}" for s in STAGES), "disk:embed", "disk:pack", "disk:train", "corrupt:store",
           "corrupt:checkpoint", "shared:teacher")
-OVERRIDES = {"train": {"steps": 60, "checkpoint_every": 20},
+# 20 warm-start steps then 60 distillation steps: tags 20 (inside the warm start) to 80, each fault trial short.
+OVERRIDES = {"train": {"steps": 60, "token_warmup": 1 / 3, "checkpoint_every": 20},
              "evaluate": {"prompts_per_set": 2, "grid_prompts": 2, "diffusion_only_baseline": False}}
 FILE_LIMIT = 16 * 1024  # bytes: above every small JSON a stage writes, below a store part, a shard, a checkpoint
 MARK = "chaos: start "

@@ -32,8 +32,11 @@ def test_the_rerun_after_the_fault_equals_the_undisturbed_run(outcomes, fault):
     assert not outcome["partial"] and not outcome["duplicates"], outcome
     assert outcome.get("clear_error", True), f"unclear error: {outcome['message']}"
     if fault == "corrupt:checkpoint":  # detected, not merely survived: the corrupted tag skipped by name, and why
-        assert outcome["resumed_from"] == 40 and outcome["skipped"] == "step00000060", outcome
-        assert outcome["message"].startswith("checkpoint step00000060 skipped:") and "checksum" in outcome["message"]
+        train = chaos.OVERRIDES["train"]
+        newest = round(train["steps"] * (1 + train["token_warmup"]))  # the warm start's steps count too
+        assert outcome["resumed_from"] == newest - train["checkpoint_every"], outcome
+        assert outcome["skipped"] == f"step{newest:08d}", outcome
+        assert outcome["message"].startswith(f"checkpoint step{newest:08d} skipped:") and "checksum" in outcome["message"]
     assert chaos.passed(outcome)
 
 

@@ -282,7 +282,10 @@ def test_a_worker_killed_mid_training_then_the_run_retried_resumes_and_registers
         time.sleep(2)
     assert state.is_completed(), _log_text(served, flow_run_id)[-4000:]
     result = json.loads((run_dir / "train_result.json").read_text())
-    assert result["resumed_from"] >= 100 and result["steps"] == 400  # from the sealed checkpoint, same run dir
+    from pea.spec import load_spec
+
+    total = load_spec("zh", "embedded").train.model_copy(update={"steps": 400}).total_steps  # warm start + 400
+    assert result["resumed_from"] >= 100 and result["steps"] == total  # from the sealed checkpoint, same run dir
     versions = MlflowClient(served.tracking).search_model_versions("name = 'pea-adapter-zh'")
     mine = [v for v in versions if MlflowClient(served.tracking).get_run(v.run_id).info.run_name == run_dir.name]
     assert len(mine) == 1, [(v.version, v.run_id) for v in mine]

@@ -72,7 +72,7 @@ def test_the_champion_loads_with_plain_mlflow_and_drives_a_stock_pipeline(two_ru
     model = mlflow.pyfunc.load_model("models:/pea-adapter-zh@champion")
     embeds = torch.from_numpy(model.predict(["左边有一个红色的圆形", ""])["prompt_embeds"])
     spec = load_spec("zh", "embedded")
-    assert embeds.shape == (2, spec.student.max_length, 32)
+    assert embeds.shape == (2, 77, 32)  # the teacher's 77 tokens: the default adapter gives its count (#31)
     # The base model comes from the version's lineage, as a consumer would find it.
     teacher_id = mlflow.MlflowClient().get_model_version_by_alias("pea-adapter-zh", "champion").tags["teacher_id"]
     pipe = load_pipeline(spec.teacher.model_copy(update={"id": teacher_id}))
@@ -88,7 +88,7 @@ def test_the_flow_runs_an_sdxl_teacher_when_the_spec_says_so(runs):
     assert summary["evaluation"]["improvement"] >= 0.5
     mlflow.set_tracking_uri(summary["model"]["tracking_uri"])
     out = mlflow.pyfunc.load_model(summary["model"]["uri"]).predict(["左边有一个红色的圆形"])
-    assert out["prompt_embeds"].shape == (1, 16, 64) and out["pooled_prompt_embeds"].shape == (1, 32)
+    assert out["prompt_embeds"].shape == (1, 77, 64) and out["pooled_prompt_embeds"].shape == (1, 32)
 
 
 @pytest.mark.e2e

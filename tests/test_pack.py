@@ -116,9 +116,26 @@ def test_stores_of_eight_real_embed_workers_pack_as_one_worker_s(tmp_path, zoo_d
         assert gather["parts_read"] == {name: len(TensorStore.open(root).parts()) for name, root in zip(
             ("teacher", "student", "latents"), (embedded.teacher_store, embedded.student_store, embedded.latent_store))}
     assert max(gather["parts_read"].values()) >= 8  # eight writers wrote at least eight parts of a store
-    for f in packs[1].root.rglob("*"):  # every file, index.json included: the stores' layout leaves no trace
-        if f.is_file():
-            assert f.read_bytes() == (packs[8].root / f.relative_to(packs[1].root)).read_bytes(), f.name
+    # Every file, index.json included: the stores' layout leaves no trace. The tensors themselves were computed in
+    # other batches by the eight writers (a batch's composition can move an encoder's last bit on some CPUs), so
+    # they are compared as fp16 values to a bit's tolerance; a row out of place would differ entirely.
+    one = sorted(f.relative_to(packs[1].root) for f in packs[1].root.rglob("*") if f.is_file())
+    assert one == sorted(f.relative_to(packs[8].root) for f in packs[8].root.rglob("*") if f.is_file())
+    for name in one:
+        a, b = packs[1].root / name, packs[8].root / name
+        if name.suffix != ".parquet":
+            assert a.read_bytes() == b.read_bytes(), name
+            continue
+        ta, tb = pq.read_table(a), pq.read_table(b)
+        assert ta.schema == tb.schema and ta.num_rows == tb.num_rows, name
+        for column in ta.column_names:
+            kind = ta.schema.field(column).type
+            if pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_fixed_size_binary(kind):
+                for x, y in zip(ta[column].to_pylist(), tb[column].to_pylist()):
+                    np.testing.assert_allclose(np.frombuffer(x, np.float16).astype(np.float32),
+                                               np.frombuffer(y, np.float16).astype(np.float32), rtol=2e-3, atol=2e-3)
+            else:
+                assert ta[column].equals(tb[column]), (name, column)
 
 
 @pytest.fixture
