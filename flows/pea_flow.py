@@ -14,6 +14,7 @@ it did not write (never unpickled, nothing imported); the data itself stays in t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -22,12 +23,14 @@ import sqlite3
 from pathlib import Path
 from typing import Annotated, Any, Callable
 
+from filelock import FileLock
 from mlflow.exceptions import MlflowException
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.client.orchestration import get_client
 from prefect.concurrency.sync import concurrency
 from prefect.context import FlowRunContext, TaskRunContext
+from prefect.settings import get_current_settings
 from pydantic import Field
 
 from pea import embed as embed_stage
@@ -253,6 +256,26 @@ def language_limit(language: str) -> str:
     return f"pea-train-{language}"
 
 
+@contextlib.contextmanager
+def one_run_of(language: str, lake: Path):
+    """Held while this run works: another run of `language` waits for it. On a Prefect server, the server's
+    concurrency limit, with a 60 s lease the run renews (a run killed with -9 holds the slot a minute: the server
+    revokes expired leases). Without one (the embedded default's temporary server runs no lease revoker, so a killed
+    run would hold the slot for good), a lock on a file in the lake, which the kernel releases with the process."""
+    if get_current_settings().api.url:
+        with get_client(sync_client=True) as client:
+            client.upsert_global_concurrency_limit_by_name(language_limit(language), 1)
+        held = concurrency(language_limit(language), occupy=1, strict=True, lease_duration=60)
+        where = f"concurrency limit {language_limit(language)!r}"
+    else:
+        (lake / language).mkdir(parents=True, exist_ok=True)
+        held = FileLock(lake / language / ".run.lock")
+        where = f"lock {lake / language / '.run.lock'}"
+    print(f"waiting for any other run of {language} to finish ({where})")
+    with held:
+        yield
+
+
 @flow(name="pea", log_prints=True, retries=0)
 def pea(language: Annotated[str, Field(pattern=LANGUAGE_CODE.pattern, description="a spec in data/languages/")],
         profile: str | None = None,
@@ -279,12 +302,7 @@ def pea(language: Annotated[str, Field(pattern=LANGUAGE_CODE.pattern, descriptio
     storage = results.result_storage(results_root(lake))
     stages = {t.name: results.persisted(t, storage) for t in (acquire, filter_pairs, embed, pack, train,
                                                               train_diffusion_only, evaluate, register)}
-    with get_client(sync_client=True) as client:
-        client.upsert_global_concurrency_limit_by_name(language_limit(spec.language), 1)
-    print(f"waiting for any other run of {spec.language} to finish (concurrency limit "
-          f"{language_limit(spec.language)!r})")
-    # A 60 s lease (Prefect renews it while the run lives): a run killed with -9 holds the slot a minute, not five.
-    with concurrency(language_limit(spec.language), occupy=1, strict=True, lease_duration=60):
+    with one_run_of(spec.language, lake):
         if "embedded" in profiles(profile):
             build_zoo(spec)
         if "fullsize" in profiles(profile):
