@@ -18,7 +18,13 @@ Also counts each step's FLOPs at the real resolution (64 × 64 latents for SD 1.
 torch.utils.flop_counter on the meta device (shapes only: no weights, no memory), without the random LoRA (rank 4:
 8/width of a projection's FLOPs).
 
-Prints the table and last `step_time_ratio[<model>]=<default ÷ paper>` and `param_ratio[<model>]=`.
+A third system, the default without its random LoRA (sharing the paper's plain UNet), splits the default's extra time
+between the adapter with its token term and the perturbation; the FLOPs are also counted at the timed latents, so the
+time ratio can be set against the work ratio of the regime it was measured in.
+
+Prints the table and last `flop_ratio_timed[<model>]=`, `flop_ratio[<model>]=` (real resolution),
+`step_time_ratio_without_perturbation[<model>]=`, `param_ratio[<model>]=` and `step_time_ratio[<model>]=<default ÷
+paper>`.
 """
 
 from __future__ import annotations
@@ -42,6 +48,10 @@ def _systems(model: str):
     for name, profile in (("paper", "paper"), ("default", None)):
         cfg = load_spec("zh", profile).train
         systems[name] = (cfg, lambda cfg=cfg: build_adapter(cfg, model, shapes))
+    # The default's adapter and loss without its random LoRA: splits the default's cost between the two.
+    cfg = systems["default"][0]
+    cfg = cfg.model_copy(update={"perturbation": cfg.perturbation.model_copy(update={"share": 0.0})})
+    systems["default, no perturbation"] = (cfg, lambda cfg=cfg: build_adapter(cfg, model, shapes))
     return systems, shapes
 
 
@@ -81,15 +91,18 @@ def _step(unet, adapter, cfg, b: dict) -> torch.Tensor:
     return terms.total
 
 
-def flops_at_full_size(model: str) -> dict[str, float]:
-    """FLOPs of one distillation step per sample at the real resolution, meta device."""
+def flops_per_sample(model: str, latent: int | None = None) -> dict[str, float]:
+    """FLOPs of one distillation step per sample at `latent` (default the real resolution), meta device."""
     from torch.utils.flop_counter import FlopCounterMode
 
     systems, shapes = _systems(model)
-    latent = 64 if model == "sd15" else 128
+    latent = latent or (64 if model == "sd15" else 128)
     unet = _unet(model, "meta")
     flops = {}
     for name, (cfg, build) in systems.items():
+        if name == "default, no perturbation":  # the same adapter and loss as the default's
+            flops[name] = flops["default"]
+            continue
         with torch.device("meta"):
             adapter = build()
         batch = _batch(model, shapes, 1, latent, device="meta", dtype=torch.float32)
@@ -112,7 +125,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    flops = flops_at_full_size(args.model)
+    flops = flops_per_sample(args.model)
+    timed_flops = flops_per_sample(args.model, args.latent)  # in the regime the steps are timed in
     systems, shapes = _systems(args.model)
     base = _unet(args.model).to(torch.bfloat16)  # the spec's precision: the frozen UNet in bf16 (pea.train)
     batch = _batch(args.model, shapes, args.batch, args.latent, dtype=torch.bfloat16)
@@ -120,12 +134,12 @@ def main() -> None:
     for name, (cfg, build) in systems.items():
         torch.manual_seed(cfg.seed)
         adapter = build()
-        unet = copy.deepcopy(base)
+        # A UNet with the random LoRA is the default's own copy; the others share the plain one (never written).
+        unet = copy.deepcopy(base) if cfg.perturbation.share > 0 else base
         lora = RandomLoRA(unet, cfg.perturbation, cfg.seed) if cfg.perturbation.share > 0 else None
         optimizer = torch.optim.AdamW(adapter.parameters(), lr=cfg.lr)
         runs[name] = {"cfg": cfg, "adapter": adapter, "unet": unet, "lora": lora, "optimizer": optimizer,
                       "params": sum(p.numel() for p in adapter.parameters()), "times": [], "micro": 0}
-    del base
 
     def block(run: dict, timed: bool) -> None:
         for _ in range(args.steps):
@@ -147,15 +161,18 @@ def main() -> None:
 
     paper, default = runs["paper"], runs["default"]
     time_ratio = statistics.fmean(default["times"]) / statistics.fmean(paper["times"])
+    plain_ratio = statistics.fmean(runs["default, no perturbation"]["times"]) / statistics.fmean(paper["times"])
     print(f"\n{args.model}: zh student 52 × 1024 → teacher 77 × {shapes['teacher'][1]}; timed at {args.latent} × "
           f"{args.latent} latents, batch {args.batch}, bf16 UNet, {torch.get_num_threads()} threads, "
           f"{args.blocks} × {args.steps} steps each (alternating blocks); FLOPs per sample at the real resolution\n")
-    print("| adapter | parameters | step (s), mean (min) | GFLOPs per sample and step, real resolution |")
-    print("|---|---:|---:|---:|")
+    print("| adapter | parameters | step (s), mean (min) | GFLOPs per sample and step, timed regime | real resolution |")
+    print("|---|---:|---:|---:|---:|")
     for name, run in runs.items():
         print(f"| {name} | {run['params'] / 1e6:.2f} M | {statistics.fmean(run['times']):.2f} ({min(run['times']):.2f}) | "
-              f"{flops[name] / 1e9:,.0f} |")
+              f"{timed_flops[name] / 1e9:,.1f} | {flops[name] / 1e9:,.0f} |")
+    print(f"flop_ratio_timed[{args.model}]={timed_flops['default'] / timed_flops['paper']:.3f}")
     print(f"flop_ratio[{args.model}]={flops['default'] / flops['paper']:.3f}")
+    print(f"step_time_ratio_without_perturbation[{args.model}]={plain_ratio:.3f}")
     print(f"param_ratio[{args.model}]={default['params'] / paper['params']:.3f}")
     print(f"step_time_ratio[{args.model}]={time_ratio:.3f}")
 
