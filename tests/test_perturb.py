@@ -80,12 +80,12 @@ def test_targets_that_match_nothing_are_refused(zh_spec):
 
 def test_a_perturbed_run_resumes_exactly_and_differs_from_a_plain_one(tmp_path, zoo_dir):
     spec = ops.with_overrides(load_spec("zh", "embedded", zoo_dir=zoo_dir),
-                              train={"steps": 6, "checkpoint_every": 3, "warmup_steps": 1,
+                              train={"steps": 6, "checkpoint_every": 3, "warmup_steps": 1, "token_warmup": 1.0,
                                      "perturbation": {"share": 1.0, "relative_norm": 1.0}})
     pairs = write_pairs(tmp_path, spec, all_scenes()[:48])
     embedded = embed(spec, tmp_path, pairs)
     whole = train.train(spec, pairs, embedded, tmp_path / "whole")
-    # 6 steps of the token warm start (the default's, token_warmup 1), then 6 perturbed ones: resumed mid-warm-start
+    # 6 steps of the token warm start (token_warmup 1), then 6 perturbed ones: resumed mid-warm-start
     assert whole.steps == 12
     resumed_dir = tmp_path / "resumed"
     shutil.copytree(tmp_path / "whole" / "checkpoints", resumed_dir / "checkpoints",
