@@ -185,9 +185,9 @@ def main() -> None:
     native = "as the pairs" if args.native_noise is None else f"{args.native_noise:.0%}"
     print(f"\nHeld-out culture prompts (synthetic-culture; the teacher is given the scene's English description; "
           f"native rows mismatched: {native})\n")
-    print("| language | mismatched | (1) English teacher | (2) PEA | PEA without native captions | diffusion loss only | "
-          "dictionary → teacher | (2)/(1) |")
-    print("|---|---:|" + "---:|" * 6)
+    print("| language | mismatched | (1) English teacher | (2) PEA | paper's adapter | PEA without native captions | "
+          "diffusion loss only | dictionary → teacher | (2)/(1) |")  # the columns of CULTURE, then the ratio
+    print("|---|---:|" + "---:|" * 7)
     for (language, noise), r in results.items():
         c = r["culture"]
         print(f"| {language} | {noise:.0%} | {_cells(c, CULTURE)} | "
