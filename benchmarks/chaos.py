@@ -21,7 +21,8 @@ taken before its stage, does its fault, reruns the stage undisturbed, and compar
 
 Outcomes per trial: whether the fault landed (the kill hit a running stage, the error was raised, the corruption
 was detected, the embeds overlapped; a trial whose fault did not land does not pass), whether the rerun finished, whether
-the result equals the reference (stores, shards, kept rows byte for byte; adapter and metrics within 1e-6),
+the result equals the reference (stores, kept rows byte for byte, shards too but their fp16 tensors within one fp16
+step, chaos_checks.TENSOR_TOLERANCE; adapter and metrics within 1e-6),
 partial files visible under final names, duplicate rows or model versions, temps left behind, and the error's
 last line. LAST line: `chaos_ok=<trials passed>/<trials>`.
 """
@@ -87,6 +88,10 @@ def run_stage(stage: str, language: str, work: Path) -> None:
         return results.decode(json.loads((folder / f"{name}.json").read_text()))
 
     print(MARK + stage, flush=True)
+    go = os.environ.get("CHAOS_GO")  # shared:teacher: begin only once every child is ready, so that their work overlaps
+    while go and not Path(go).exists():
+        time.sleep(0.01)
+    print(f"chaos: began {time.time():.3f}", flush=True)
     if stage == "acquire":
         out = acquire.acquire(spec, lake)
     elif stage == "filter":
@@ -106,6 +111,13 @@ def run_stage(stage: str, language: str, work: Path) -> None:
         out = registry.register(spec, load("train"), load("evaluate"), [filtered.report_path], filtered.pairs_path)
     with publish(folder / f"{stage}.json", f"chaos: {stage} result") as tmp:
         tmp.write_text(json.dumps(results.encode(out)))
+    print(f"chaos: ended {time.time():.3f}", flush=True)
+
+
+def _span(output: str) -> tuple[float, float] | None:
+    """When a child's stage began and ended (wall clock, its own lines), None if it did not end."""
+    marks = dict(line.split()[1:3] for line in output.splitlines() if line.startswith(("chaos: began", "chaos: ended")))
+    return (float(marks["began"]), float(marks["ended"])) if {"began", "ended"} <= set(marks) else None
 
 
 # --- the parent: trials ----------------------------------------------------------------------------------------
@@ -284,12 +296,16 @@ def trial(fault: str, work: Path, ref: dict, rng: random.Random) -> dict:
         return out
     else:  # shared:teacher
         restore(work, "before-embed-zh-ja")
-        children = [Child("embed", work, language) for language in ("zh", "ja")]
+        go = work / "go"
+        go.unlink(missing_ok=True)
+        children = [Child("embed", work, language, env={"CHAOS_GO": str(go)}) for language in ("zh", "ja")]
         for c in children:
             c.started()
-        # It landed if both were embedding at once: neither had ended when the other began.
-        out["landed"] = all(c.proc.poll() is None for c in children)
+        go.touch()  # both are loaded and waiting: they begin together, however slowly either started
         codes = [c.finish() for c in children]
+        # It landed if both were embedding at once: each began before the other ended, by their own clocks' lines.
+        spans = [_span(c.output) for c in children]
+        out["landed"] = all(spans) and max(b for b, _ in spans) < min(e for _, e in spans)
         out["message"] = " | ".join(c.tail() for c in children if c.proc.returncode)
         out["rerun"] = all(code == 0 for code in codes)
         facts = inspect(work)
