@@ -225,6 +225,9 @@ def train(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, run_dir: 
     # Plug-and-play training (spec train.perturbation, off by default): some steps run under a random LoRA.
     perturbation = RandomLoRA(unet, cfg.perturbation, cfg.seed) if cfg.perturbation.share > 0 else None
     empty = {name: tensor.to(device) for name, tensor in shards.empty().items()}
+    # The warm start's row weights: a micro-batch (the reader's are always whole) and the empty caption, which every
+    # rank adds, at 1/world each (pea.distill.token_fit_loss).
+    fit_weight = torch.tensor([1.0] * cfg.micro_batch_size + [1.0 / world], device=device)
 
     checkpoints = run_dir / "checkpoints"
     history_path = run_dir / "history.jsonl"
@@ -267,7 +270,7 @@ def train(spec: LanguageSpec, pairs_path: Path, embedded: EmbedResult, run_dir: 
                 terms = token_fit_loss(Conditioning(tokens, None if pooled is None else pooled[:-1]),
                                        Conditioning(torch.cat([teacher_tokens, empty["teacher"][None]]), teacher_pooled),
                                        torch.cat([batch.native, torch.zeros(1, dtype=batch.native.dtype)]).to(device),
-                                       torch.tensor([1.0] * len(batch) + [1.0 / world], device=device))
+                                       fit_weight)
                 engine.backward(terms.total)
                 engine.step()
                 seen += len(batch)
