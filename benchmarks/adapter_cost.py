@@ -100,9 +100,6 @@ def flops_per_sample(model: str, latent: int | None = None) -> dict[str, float]:
     unet = _unet(model, "meta")
     flops = {}
     for name, (cfg, build) in systems.items():
-        if name == "default, no perturbation":  # the same adapter and loss as the default's
-            flops[name] = flops["default"]
-            continue
         with torch.device("meta"):
             adapter = build()
         batch = _batch(model, shapes, 1, latent, device="meta", dtype=torch.float32)
