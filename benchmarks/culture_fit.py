@@ -29,8 +29,8 @@ def main() -> None:
 
     from pea import models
     from pea.adapter import PEAAdapter
-    from pea.corpus.culture import PROMPT_SET, culture_scenes
-    from pea.corpus.synthetic import ENGLISH, caption
+    from pea.corpus.culture import PROMPT_SET
+    from pea.corpus.synthetic import ENGLISH, caption, culture_scenes
     from pea.evaluate import judge_systems, load_prompts
     from pea.spec import load_spec
 

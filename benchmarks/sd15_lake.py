@@ -43,7 +43,8 @@ def write_lake(lake: Path, pairs: int, writers: int = 1, teacher_order: str = "k
     import torch
 
     from pea.embed import ROWS_PER_PART
-    from pea.store import TensorStore, key_digest, text_hash
+    from pea.keys import key_digest, text_hash
+    from pea.store import TensorStore
 
     stamp = f"{pairs} {writers} {teacher_order} {kind} {latent_size}"
     shapes = SDXL if kind == "sdxl" else {name: {COLUMNS[name]: shape} for name, shape in SHAPES.items()}

@@ -2,7 +2,6 @@
 
 - untrained_like: the exact initialisation training started from (same seed, same config)
 - LinearMap: ridge regression from the student's whole token grid to the teacher's, fit on a bounded training sample
-- word_by_word: a dictionary translation with the synthetic lexicon (the paper's translation baseline in miniature)
 """
 
 from __future__ import annotations
@@ -12,10 +11,8 @@ import types
 import torch
 
 from pea.adapter import PEAAdapter
-from pea.corpus.synthetic import ENGLISH
 from pea.reader import ShardStream
 from pea.shards import Shards
-from pea.spec import SyntheticCaptions
 
 
 
@@ -118,31 +115,3 @@ def _gram(a: torch.Tensor, b: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
     for start in range(0, a.shape[1], chunk):
         out += a[:, start:start + chunk].double() @ b[:, start:start + chunk].double().T
     return out
-
-
-def word_by_word(text: str, captions: SyntheticCaptions) -> str:
-    """The target prompt translated word by word into English with the synthetic lexicon, kept in the target's
-    word order (what a dictionary, not a translation model, gives). Longest match first; words the lexicon lacks
-    (particles, glue) are dropped. Space-separated languages match whole words (else a word's longest lexicon
-    prefix), others match characters."""
-    lexicon: dict[str, str] = {}
-    for slot in ("counts", "colors", "shapes", "positions"):
-        for key, word in getattr(captions, slot).items():
-            lexicon.setdefault(word.strip(), getattr(ENGLISH, slot)[key])
-    spaced = " " in text.strip() or any(" " in w for w in lexicon)
-    units = [u.strip(".,;:!?\"'()") for u in text.split()] if spaced else list(text)
-    glue = " " if spaced else ""
-    longest = max(len(w.split()) if spaced else len(w) for w in lexicon)
-    out, i = [], 0
-    while i < len(units):
-        for j in range(min(len(units), i + longest), i, -1):
-            if (english := lexicon.get(glue.join(units[i:j]))) is not None:
-                out.append(english)
-                i = j
-                break
-        else:  # an inflected or agglutinated word (Korean 왼쪽에 = 왼쪽 + 에): its longest lexicon prefix, if any
-            stems = [w for w in lexicon if spaced and " " not in w and units[i].startswith(w)]
-            if stems:
-                out.append(lexicon[max(stems, key=len)])
-            i += 1
-    return " ".join(out)

@@ -56,7 +56,8 @@ from pea import launcher, models, progress
 from pea.atomic import publish
 from pea.spec import LanguageSpec, lake_root
 from pea.store import FORMAT as STORE_FORMAT
-from pea.store import TensorStore, connect, key_digest
+from pea.keys import connect, key_digest
+from pea.store import TensorStore
 
 @dataclass(frozen=True)
 class EmbedResult:

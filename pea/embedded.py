@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pea.corpus.culture import culture_scenes
-from pea.corpus.synthetic import ENGLISH, all_scenes, caption
+from pea.corpus.synthetic import ENGLISH, all_scenes, caption, culture_scenes
 from pea.models import build_tiny_clip, build_tiny_zoo
 from pea.spec import available_languages, lake_root, load_spec
 

@@ -48,7 +48,7 @@ from PIL import Image
 from pea import models
 from pea.atomic import publish
 from pea.adapter import PEAAdapter
-from pea.baselines import LinearMap, untrained_like, word_by_word
+from pea.baselines import LinearMap, untrained_like
 from pea.distill import Conditioning, sdxl_time_ids
 from pea.embed import EmbedResult
 from pea.grids import HEADER, write_grid
@@ -248,7 +248,9 @@ def _draw(spec: LanguageSpec, pipe, student, adapters: dict[str, torch.nn.Module
     call = {"num_inference_steps": cfg.inference_steps, "guidance_scale": cfg.guidance_scale, "height": size,
             "width": size, **(extra or {})}
     english = {"teacher_en": [e for _, e in prompts]}
-    if cfg.dictionary_baseline:
+    if cfg.dictionary_baseline:  # a baseline of the synthetic world only: its lexicon is that world's
+        from pea.corpus.synthetic import word_by_word
+
         english["dictionary"] = [word_by_word(t, spec.synthetic_captions) for t, _ in prompts]
     target = [t for t, _ in prompts]
     images: dict[str, list[Image.Image]] = {name: [] for name in [*english, *adapters]}

@@ -45,7 +45,7 @@ from pea.registration import (COMPLETE, KEY_TAG, STATE_TAG, abandon, create_sqli
                               wait_ready)
 from pea.spec import LanguageSpec, home
 from pea.shards import Packed, fingerprint
-from pea.table import data_fingerprint  # noqa: F401 (what the data_fingerprint tag holds; callers compare with it)
+from pea.shards import data_fingerprint  # noqa: F401 (what the data_fingerprint tag holds; callers compare with it)
 from pea.train import TrainResult
 
 log = logging.getLogger("pea.registry")

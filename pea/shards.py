@@ -20,7 +20,7 @@ pack stays a pure function of its inputs, whatever layout of the stores it was r
 - `heldout/`: a bounded, deterministic sample of the held-out pairs (at most `evaluate.heldout_rows`, the
   lowest pair hashes first), what evaluation and promotion score.
 - `empty.safetensors`: the teacher's and the student's encodings of "" (caption dropout, guidance).
-- `index.json`: the key, the pairs' fingerprint (pea.table.data_fingerprint, scanned once: ranks, evaluation and
+- `index.json`: the key, the pairs' fingerprint (data_fingerprint, scanned once: ranks, evaluation and
   registration read it here), the tensors' shapes and dtypes, every file's row-group sizes.
   Written last, inside a temp folder that is then renamed: a pack without it is never seen.
 
@@ -32,9 +32,11 @@ object storage (`s3://…`, `gs://…`) is read by the same code as a local one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,7 +52,8 @@ from pea.embed import EmbedResult
 from pea.spec import LanguageSpec
 from pea.atomic import is_no_room, no_room, sweep, temp_path
 from pea.gather import Staging, read_chars
-from pea.store import TensorStore, connect, decode_tensor, key_digest, tensor_meta, text_hash
+from pea.keys import connect, key_digest, text_hash
+from pea.store import TensorStore, decode_tensor, tensor_meta
 
 FORMAT = 2  # bump when the layout of a pack changes (2: rows shuffled within each gathered chunk)
 
@@ -113,17 +116,38 @@ class Packed:
         return cls(Path(root), train, Shards.open(root, "heldout"), index.get("fingerprint", index["key"]["pairs"]))
 
 
+PACKED_COLUMNS = ("key", "image_sha256", "caption_en", "caption", "native")  # what pack reads of the pairs
+
+
+def data_fingerprint(pairs_path: Path) -> str:
+    """A digest of the pairs' content, independent of file layout and row order, computed inside DuckDB: the count,
+    the XOR and the sum of each row's MD5 (a duplicated row changes the sum even where the XORs cancel). A row is
+    every column that changes what pack writes (key, image hash, both captions, the native flag; those a table has),
+    as JSON, so a NULL differs from '' and no value can run into the next; changing only which rows are native
+    changes it."""
+    spill = Path(pairs_path).parent / f".duckdb-{uuid.uuid4().hex}.tmp"
+    con = connect(spill)
+    try:
+        has = {row[0] for row in con.execute("DESCRIBE SELECT * FROM read_parquet($p)", {"p": str(pairs_path)})
+               .fetchall()}
+        fields = ", ".join(f"'{c}': \"{c}\"" for c in PACKED_COLUMNS if c in has)  # names of our own: no injection
+        row = con.execute(f"""SELECT count(*), bit_xor(md5_number(r)), sum(md5_number_lower(r)::HUGEINT)
+            FROM (SELECT to_json({{{fields}}})::VARCHAR AS r FROM read_parquet($p))""",
+                          {"p": str(pairs_path)}).fetchall()[0]
+    finally:
+        con.close()
+    return hashlib.sha256(repr(row).encode()).hexdigest()[:16]
+
+
 _FINGERPRINTS: dict[tuple, str] = {}
 
 
 def fingerprint(pairs_path: Path) -> str:
-    """pea.table.data_fingerprint of the pairs, scanned once per version of the file in this process (a stage
+    """data_fingerprint of the pairs, scanned once per version of the file in this process (a stage
     result or a cache key asks again and gets the same answer): keyed by the file's identity (path, device, inode,
     size, modification time in ns). The filter stage replaces pairs.parquet by rename, so a new table is a new
     inode; a table rewritten in place keeps neither its size nor its mtime. Other processes get the fingerprint
     from the pack's index (Packed.open)."""
-    from pea.table import data_fingerprint
-
     stat = os.stat(pairs_path)
     identity = (os.path.realpath(pairs_path), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
     if identity not in _FINGERPRINTS:

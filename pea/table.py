@@ -1,4 +1,4 @@
-"""The held-out table that evaluation scores, the split rule, and the pairs' fingerprint.
+"""The held-out table that evaluation scores, and the split rule.
 
 A pair is held out when the hash of its caption pair falls in the spec's held-out share, so the split
 is deterministic, stable across reruns and languages, and no held-out prompt is ever trained on.
@@ -8,8 +8,6 @@ holds a bounded sample in memory: the pack's held-out split, at most `evaluate.h
 
 from __future__ import annotations
 
-import hashlib
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -18,32 +16,10 @@ import torch
 
 from pea.embed import EmbedResult
 from pea.spec import LanguageSpec
-from pea.store import CorruptPart, connect, decode_tensor, pair_hash, read_part
+from pea.keys import pair_hash
+from pea.store import CorruptPart, decode_tensor, read_part
 
 Split = Literal["train", "heldout"]
-PACKED_COLUMNS = ("key", "image_sha256", "caption_en", "caption", "native")  # what pack reads of the pairs
-
-
-def data_fingerprint(pairs_path: Path) -> str:
-    """A digest of the pairs' content, independent of file layout and row order, computed inside DuckDB: the count,
-    the XOR and the sum of each row's MD5 (a duplicated row changes the sum even where the XORs cancel). A row is
-    every column that changes what pack writes (key, image hash, both captions, the native flag; those a table has),
-    as JSON, so a NULL differs from '' and no value can run into the next; changing only which rows are native
-    changes it."""
-    spill = Path(pairs_path).parent / f".duckdb-{uuid.uuid4().hex}.tmp"
-    con = connect(spill)
-    try:
-        has = {row[0] for row in con.execute("DESCRIBE SELECT * FROM read_parquet($p)", {"p": str(pairs_path)})
-               .fetchall()}
-        fields = ", ".join(f"'{c}': \"{c}\"" for c in PACKED_COLUMNS if c in has)  # names of our own: no injection
-        row = con.execute(f"""SELECT count(*), bit_xor(md5_number(r)), sum(md5_number_lower(r)::HUGEINT)
-            FROM (SELECT to_json({{{fields}}})::VARCHAR AS r FROM read_parquet($p))""",
-                          {"p": str(pairs_path)}).fetchall()[0]
-    finally:
-        con.close()
-    return hashlib.sha256(repr(row).encode()).hexdigest()[:16]
-
-
 def is_heldout(caption_en: str, caption: str, percent: int) -> bool:
     """The split rule (pea.shards applies the same one in SQL)."""
     return int(pair_hash(caption_en, caption)[:8], 16) % 100 < percent

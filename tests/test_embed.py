@@ -4,7 +4,8 @@ import torch
 from pea.corpus.synthetic import ENGLISH, all_scenes, caption, write_pairs
 from pea.embed import embed, open_stores
 from pea.spec import load_spec
-from pea.store import StoreMismatch, TensorStore, text_hash
+from pea.keys import text_hash
+from pea.store import StoreMismatch, TensorStore
 from pea.shards import pack
 
 

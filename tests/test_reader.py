@@ -13,7 +13,8 @@ from pea.embed import embed
 from pea.reader import ShardStream
 from pea.shards import Shards, pack
 from pea.spec import LanguageSpec, load_spec
-from pea.table import data_fingerprint, is_heldout, load_table
+from pea.shards import data_fingerprint
+from pea.table import is_heldout, load_table
 
 
 @pytest.fixture(scope="module")

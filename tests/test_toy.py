@@ -10,8 +10,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from pea import models, toy
-from pea.corpus.synthetic import ENGLISH, all_scenes, caption
-from pea.baselines import word_by_word
+from pea.corpus.synthetic import ENGLISH, all_scenes, caption, word_by_word
 from pea.pipeline import draw, is_pixel_space
 from pea.spec import available_languages, load_spec
 

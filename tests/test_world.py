@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from pea import ops, toy
-from pea.baselines import word_by_word
-from pea.corpus.culture import PROMPT_SET, culture_caption, culture_scenes, prompt_lines
-from pea.corpus.synthetic import ENGLISH, Scene, all_scenes, caption, make_corpus
+from pea.corpus.culture import PROMPT_SET, prompt_lines
+from pea.corpus.synthetic import (ENGLISH, Scene, all_scenes, caption, culture_caption, culture_scenes, make_corpus,
+                                  word_by_word)
 from pea.evaluate import load_prompts
 from pea.spec import CulturePhrase, available_languages, home, load_spec
 

@@ -41,7 +41,7 @@ from pea.corpus.judge import PAIRS_SCHEMA, ShardJob, judge_shards, part_counts, 
 from pea.corpus.manifest import MANIFEST_REASONS
 from pea.corpus.report import ReportData, write_report
 from pea.spec import LanguageSpec
-from pea.store import connect
+from pea.keys import connect
 
 DOWNLOAD_REASONS = ("download_http_error", "download_redirect", "download_timeout", "download_connection",
                     "download_not_image", "download_too_large", "download_disallowed", "download_blocked_address",

@@ -37,7 +37,7 @@ from pea.corpus.remote import describe, manifest_filesystem, refused_error
 from pea.corpus.urllist import GROUP_SHARDS, PART_SHARDS, PartWriter, clear_leftovers, digest, publish
 from pea.redact import redact
 from pea.spec import URL_SCHEMES, LanguageSpec, ManifestSpec, home
-from pea.store import connect
+from pea.keys import connect
 
 # Pre-download drop reasons, in report order.
 MANIFEST_REASONS = ("manifest_unreadable", "bad_url", "manifest_language")

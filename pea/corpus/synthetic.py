@@ -17,6 +17,7 @@ import hashlib
 import io
 import itertools
 import random
+import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,7 +30,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
 from pea.atomic import publish
-from pea.spec import SLOTS, LanguageSpec, SyntheticCaptions
+from pea.spec import SLOTS, CulturePhrase, LanguageSpec, SyntheticCaptions
 
 ENGLISH = SyntheticCaptions(
     template="{count} {color} {shape} {position}",
@@ -141,6 +142,74 @@ def _write_if_changed(path: Path, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+# Culture-specific phrases (synthetic_captions.culture): target-language words for a scene that English says otherwise.
+HELD_OUT_SHARE = 3  # one scene in three of each phrase is held out
+
+
+def culture_caption(scene: Scene, phrase: CulturePhrase, captions: SyntheticCaptions) -> str:
+    """The caption of `scene` that says the phrase for the attributes the phrase means."""
+    for slot, value in phrase.means.items():
+        if getattr(scene, slot) != value:
+            raise ValueError(f"{phrase.phrase!r} means {slot} {value}, but the scene's {slot} is {getattr(scene, slot)}")
+    template = phrase.template or _default_template(phrase, captions.template)
+    words = {slot: getattr(captions, slot + "s")[getattr(scene, slot)] for slot in SLOTS if slot not in phrase.means}
+    return " ".join(template.format(**words).split())
+
+
+def _default_template(phrase: CulturePhrase, template: str) -> str:
+    """The language's template with the phrase in the first slot it means and its other slots dropped."""
+    slots = [s for s in re.findall(r"\{(\w+)\}", template) if s in phrase.means]
+    out = template.replace("{" + slots[0] + "}", phrase.phrase.replace("{", "{{").replace("}", "}}"), 1)
+    for slot in slots[1:]:
+        out = out.replace("{" + slot + "}", "")
+    return out
+
+
+def _scenes_of(phrase: CulturePhrase) -> list[Scene]:
+    choices = [[phrase.means[s]] if s in phrase.means else list(getattr(ENGLISH, s + "s")) for s in SLOTS]
+    return [Scene(*combo) for combo in itertools.product(*choices)]
+
+
+def culture_scenes(captions: SyntheticCaptions) -> tuple[list[tuple[Scene, str]], list[tuple[Scene, str]]]:
+    """(training, held out): every (scene, culture caption) of the spec's phrases, split by caption hash."""
+    training, heldout = [], []
+    for phrase in captions.culture:
+        pairs = sorted(((s, culture_caption(s, phrase, captions)) for s in _scenes_of(phrase)),
+                       key=lambda pair: hashlib.sha256(pair[1].encode()).hexdigest())
+        cut = max(1, len(pairs) // HELD_OUT_SHARE)
+        heldout += pairs[:cut]
+        training += pairs[cut:]
+    return training, heldout
+
+
+def word_by_word(text: str, captions: SyntheticCaptions) -> str:
+    """The target prompt translated word by word into English with the synthetic lexicon, kept in the target's
+    word order (what a dictionary, not a translation model, gives). Longest match first; words the lexicon lacks
+    (particles, glue) are dropped. Space-separated languages match whole words (else a word's longest lexicon
+    prefix), others match characters."""
+    lexicon: dict[str, str] = {}
+    for slot in ("counts", "colors", "shapes", "positions"):
+        for key, word in getattr(captions, slot).items():
+            lexicon.setdefault(word.strip(), getattr(ENGLISH, slot)[key])
+    spaced = " " in text.strip() or any(" " in w for w in lexicon)
+    units = [u.strip(".,;:!?\"'()") for u in text.split()] if spaced else list(text)
+    glue = " " if spaced else ""
+    longest = max(len(w.split()) if spaced else len(w) for w in lexicon)
+    out, i = [], 0
+    while i < len(units):
+        for j in range(min(len(units), i + longest), i, -1):
+            if (english := lexicon.get(glue.join(units[i:j]))) is not None:
+                out.append(english)
+                i = j
+                break
+        else:  # an inflected or agglutinated word (Korean 왼쪽에 = 왼쪽 + 에): its longest lexicon prefix, if any
+            stems = [w for w in lexicon if spaced and " " not in w and units[i].startswith(w)]
+            if stems:
+                out.append(lexicon[max(stems, key=len)])
+            i += 1
+    return " ".join(out)
+
+
 def make_corpus(spec: LanguageSpec, out_dir: Path) -> Path:
     """Write images/ and manifest.parquet (url relative to out_dir, caption_en, the caption column, native) into
     out_dir: `size` parallel pairs, then `culture_rows` native-only rows (caption_en empty), the noise of
@@ -161,7 +230,6 @@ def make_corpus(spec: LanguageSpec, out_dir: Path) -> Path:
     rows: list[tuple[str, str, str, bool]] = []
     seen: set[str] = set()
     noise = random.Random(f"{synthetic.seed}-noise")
-    from pea.corpus.culture import culture_scenes  # it builds on this module's captions
 
     culture = culture_scenes(target)[0]
     if synthetic.culture_rows and not culture:
