@@ -191,7 +191,7 @@ def _stages(spec, profile: str, lake: Path, models_dir: Path, meter: Meter, work
     image = work / "generated.png"
     prompt = pq.read_table(filtered.pairs_path, columns=["caption"]).column("caption")[0].as_py()
     with meter.stage("generate"):
-        os.environ["PEA_LAKE"] = str(lake)  # `pea generate` reads the spec's settings; the models come from lineage
+        os.environ["PEA_LAKE"] = str(lake)  # the version records its models and settings (pea.record); --size wins
         pea_cli(["generate", "--language", language, "--profile", profile, "--model-uri", registered.model_uri,
                  "--prompt", prompt, "--steps", "2", "--size", str(spec.corpus.image_size), "--out", str(image)])
     return {"spec": spec, "acquired": acquired, "filtered": filtered, "embedded": embedded, "packed": packed,

@@ -2,8 +2,11 @@
 
     pea validate zh [--profile embedded]
     pea zoo
-    pea eval --language zh [--model-uri models:/pea-adapter-zh@champion] [--profile embedded]
+    pea eval --language zh [--model-uri models:/pea-adapter-zh@champion]
     pea generate --language zh --prompt "左边有一个红色的圆形" [--model-uri models:/pea-adapter-zh@champion] --out a.png
+
+A registered version carries the models and settings it was trained and evaluated with (pea.record): `generate`
+and `eval` use them, whatever `--profile` says (it is read only for versions registered before that record).
 
 The whole pipeline runs as the Prefect flow: `python -m flows.pea_flow --language zh`.
 
@@ -99,72 +102,73 @@ def _zoo(args) -> None:
 
 
 def _generate(args) -> None:
+    import diffusers
     import torch
 
     from pea.adapter import PEAAdapter
     from pea.models import device, inference_dtype, load_pipeline, load_student
     from pea.pipeline import generate
-    from pea.registry import fetch_adapter
-    from pea.spec import load_spec, validate_language
+    from pea.record import fetch, settings
 
-    validate_language(args.language)
-    uri = args.model_uri or f"models:/pea-adapter-{args.language}@champion"
+    uri = _model_uri(args)
     with tempfile.TemporaryDirectory() as tmp:
-        adapter_dir, tags = fetch_adapter(uri, Path(tmp))
-        adapter = PEAAdapter.from_pretrained(adapter_dir).eval().to(device())
-    spec = load_spec(args.language, args.profile)
-    none = lambda v: None if v in (None, "None") else v  # noqa: E731 — tags store None as text
-    # The models the adapter was trained with (commits from its lineage), with the spec's other settings.
-    teacher = spec.teacher.model_copy(update={"id": tags["teacher_id"], "revision": none(tags.get("teacher_revision"))})
-    student = load_student(spec.student.model_copy(update={"id": tags["student_id"],
-                                                           "revision": none(tags.get("student_revision"))}))
-    pipe = load_pipeline(teacher, safety_checker=args.safety_checker, dtype=inference_dtype(spec.train.precision))
-    size = args.size or spec.corpus.image_size
+        fetched = fetch(uri, Path(tmp))
+        adapter = PEAAdapter.from_pretrained(fetched.adapter_dir).eval().to(device())
+    # The models the adapter was trained with, at the commits it recorded; the profile only for an older version.
+    found = settings(fetched, args.language, args.profile)
+    student = load_student(found.student)
+    pipe = load_pipeline(found.teacher, safety_checker=args.safety_checker, dtype=inference_dtype(found.precision))
+    if found.scheduler and type(pipe.scheduler).__name__ != found.scheduler:  # what evaluation drew with
+        pipe.scheduler = getattr(diffusers, found.scheduler).from_config(pipe.scheduler.config)
+    size = args.size if args.size is not None else found.image_size
+    steps = args.steps if args.steps is not None else found.num_inference_steps
+    guidance = args.guidance if args.guidance is not None else found.guidance_scale
     with torch.inference_mode():
         image = generate(pipe, adapter, student, [args.prompt], [args.seed], negative_prompt=args.negative_prompt,
-                         num_inference_steps=args.steps, guidance_scale=args.guidance, height=size, width=size)[0]
+                         num_inference_steps=steps, guidance_scale=guidance, height=size, width=size)[0]
     image.save(args.out)
-    print(f"{args.out} ← {uri} (base model {teacher.id})")
+    print(f"{args.out} ← {uri} (base model {found.teacher.id}; {steps} steps, guidance {guidance:g}, {size} px)")
+
+
+def _model_uri(args) -> str:
+    from pea.spec import validate_language
+
+    if args.model_uri:
+        return args.model_uri
+    if not args.language:
+        raise SystemExit("name the adapter: pass --language (its champion) or --model-uri")
+    return f"models:/pea-adapter-{validate_language(args.language)}@champion"
 
 
 def _eval(args) -> None:
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
     from pea.embed import launch
     from pea.evaluate import evaluate, format_table
-    from pea.redact import redact
-    from pea.registry import fetch_adapter, resolve, tracking_uri
-    from pea.spec import lake_root, load_spec
+    from pea.record import eval_spec, fetch
+    from pea.spec import lake_root
 
-    spec = load_spec(args.language, args.profile)
+    uri = _model_uri(args)
     lake = lake_root()
-    pairs = args.pairs or lake / spec.language / "pairs" / "pairs.parquet"
-    if not Path(pairs).is_file():
-        raise SystemExit(f"no pairs table at {pairs}: run the flow for {spec.language} first "
-                         f"(python -m flows.pea_flow --language {spec.language}) or pass --pairs")
-    uri = args.model_uri or f"models:/pea-adapter-{spec.language}@champion"
-    try:
-        version = resolve(uri, MlflowClient(tracking_uri()))
-    except MlflowException as err:
-        raise SystemExit(f"{uri} cannot be read from the registry at {redact(tracking_uri())}: {redact(err.message)}; "
-                         "start the tracking server or fix MLFLOW_TRACKING_URI, or pass --model-uri of a registered "
-                         "version") from None
-    tags = version.tags
-    for role, ref in (("teacher", spec.teacher), ("student", spec.student)):
-        if tags.get(f"{role}_id") not in (None, ref.id):
-            raise SystemExit(f"{uri} was trained with {role} {tags[f'{role}_id']} but the spec for {spec.language} "
-                             f"(profile {args.profile}) names {ref.id}; pass the --profile it was trained with")
-    embedded = launch(spec, lake, Path(pairs))  # embed.launcher's workers compute only rows the stores lack
-    out = args.out or lake / spec.language / "eval" / f"{version.name}-v{version.version}"
     with tempfile.TemporaryDirectory() as tmp:
-        adapter_dir, _ = fetch_adapter(uri, Path(tmp))
-        evaluation = evaluate(spec, Path(pairs), embedded, adapter_dir, Path(out))
+        fetched = fetch(uri, Path(tmp))
+        # The recorded models and the run's own evaluation settings, whatever profile the shell names.
+        spec = eval_spec(fetched, Path(tmp), args.language, args.profile)
+        pairs = args.pairs or lake / spec.language / "pairs" / "pairs.parquet"
+        if not Path(pairs).is_file():
+            raise SystemExit(f"no pairs table at {pairs}: run the flow for {spec.language} first "
+                             f"(python -m flows.pea_flow --language {spec.language}) or pass --pairs")
+        version = fetched.version
+        embedded = launch(spec, lake, Path(pairs))  # embed.launcher's workers compute only rows the stores lack
+        out = args.out or lake / spec.language / "eval" / f"{version.name}-v{version.version}"
+        evaluation = evaluate(spec, Path(pairs), embedded, fetched.adapter_dir, Path(out))
     print(f"{uri} (version {version.version}) on {evaluation.heldout_pairs} held-out pairs and prompt sets "
-          f"{', '.join(spec.evaluate.prompt_sets)}; CLIP {spec.evaluate.clip_model}")
+          f"{', '.join(spec.evaluate.prompt_sets) or 'none'}; CLIP {spec.evaluate.clip_model}")
     print(format_table(evaluation))
     for path in [evaluation.grid, *evaluation.grids.values(), evaluation.table, evaluation.report]:
         print(path)
+
+
+UNRECORDED = ("only read for a version registered before versions recorded their settings (pea.record); a newer "
+              "one is drawn and evaluated with its own, whatever the profile")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -177,23 +181,23 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("zoo", help="build the tiny offline models of the embedded default")
     p.set_defaults(run=_zoo)
     p = sub.add_parser("eval", help="evaluate a registered adapter: print the table, write the grids")
-    p.add_argument("--language", required=True)
+    p.add_argument("--language", help="default: the adapter's own")
     p.add_argument("--model-uri", help="default: models:/pea-adapter-<language>@champion")
-    p.add_argument("--profile", help="the profile the adapter was trained with, e.g. embedded")
+    p.add_argument("--profile", help=f"the profile the adapter was trained with; {UNRECORDED}")
     p.add_argument("--pairs", type=Path, help="default: <lake>/<language>/pairs/pairs.parquet")
     p.add_argument("--out", type=Path, help="default: <lake>/<language>/eval/<model>-v<version>")
     p.set_defaults(run=_eval)
     p = sub.add_parser("generate", help="draw an image from a target-language prompt with a registered adapter")
-    p.add_argument("--language", required=True)
+    p.add_argument("--language", help="default: the adapter's own")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--model-uri", help="default: models:/pea-adapter-<language>@champion")
-    p.add_argument("--profile", help="the profile the adapter was trained with (sizes), e.g. embedded")
+    p.add_argument("--profile", help=f"the profile the adapter was trained with; {UNRECORDED}")
     p.add_argument("--out", type=Path, default=Path("pea.png"))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--size", type=int)
+    p.add_argument("--steps", type=int, help="default: the version's (what its evaluation drew with)")
+    p.add_argument("--guidance", type=float, help="default: the version's")
+    p.add_argument("--size", type=int, help="default: the version's image size")
     p.add_argument("--safety-checker", action=argparse.BooleanOptionalAction, default=None,
                    help="SD 1.5: black out images the repo's safety checker flags (default: the spec's "
                         "teacher.safety_checker, off)")

@@ -9,8 +9,10 @@ Promotion: the new version always becomes `challenger`. `champion` moves to it o
 (`evaluate.promotion_metric`, `evaluate.promotion_tolerance`) holds against the CURRENT champion, both
 re-evaluated now on the same held-out pairs (same latents, noise, timesteps; or the same prompt sets and
 seeds for CLIPScore). The decision and both figures are recorded as version tags (`promotion.*`). Aliases are
-set only once the version is READY and tagged. Registration is idempotent per training run and bounded when the
-server does not answer (pea/registration.py). Runs of the same language must not register at the same time (the flow's
+set only once the version is READY and tagged. The version's description is its model card (pea.model_card), the
+registered model's is written by each champion; the pyfunc's model_config records what generation needs
+(pea.record). Registration is idempotent per training run and bounded when the server does not answer
+(pea/registration.py). Runs of the same language must not register at the same time (the flow's
 per-language concurrency limit ensures it); different languages never touch each other's model or experiment.
 """
 
@@ -39,6 +41,8 @@ from mlflow.types import ColSpec, DataType, Schema, TensorSpec
 from pea.curves import curve
 from pea.evaluate import Evaluation
 from pea.hub import pinned_revision
+from pea.model_card import model_card
+from pea.record import model_config
 from pea.redact import masked_errors, redact, redact_all
 from pea.registration import (COMPLETE, KEY_TAG, STATE_TAG, abandon, create_sqlite_store, find, http_defaults,
                               promotion_tags, recorded_decision, registration_key, set_promotion_tags, unreachable,
@@ -279,13 +283,31 @@ def promote(spec: LanguageSpec, evaluation: Evaluation, name: str, version: str,
 
 # --- register ------------------------------------------------------------------------------------------------------
 
-def _input_example(spec: LanguageSpec) -> list[str]:
+def _example(spec: LanguageSpec, evaluation: Evaluation) -> str:
+    """A prompt in the language: the first of the first prompt set, else the first held-out grid caption (the toy
+    world has no prompt sets)."""
     from pea.evaluate import load_prompts
 
     try:
-        return [load_prompts(spec.language, spec.evaluate.prompt_sets[0], 1)[0][0]]
+        return load_prompts(spec.language, spec.evaluate.prompt_sets[0], 1)[0][0]
     except (FileNotFoundError, ValueError, IndexError):
-        return [""]
+        pass
+    try:
+        return json.loads(evaluation.report.read_text(encoding="utf-8"))["grid_captions"][0][spec.language]
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return ""
+
+
+def _describe(client: MlflowClient, spec: LanguageSpec, evaluation: Evaluation, pairs_path: Path, name: str,
+              version: str, run_id: str, tags: dict[str, str], champion: bool, promotion: dict[str, str]) -> None:
+    """The version's card as its description; the registered model's too when this version is the champion (or
+    the model has none yet). Written whole again by a rerun that finishes this registration."""
+    model_text, version_text = model_card(spec, evaluation, pairs_path, _pack_of(evaluation), name=name,
+                                          version=version, run_id=run_id, tags=tags, promotion=promotion,
+                                          example=_example(spec, evaluation))
+    client.update_model_version(name, version, description=version_text)
+    if champion or not client.get_registered_model(name).description:
+        client.update_registered_model(name, description=model_text)
 
 
 @masked_errors()  # a failure names the tracking URI, which may hold a password
@@ -346,7 +368,8 @@ def _register(spec: LanguageSpec, trained: TrainResult, evaluation: Evaluation, 
     client.set_registered_model_alias(name, "challenger", version)
     decided = recorded_decision(client, name, version)
     champion, promotion = decided or promote(spec, evaluation, name, version, trained.adapter_dir, client)
-    client.set_model_version_tag(name, version, STATE_TAG, COMPLETE)  # last: every tag and alias is set
+    _describe(client, spec, evaluation, pairs_path, name, version, run_id, lineage_tags, champion, promotion)
+    client.set_model_version_tag(name, version, STATE_TAG, COMPLETE)  # last: every tag, alias and description is set
     return Registration(uri, experiment, run_id, name, version, champion, promotion)
 
 
@@ -378,31 +401,8 @@ def _log_run(spec: LanguageSpec, trained: TrainResult, evaluation: Evaluation, a
         with _MODELS:
             info = mlflow.pyfunc.log_model(
                 name="adapter", python_model=str(SERVING_MODEL), artifacts={"adapter": str(trained.adapter_dir)},
-                model_config={"student_id": spec.student.id,
-                              "student_revision": pinned_revision(spec.student.id, spec.student.revision),
-                              "student_variant": spec.student.variant, "student_max_length": spec.student.max_length,
-                              "student_trained_length": spec.student.trained_length, "language": spec.language},
-                signature=signature(spec, trained), input_example=_input_example(spec),
+                model_config=model_config(spec),  # the generation record (pea.record)
+                signature=signature(spec, trained), input_example=[_example(spec, evaluation)],
                 # Stated, not inferred: inference would import the model in a subprocess just to list these.
                 pip_requirements=PIP_REQUIREMENTS, registered_model_name=name)
     return str(info.registered_model_version)
-
-
-def resolve(model_uri: str, client: MlflowClient):
-    """`models:/name@alias` or `models:/name/version` → the ModelVersion."""
-    ref = model_uri.removeprefix("models:/")
-    if "@" in ref:
-        name, alias = ref.split("@", 1)
-        return client.get_model_version_by_alias(name, alias)
-    if "/" in ref:
-        name, number = ref.split("/", 1)
-        return client.get_model_version(name, number)
-    raise ValueError(f"model URI {model_uri!r} must look like models:/<name>@<alias> or models:/<name>/<version>")
-
-
-def fetch_adapter(model_uri: str, dst: Path) -> tuple[Path, dict[str, str]]:
-    """Download a registered adapter (`models:/name@alias` or `models:/name/version`) and its lineage tags."""
-    mlflow.set_tracking_uri(tracking_uri())
-    version = resolve(model_uri, MlflowClient())
-    local = Path(mlflow.artifacts.download_artifacts(f"models:/{version.name}/{version.version}", dst_path=str(dst)))
-    return local / "artifacts" / "adapter", dict(version.tags)

@@ -92,6 +92,26 @@ def trained_sdxl(tmp_path_factory, zoo_dir) -> Trained:
     return _trained(tmp_path_factory, zoo_dir, "embedded,sdxl")
 
 
+def quick_spec(spec: LanguageSpec) -> LanguageSpec:
+    """The embedded spec with two prompts per set: every figure is still computed, on fewer prompts."""
+    return spec.model_copy(update={"evaluate": spec.evaluate.model_copy(update={"prompts_per_set": 2,
+                                                                                 "grid_prompts": 2})})
+
+
+def evaluated_variant(trained: Trained, name: str, adapter, tmp: Path, spec: LanguageSpec | None = None) -> tuple:
+    """Register-ready (spec, TrainResult, Evaluation) for another adapter (a PEAAdapter) on the same data, in run
+    folder `tmp/name` (the registration key's run name), evaluated under `spec` (default: quick_spec's)."""
+    import dataclasses
+
+    from pea.evaluate import evaluate
+
+    adapter_dir = tmp / name / "adapter"
+    adapter.save_pretrained(adapter_dir)
+    result = dataclasses.replace(trained.result, adapter_dir=adapter_dir, run_dir=tmp / name)
+    spec = spec or quick_spec(trained.spec)
+    return spec, result, evaluate(spec, trained.pairs, trained.embedded, adapter_dir, tmp / name / "evaluation")
+
+
 @pytest.fixture(scope="module")
 def hostile_server():
     """tests/hostile_site.py served on 127.0.0.1 for one module; yields its base URL."""

@@ -1,6 +1,7 @@
-"""The registry through a real `mlflow server` on 127.0.0.1: lineage, promotion, the pyfunc in a fresh process,
-two languages registering at once, `pea eval` on a registered version, and registration under faults: killed at a
-chosen point and rerun, a server that is down, a server too slow for MLflow's client (which then POSTs twice)."""
+"""The registry through a real `mlflow server` on 127.0.0.1: lineage, promotion, the model cards and the generation
+record, the pyfunc in a fresh process, two languages registering at once, `pea eval` and `pea generate` from a
+version's URI alone (and a version older than the record), and registration under faults: killed at a chosen point
+and rerun, a server that is down, a server too slow for MLflow's client (which then POSTs twice)."""
 
 import dataclasses
 import math
@@ -29,6 +30,7 @@ from mlflow import MlflowClient
 from mlflow.entities import ViewType
 from mlflow.exceptions import MlflowException
 
+from conftest import evaluated_variant, quick_spec
 from mlflow_server import free_port, mlflow_server
 from pea import embed, registry
 from pea.adapter import PEAAdapter
@@ -62,21 +64,6 @@ def server(tmp_path_factory):
             patch.undo()
 
 
-def _quick(spec):
-    """The embedded spec with two prompts per set: every figure is still computed, on fewer prompts."""
-    return spec.model_copy(update={"evaluate": spec.evaluate.model_copy(update={"prompts_per_set": 2,
-                                                                                 "grid_prompts": 2})})
-
-
-def _variant(trained, name: str, adapter: PEAAdapter, tmp: Path):
-    """Register-ready (TrainResult, Evaluation) for another adapter on the same data."""
-    adapter_dir = tmp / name / "adapter"
-    adapter.save_pretrained(adapter_dir)
-    result = dataclasses.replace(trained.result, adapter_dir=adapter_dir, run_dir=tmp / name)
-    spec = _quick(trained.spec)
-    return spec, result, evaluate(spec, trained.pairs, trained.embedded, adapter_dir, tmp / name / "evaluation")
-
-
 @pytest.fixture(scope="module")
 def cycle(server, trained_sd15, tmp_path_factory):
     """Three versions of zh, weights blended between the initialisation and the trained adapter: half way (first:
@@ -95,7 +82,7 @@ def cycle(server, trained_sd15, tmp_path_factory):
 
     registered = {}
     for name, adapter in (("blend", blend(0.5)), ("worse", blend(0.15)), ("trained", trained)):
-        spec, result, evaluation = _variant(t, name, adapter, tmp)
+        spec, result, evaluation = evaluated_variant(t, name, adapter, tmp)
         registered[name] = (registry.register(spec, result, evaluation, [t.pairs], t.pairs), evaluation, spec, result)
     return registered
 
@@ -122,6 +109,37 @@ def test_every_version_carries_lineage_and_evaluation_tags(cycle, trained_sd15, 
     k = math.ceil(steps / CURVE_POINTS)
     assert [m.step for m in client.get_metric_history(reg.run_id, "train/loss")] == [
         min(start + k, steps) for start in range(0, steps, k)]
+
+
+def test_every_version_reads_as_a_model_card_and_records_what_generation_needs(cycle, trained_sd15, server):
+    client = MlflowClient(server)
+    reg, spec = cycle["trained"][0], trained_sd15.spec
+    version = client.get_model_version(NAME, reg.version)
+    card = version.description
+    assert card.startswith(f"# {NAME} v3: PEA adapter for Chinese (Simplified)") and len(card) <= 5000
+    for text in (spec.teacher.id, spec.student.id, version.tags["data_fingerprint"], "| **trained** |", "linear_map",
+                 "clip_culture", "**promoted**", "`evaluation/grid.png`", "`evaluation/grid-general.png`",
+                 f"runs:/{reg.run_id}/evaluation/grid.png", f'mlflow.pyfunc.load_model("{reg.model_uri}")',
+                 f"pea generate --model-uri {reg.model_uri}", "`teacher_kind` sd15", "`image_size` 32"):
+        assert text in card, text
+    assert "**refused**" in client.get_model_version(NAME, "2").description
+    logged = {a.path for a in client.list_artifacts(reg.run_id, "evaluation")}
+    assert {"evaluation/grid.png", "evaluation/grid-general.png", "evaluation/grid-culture.png"} <= logged
+    model = client.get_registered_model(NAME).description  # written by the champion, v3
+    assert model.startswith(f"# {NAME}: PEA adapter") and "(version 3 when" in model
+    assert "pea generate --language zh" in model and f"models:/{NAME}@champion" in model
+    record = mlflow.models.get_model_info(reg.model_uri).flavors["python_function"]["config"]
+    assert record | {"scheduler": None} == {
+        "record": 1, "language": "zh", "teacher_id": spec.teacher.id, "teacher_revision": None, "teacher_variant": None,
+        "teacher_kind": "sd15", "teacher_pixel_space": False, "teacher_safety_checker": False,
+        "student_id": spec.student.id, "student_revision": None, "student_variant": None, "student_max_length": 16,
+        "student_trained_length": None, "scheduler": None, "guidance_scale": 7.5, "num_inference_steps": 10,
+        "image_size": 32, "precision": "fp32"}
+    assert record["scheduler"].endswith("Scheduler")
+    # The card's usage snippet runs as it is: the pyfunc, then the stock pipeline.
+    scope: dict = {}
+    exec(re.search(r"```python\n(.*?)```", card, re.DOTALL).group(1), scope)  # noqa: S102 - the card's own text
+    assert scope["image"].size == (32, 32)
 
 
 def test_promotion_refuses_a_worse_challenger_and_accepts_a_better_one(cycle, server):
@@ -185,7 +203,7 @@ print(json.dumps({{"inputs": [c["type"] for c in sig.inputs.to_dict()], "outputs
 def test_two_languages_register_at_once_without_interfering(server, trained_sd15, zoo_dir, tmp_path_factory):
     t = trained_sd15
     lake = tmp_path_factory.mktemp("ja")
-    ja = _quick(load_spec("ja", "embedded", zoo_dir=zoo_dir))
+    ja = quick_spec(load_spec("ja", "embedded", zoo_dir=zoo_dir))
 
     pairs = write_pairs(lake, ja, all_scenes())
     stores = embed.embed(ja, lake, pairs)
@@ -197,7 +215,7 @@ def test_two_languages_register_at_once_without_interfering(server, trained_sd15
                ).save_pretrained(ja_dir)
     ja_eval = evaluate(ja, pairs, stores, ja_dir, lake / "ja-run" / "evaluation")
     ja_result = dataclasses.replace(t.result, adapter_dir=ja_dir, run_dir=lake / "ja-run")
-    zh_spec, zh_result, zh_eval = _variant(t, "zh-again", PEAAdapter.from_pretrained(t.adapter_dir),
+    zh_spec, zh_result, zh_eval = evaluated_variant(t, "zh-again", PEAAdapter.from_pretrained(t.adapter_dir),
                                           tmp_path_factory.mktemp("zh"))
     barrier = threading.Barrier(2)
 
@@ -223,26 +241,92 @@ def test_two_languages_register_at_once_without_interfering(server, trained_sd15
     assert not ja_reg.champion and "untrained" in ja_reg.promotion["promotion.reason"]
 
 
-def test_pea_eval_prints_the_table_for_a_registered_version(cycle, trained_sd15, zoo_dir, tmp_path, monkeypatch,
-                                                           capsys):
-    from pea.cli import main
-
+@pytest.fixture
+def lake(zoo_dir, tmp_path, monkeypatch) -> Path:
     lake = tmp_path / "lake"
     lake.mkdir()
     (lake / "zoo").symlink_to(zoo_dir)  # the embedded profile names models under <lake>/zoo
     monkeypatch.setenv("PEA_LAKE", str(lake))
-    main(["eval", "--language", "zh", "--profile", "embedded", "--model-uri", "models:/pea-adapter-zh/1",
-          "--pairs", str(trained_sd15.pairs), "--out", str(tmp_path / "eval")])
+    return lake
+
+
+def test_pea_eval_prints_the_table_for_the_champion_from_its_uri_alone(cycle, trained_sd15, lake, tmp_path,
+                                                                       capsys):
+    """No --language, no --profile: the version's record names the models, its run's spec the evaluation."""
+    from pea.cli import main
+    from pea.record import eval_spec, fetch
+
+    main(["eval", "--model-uri", "models:/pea-adapter-zh@champion", "--pairs", str(trained_sd15.pairs), "--out",
+          str(tmp_path / "eval")])
     out = capsys.readouterr().out
-    assert "models:/pea-adapter-zh/1 (version 1)" in out
+    assert "models:/pea-adapter-zh@champion (version 3)" in out
     assert all(s in out for s in ("teacher_en", "trained", "untrained", "linear_map", "clip_culture"))
     assert (tmp_path / "eval" / "grid-general.png").is_file()
+    # A wrong profile changes nothing (a pixel-space teacher, other sizes): the spec is the registered one.
+    fetched = fetch("models:/pea-adapter-zh/3", tmp_path / "fetched")
+    registered = eval_spec(fetched, tmp_path / "a", None, None)
+    assert eval_spec(fetched, tmp_path / "b", "zh", "embedded,toy") == registered == cycle["trained"][2]
     with pytest.raises(SystemExit) as refused:  # one line on stderr naming the version and the fix, exit 1
         main(["eval", "--language", "zh", "--profile", "embedded", "--model-uri", "models:/pea-adapter-zh/99",
               "--pairs", str(trained_sd15.pairs)])
     err = capsys.readouterr().err
     assert refused.value.code == 1 and "models:/pea-adapter-zh/99 cannot be read from the registry" in err
     assert "pass --model-uri of a registered version" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("profile", [None, "embedded,toy"])
+def test_pea_generate_draws_with_the_champion_whatever_the_profile(profile, cycle, lake, tmp_path, capsys):
+    """Without a profile the spec names real models (SD 1.5, Chinese-CLIP, 512 px); embedded,toy a pixel-space
+    teacher: the version's record wins either way, its size and steps the defaults."""
+    from PIL import Image
+
+    from pea.cli import main
+
+    out = tmp_path / "a.png"
+    main(["generate", "--language", "zh", "--prompt", "左边有一个红色的圆形", "--steps", "2", "--out", str(out)]
+         + (["--profile", profile] if profile else []))
+    printed = capsys.readouterr().out
+    assert Image.open(out).size == (32, 32) and "models:/pea-adapter-zh@champion" in printed
+    assert "sd15-teacher; 2 steps, guidance 7.5, 32 px" in printed
+    with pytest.raises(SystemExit) as refused:
+        main(["generate", "--language", "ja", "--model-uri", "models:/pea-adapter-zh/3", "--prompt", "赤い丸"])
+    err = capsys.readouterr().err
+    assert refused.value.code == 1 and len(err.strip().splitlines()) == 1
+    assert "models:/pea-adapter-zh/3 is an adapter for zh, not ja; pass --language zh" in err
+
+
+@pytest.fixture(scope="module")
+def legacy(cycle, trained_sd15, server) -> str:
+    """A version as pea registered them before the generation record: model_config holds the student alone."""
+    from pea.record import model_config
+
+    old = {k: v for k, v in model_config(trained_sd15.spec).items() if k.startswith("student_") or k == "language"}
+    with mlflow.start_run():
+        info = mlflow.pyfunc.log_model(name="adapter", python_model=str(registry.SERVING_MODEL),
+                                       artifacts={"adapter": str(trained_sd15.adapter_dir)}, model_config=old,
+                                       pip_requirements=registry.PIP_REQUIREMENTS, registered_model_name=LEGACY)
+    version = str(info.registered_model_version)
+    for key, value in {"teacher_id": trained_sd15.spec.teacher.id, "student_id": trained_sd15.spec.student.id}.items():
+        MlflowClient(server).set_model_version_tag(LEGACY, version, key, value)  # its lineage tags
+    return f"models:/{LEGACY}/{version}"
+
+
+def test_a_version_without_the_record_asks_for_its_profile_in_one_line(legacy, trained_sd15, lake, tmp_path, capsys):
+    from PIL import Image
+
+    from pea.cli import main
+
+    draw = ["generate", "--model-uri", legacy, "--prompt", "左边有一个红色的圆形", "--steps", "2", "--size", "32",
+            "--out", str(tmp_path / "a.png")]
+    for command in (draw, ["eval", "--model-uri", legacy, "--pairs", str(trained_sd15.pairs)]):
+        with pytest.raises(SystemExit) as refused:
+            main(command)
+        err = capsys.readouterr().err
+        assert refused.value.code == 1 and len(err.strip().splitlines()) == 1, err
+        assert f"{legacy} (version 1) was registered before versions recorded their generation settings" in err
+        assert "pass the --profile it was trained with" in err
+    main(draw + ["--profile", "embedded"])  # as before the record: the profile's settings, the lineage's models
+    assert Image.open(tmp_path / "a.png").size == (32, 32)
 
 
 def test_pea_generate_draws_with_a_registered_version_and_the_safety_checker_is_a_flag(cycle, zoo_dir, tmp_path,
@@ -266,7 +350,7 @@ def test_pea_generate_draws_with_a_registered_version_and_the_safety_checker_is_
 
 
 def test_promotion_names_both_teacher_commits_when_they_differ(cycle, trained_sd15, server):
-    spec = _quick(trained_sd15.spec)
+    spec = quick_spec(trained_sd15.spec)
     pinned = spec.model_copy(update={"teacher": spec.teacher.model_copy(update={"id": "org/teacher",
                                                                                 "revision": "0" * 40})})
     won, tags = registry.promote(pinned, cycle["blend"][1], "pea-adapter-zh", "1", trained_sd15.adapter_dir,
@@ -278,6 +362,7 @@ def test_promotion_names_both_teacher_commits_when_they_differ(cycle, trained_sd
 # --- idempotent registration: kill -9, a server down, a server slow (issue #18) ------------------------------------
 
 NAME = "pea-adapter-zh"
+LEGACY = "pea-adapter-zh-legacy"
 SECRET = "s3cr3t-pw"
 CREATE = "/api/2.0/mlflow/model-versions/create"
 
@@ -314,6 +399,7 @@ def _assert_finished(client: MlflowClient, reg: registry.Registration, key: str,
     version = versions[0]
     assert version.status == "READY" and version.run_id == reg.run_id and version.tags["run_id"] == reg.run_id
     assert version.tags[STATE_TAG] == COMPLETE
+    assert version.description.startswith(f"# {NAME} v{reg.version}: ")  # its card, written before completion
     assert set(version.tags) == set(client.get_model_version(NAME, clean.version).tags)
     assert reg.promotion == promotion_tags(version.tags) and reg.promotion.keys() == clean.promotion.keys()
     assert client.get_model_version_by_alias(NAME, "challenger").version == reg.version
