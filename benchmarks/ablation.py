@@ -32,9 +32,9 @@ def main() -> None:
     args = parser.parse_args()
 
     from pea import embed, evaluate, train
-    from pea.adapter import PEAAdapter
     from pea.corpus import acquire, filter
-    from pea.embedded import prepare_zoo
+    from pea.method.adapter import PEAAdapter
+    from pea.models.embedded import prepare_zoo
     from pea.spec import load_spec
 
     started = time.perf_counter()

@@ -1,5 +1,5 @@
 """What the default adapter costs at real widths (#31): its parameters and its training step against the paper's
-adapter, with SD 1.5's and SDXL's UNets (pea.fullsize's configs, random weights) on the CPU.
+adapter, with SD 1.5's and SDXL's UNets (pea.models.fullsize's configs, random weights) on the CPU.
 
     .venv/bin/python benchmarks/adapter_cost.py --model sd15 --threads 2
     .venv/bin/python benchmarks/adapter_cost.py --model sdxl --threads 2
@@ -7,9 +7,9 @@ adapter, with SD 1.5's and SDXL's UNets (pea.fullsize's configs, random weights)
 Both adapters are built by pea.train.build_adapter from the zh spec's train section for the zh student (52 tokens of
 1024, Chinese-CLIP's RoBERTa-large text tower) against the model's teacher context (SD 1.5: 77 × 768; SDXL: 77 × 2048
 and a 1280 pooled vector): the shipped default, and the same spec with `--profile paper` (the paper's adapter, one
-token per student token). Each step is pea.train's distillation step: adapter forward, pea.distill.distill_loss
+token per student token). Each step is pea.train's distillation step: adapter forward, pea.method.distill.distill_loss
 (teacher pass under no_grad, student pass, output + feature KD, and the token term for the default), backward, an
-AdamW step; the default's steps also draw its random LoRA (pea.perturb, on its `perturbation.share` of the steps).
+AdamW step; the default's steps also draw its random LoRA (pea.method.perturb, on its `perturbation.share` of the steps).
 Each system has its own copy of the UNet (the LoRA wraps the projections it perturbs) and the two are timed in
 alternating blocks, so a change in the machine's load falls on both alike. The latents are `--latent` wide (16: 128
 px, far below 512 / 1024 px, so the UNet's share of a step, and with it the ratio's closeness to 1, is understated).
@@ -58,14 +58,14 @@ def _systems(model: str):
 def _unet(model: str, device: str | torch.device = "cpu"):
     from diffusers import UNet2DConditionModel
 
-    from pea.fullsize import SD15_UNET, SDXL_UNET
+    from pea.models.fullsize import SD15_UNET, SDXL_UNET
 
     with torch.device(device):
         return UNet2DConditionModel(**(SD15_UNET if model == "sd15" else SDXL_UNET)).requires_grad_(False).eval()
 
 
 def _batch(model: str, shapes: dict, batch: int, latent: int, device="cpu", dtype=torch.float32) -> dict:
-    from pea.distill import sdxl_time_ids
+    from pea.method.distill import sdxl_time_ids
 
     g = torch.Generator().manual_seed(0)
     make = (lambda *s: torch.randn(*s, generator=g).to(device, dtype)) if device == "cpu" else \
@@ -80,7 +80,7 @@ def _batch(model: str, shapes: dict, batch: int, latent: int, device="cpu", dtyp
 
 def _step(unet, adapter, cfg, b: dict) -> torch.Tensor:
     """pea.train's distillation step for one batch (loss and backward; the optimizer step is the caller's)."""
-    from pea.distill import Conditioning, distill_loss
+    from pea.method.distill import Conditioning, distill_loss
 
     tokens, pooled = adapter(b["student"].to(next(adapter.parameters()).dtype))
     student = Conditioning(tokens, pooled, b.get("time_ids"))
@@ -110,7 +110,7 @@ def flops_per_sample(model: str, latent: int | None = None) -> dict[str, float]:
 
 
 def main() -> None:
-    from pea.perturb import RandomLoRA
+    from pea.method.perturb import RandomLoRA
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", choices=["sd15", "sdxl"], default="sd15")

@@ -5,7 +5,7 @@
 
 Each stage of the `pea` flow runs in a child process (`--child STAGE`) on the embedded default (zh; 60 training
 steps, a checkpoint every 20, two prompts per set) in one trial folder whose path never changes, so the stage
-results each child writes (pea.results' JSON) and MLflow's SQLite paths stay valid when a snapshot is copied
+results each child writes (pea.io.results' JSON) and MLflow's SQLite paths stay valid when a snapshot is copied
 in. First an undisturbed reference run, snapshotted after every stage; then each trial copies in the snapshot
 taken before its stage, does its fault, reruns the stage undisturbed, and compares with the reference:
 
@@ -50,7 +50,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(Path(__file__).parent)]
 
 from chaos_checks import digest, inspect, same  # noqa: E402  (benchmarks/chaos_checks.py)
-from pea.launcher import DISTRIBUTED_ENV  # noqa: E402
+
+from pea.embed.launcher import DISTRIBUTED_ENV  # noqa: E402
 
 STAGES = ("acquire", "filter", "embed", "pack", "train", "evaluate", "register")
 FAULTS = (*(f"kill:{s}" for s in STAGES), "disk:embed", "disk:pack", "disk:train", "corrupt:store",
@@ -75,10 +76,13 @@ def _spec(language: str, work: Path):
 
 def run_stage(stage: str, language: str, work: Path) -> None:
     """Run one stage on the trial folder, reading the earlier stages' results and writing this one's."""
-    from pea import embed, registry, results, shards, train
+    from pea import embed, registry, train
     from pea import evaluate as evaluation
-    from pea.atomic import publish
-    from pea.corpus import acquire, filter as filtering
+    from pea.corpus import acquire
+    from pea.corpus import filter as filtering
+    from pea.io import results
+    from pea.io.atomic import publish
+    from pea.train import shards
 
     spec, lake = _spec(language, work), work / "trial" / "lake"
     folder = work / "trial" / "results" / language
@@ -203,7 +207,7 @@ def snapshot(work: Path, name: str) -> None:
 def reference(work: Path) -> dict:
     """The undisturbed run: durations and digests per stage, a snapshot before each stage (and zh's and ja's
     corpora for the shared-store trial)."""
-    from pea.embedded import prepare_zoo
+    from pea.models.embedded import prepare_zoo
 
     prepare_zoo(work / "zoo", image_size=32)
     shutil.rmtree(_trial_dir(work), ignore_errors=True)
@@ -327,7 +331,7 @@ def trial(fault: str, work: Path, ref: dict, rng: random.Random) -> dict:
 
 def _resumed_from(work: Path) -> int | None:
     """The step the last train stage resumed from (its TrainResult), None when it wrote none."""
-    from pea import results
+    from pea.io import results
 
     path = work / "trial" / "results" / "zh" / "train.json"
     return results.decode(json.loads(path.read_text())).resumed_from if path.is_file() else None

@@ -72,7 +72,7 @@ def digest(stage: str, work: Path, language: str = "zh") -> dict:
         return {"weights": {f"{f.name}:{k}": v.astype("float64").ravel().tolist()
                             for f in files for k, v in load_file(f).items()}}
     if stage == "evaluate":
-        from pea import results
+        from pea.io import results
 
         evaluation = results.decode(json.loads((work / "trial" / "results" / language / "evaluate.json").read_text()))
         return {"metrics": evaluation.metrics()}

@@ -30,9 +30,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
-
 from lora_robustness import load_systems
+from PIL import Image
 
 
 def region_mask(position: str, size: int) -> Image.Image:
@@ -49,10 +48,11 @@ def train_controlnet(spec, folder: Path, steps: int, batch: int = 32, lr: float 
     """The position ControlNet on the toy teacher, trained once into `folder` (temp dir, then rename)."""
     from diffusers import ControlNetModel, DDPMScheduler
 
-    from pea import models, progress
-    from pea.atomic import publish
+    from pea import models
     from pea.corpus.synthetic import ENGLISH, REGIONS, all_scenes, caption
-    from pea.toy import render_batch, to_tensor
+    from pea.io import progress
+    from pea.io.atomic import publish
+    from pea.models.toy import render_batch, to_tensor
 
     if (folder / "config.json").is_file():
         return folder
@@ -97,7 +97,7 @@ def main() -> None:
 
     from pea import models
     from pea.evaluate import judge_systems
-    from pea.toy import is_scene, scene_of
+    from pea.models.toy import is_scene, scene_of
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--lake", type=Path, required=True, help="a benchmarks/toy_table.py lake (one language)")

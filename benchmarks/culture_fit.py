@@ -28,10 +28,10 @@ def main() -> None:
     import torch
 
     from pea import models
-    from pea.adapter import PEAAdapter
     from pea.corpus.culture import PROMPT_SET
     from pea.corpus.synthetic import ENGLISH, caption, culture_scenes
     from pea.evaluate import judge_systems, load_prompts
+    from pea.method.adapter import PEAAdapter
     from pea.spec import load_spec
 
     torch.set_num_threads(args.threads)

@@ -5,12 +5,13 @@ the embedded profile's tiny zoo), so each computes every row. One worker is pea.
 process, as the flow runs embed.launcher's default; two are pea.embed.launch with embed.launcher
 num_gpus 2 (CPU processes here), each taking its hash bucket. Each side gets the same cores: one worker
 uses them all, each of two workers half (pea.embed.main sizes its threads by the launcher's
-LOCAL_SIZE unless OMP_NUM_THREADS is set). Afterwards every hash's stored bytes are compared.
+LOCAL_SIZE unless OMP_NUM_THREADS is set). Afterwards every hash's stored values are compared: bit for bit on the tiny
+zoo, within one fp16 step (relative) at full size, where an encoder's last bits move with the threads it runs on.
 
     python benchmarks/embed_scale.py [--rows 8000] [--workers 2]
     python benchmarks/embed_scale.py --full-size [--language zh] [--rows 96] [--models-dir DIR]
 
-With --full-size the encoders are the real architectures with random weights (pea.fullsize, profile `fullsize`:
+With --full-size the encoders are the real architectures with random weights (pea.models.fullsize, profile `fullsize`:
 SD 1.5's CLIP ViT-L/14 and VAE at 512 px, the language's full-size student; built once, before the clock), so the
 per-row work dominates the launch (process start, imports, each worker loading its models), as on a real corpus;
 the tiny zoo's rows cost microseconds and measure the launch. The launcher first hashes every input once
@@ -43,27 +44,36 @@ class _Tee(io.StringIO):
         return super().write(text)
 
 
-def _identical(a, b) -> int:
-    """How many rows both stores hold, after checking they hold the same hashes with the same bits."""
+def _same(a, b, tolerance: float) -> tuple[int, float]:
+    """How many rows both stores hold and their largest difference, after checking they hold the same hashes with
+    the same values: bit for bit at `tolerance` 0; else within it, relative to each row's largest magnitude. The
+    full-size encoders' last bits move with the threads a row runs on (one worker with every core against workers
+    with a share each, as the pack's digest found: docs/reliability.md), and a misplaced row is off by its whole
+    magnitude."""
     import torch
 
     hashes = sorted(a.hashes())
     if hashes != sorted(b.hashes()):
         raise SystemExit(f"stores {a.root} and {b.root} hold different hashes")
+    worst = 0.0
     for start in range(0, len(hashes), 1024):
         chunk = hashes[start:start + 1024]
         left, right = a.read(chunk), b.read(chunk)
         for name in left:
-            if not torch.equal(left[name].view(torch.int32), right[name].view(torch.int32)):
-                raise SystemExit(f"{a.root} and {b.root} differ in {name!r} for some of rows {start}-{start + 1023}")
-    return len(hashes)
+            x, y = left[name].float().flatten(1), right[name].float().flatten(1)
+            diff = ((x - y).abs().amax(1) / x.abs().amax(1).clamp_min(1e-6)).max().item()
+            worst = max(worst, diff)
+            if (diff > tolerance) if tolerance else not torch.equal(left[name].view(torch.int16), right[name].view(torch.int16)):
+                raise SystemExit(f"{a.root} and {b.root} differ in {name!r} for some of rows {start}-{start + 1023} "
+                                 f"(largest relative difference {diff:.2e})")
+    return len(hashes), worst
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=8000)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--full-size", action="store_true", help="the real architectures (pea.fullsize) at 512 px")
+    parser.add_argument("--full-size", action="store_true", help="the real architectures (pea.models.fullsize) at 512 px")
     parser.add_argument("--language", default="zh")
     parser.add_argument("--models-dir", type=Path, help="with --full-size: default <lake>/zoo/full")
     args = parser.parse_args()
@@ -72,14 +82,14 @@ def main() -> None:
 
     from pea.corpus.synthetic import all_scenes, write_pairs
     from pea.embed import embed, launch
-    from pea.embedded import prepare_zoo
+    from pea.embed.store import TensorStore
+    from pea.models.embedded import prepare_zoo
     from pea.spec import LanguageSpec, load_spec
-    from pea.store import TensorStore
 
     cores = len(os.sched_getaffinity(0))
     work = Path(tempfile.mkdtemp(prefix="pea-bench-scale-"))
     if args.full_size:
-        from pea import fullsize
+        from pea.models import fullsize
 
         models = Path(args.models_dir or fullsize.root())
         spec = load_spec(args.language, "fullsize", zoo_dir=models.parent)
@@ -104,16 +114,22 @@ def main() -> None:
     many_s = time.perf_counter() - start
     worker_s = [float(s) for s in re.findall(r"embed worker \d+ of \d+: .* in ([0-9.]+) s", captured.getvalue())]
 
-    rows = {name: _identical(TensorStore.open(getattr(one, name)), TensorStore.open(getattr(two, name)))
-            for name in ("teacher_store", "student_store", "latent_store")}
     if one.computed != two.computed:
         raise SystemExit(f"one worker computed {one.computed}, {args.workers} computed {two.computed}")
     print(f"{args.rows} pairs on {cores} cores; computed {one.computed}")
     print(f"1 worker (in process, {torch.get_num_threads()} threads)  {one_s:7.2f} s")
     print(f"{args.workers} workers (deepspeed launcher)     {many_s:7.2f} s wall; each worker's embed: "
           + ", ".join(f"{s:.2f} s" for s in worker_s))
-    print(f"stores identical: every hash's bytes equal ({rows['teacher_store']} teacher, {rows['student_store']} "
-          f"student, {rows['latent_store']} latent rows)")
+    # Hash buckets split a small corpus unevenly: the worker with the most images (the VAE is most of a row's
+    # work at full size) bounds the speedup; at scale the buckets even out.
+    images = [int(n) for n in re.findall(r"embed worker \d+ of \d+: computed \{[^}]*'latents': (\d+)", captured.getvalue())]
+    if images:
+        print(f"images per worker {images}: the busiest bounds the speedup at {sum(images) / max(images):.2f}")
+    tolerance = 2e-3 if args.full_size else 0.0  # one fp16 step, relative
+    rows = {name: _same(TensorStore.open(getattr(one, name)), TensorStore.open(getattr(two, name)), tolerance)
+            for name in ("teacher_store", "student_store", "latent_store")}
+    print("stores agree: every hash " + ("bit for bit" if not tolerance else f"within {tolerance:g} relative") + "; "
+          + ", ".join(f"{n.split('_')[0]} {r} rows (largest difference {d:.1e})" for n, (r, d) in rows.items()))
     print(f"workers_speedup={one_s / many_s:.3f}")
 
 

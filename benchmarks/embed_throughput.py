@@ -42,7 +42,7 @@ def main() -> None:
     from pea import models
     from pea.corpus.synthetic import all_scenes, write_pairs
     from pea.embed import embed
-    from pea.embedded import prepare_zoo
+    from pea.models.embedded import prepare_zoo
     from pea.spec import load_spec
 
     work = Path(tempfile.mkdtemp(prefix="pea-bench-"))

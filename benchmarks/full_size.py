@@ -1,6 +1,6 @@
 """The full-size rehearsal on the CPU (issues #17, #33): the pea flow's stages with the real architectures.
 
-Builds once (pea.fullsize, random weights, fp16 files in `--models-dir`, default <lake>/zoo/full) the SD 1.5
+Builds once (pea.models.fullsize, random weights, fp16 files in `--models-dir`, default <lake>/zoo/full) the SD 1.5
 pipeline and the language's student at full size, then runs the stages the `pea` flow runs, in this process,
 on the profile `fullsize` merged on the language spec (data/profiles/fullsize.yaml) in a fresh temporary lake:
 acquire (the synthetic corpus over 127.0.0.1, image_size 512), filter, embed, pack, train (DeepSpeed, the spec's
@@ -86,7 +86,7 @@ class Meter:
 
 def store_report(embedded) -> dict[str, dict]:
     """Per store: rows, bytes per row on disk and each tensor's shape (read back from one row)."""
-    from pea.store import TensorStore
+    from pea.embed.store import TensorStore
 
     report = {}
     for name, root in (("teacher", embedded.teacher_store), ("student", embedded.student_store),
@@ -115,7 +115,7 @@ def rehearse(language: str = "zh", kind: str = "sd15", pairs: int = 12, steps: i
     """Every stage once on full-size models; returns shapes, figures and the generated image's path. `evaluate`:
     fields over the profile's evaluate section (the test draws without guidance, see tests/test_fullsize.py);
     `image_size` overrides the profile's resolution; `tiny` takes the embedded zoo's models instead."""
-    from pea import fullsize
+    from pea.models import fullsize
     from pea.ops import with_overrides
     from pea.spec import SyntheticCorpus, load_spec
 
@@ -159,16 +159,19 @@ def rehearse(language: str = "zh", kind: str = "sd15", pairs: int = 12, steps: i
 def _stages(spec, profile: str, lake: Path, models_dir: Path, meter: Meter, work: Path) -> dict:
     import pyarrow.parquet as pq
 
-    from pea import embed, fullsize, registry, shards, train
+    from pea import embed, registry, train
     from pea import evaluate as evaluate_stage
     from pea.cli import main as pea_cli
-    from pea.corpus import acquire, filter as filter_stage
+    from pea.corpus import acquire
+    from pea.corpus import filter as filter_stage
+    from pea.models import fullsize
+    from pea.train import shards
 
     language = spec.language
 
     with meter.stage("build"):
         if "embedded" in profile:
-            from pea.embedded import prepare_zoo
+            from pea.models.embedded import prepare_zoo
 
             prepare_zoo(models_dir, image_size=spec.corpus.image_size)
         else:
@@ -191,7 +194,7 @@ def _stages(spec, profile: str, lake: Path, models_dir: Path, meter: Meter, work
     image = work / "generated.png"
     prompt = pq.read_table(filtered.pairs_path, columns=["caption"]).column("caption")[0].as_py()
     with meter.stage("generate"):
-        os.environ["PEA_LAKE"] = str(lake)  # the version records its models and settings (pea.record); --size wins
+        os.environ["PEA_LAKE"] = str(lake)  # the version records its models and settings (pea.registry.record); --size wins
         pea_cli(["generate", "--language", language, "--profile", profile, "--model-uri", registered.model_uri,
                  "--prompt", prompt, "--steps", "2", "--size", str(spec.corpus.image_size), "--out", str(image)])
     return {"spec": spec, "acquired": acquired, "filtered": filtered, "embedded": embedded, "packed": packed,

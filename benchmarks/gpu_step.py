@@ -6,11 +6,11 @@ pea.train runs it and tuned (torch.compile, channels-last, fused AdamW).
     python benchmarks/gpu_step.py --tiny                      # every path on the CPU with tiny UNets (a smoke test)
 
 Per model, a pack of random rows with the model's shapes (benchmarks/sd15_lake.py: SD 1.5 at 512 px, SDXL at 1024 px
-with its pooled vector; pea.shards.pack, the default 256-row row groups) is read by pea.reader.ShardStream (prefetch 1,
+with its pooled vector; pea.train.shards.pack, the default 256-row row groups) is read by pea.train.reader.ShardStream (prefetch 1,
 one partition) and every micro-batch goes through pea.train's step: the same noise, timestep and caption-dropout
 draws (pea.train._draws), the adapter under `deepspeed.initialize` with pea.train's config (bf16, ZeRO-1), the frozen
-UNet in bf16 built from its public config with random weights (pea.fullsize: 860 M / 2,567 M parameters; nothing
-downloaded), pea.distill.distill_loss (teacher pass under no_grad, student pass with grad, block features hooked),
+UNet in bf16 built from its public config with random weights (pea.models.fullsize: 860 M / 2,567 M parameters; nothing
+downloaded), pea.method.distill.distill_loss (teacher pass under no_grad, student pass with grad, block features hooked),
 backward, the optimizer. Two rows per model:
 - `pea.train`: as it runs today (eager, contiguous NCHW, torch's AdamW for-each);
 - `tuned`: the UNet's repeated regions compiled (torch.compile of every Transformer2DModel and ResnetBlock2D: the
@@ -55,8 +55,8 @@ def _pack(kind: str, rows: int, work: Path, tiny: bool):
     from sd15_lake import stores, write_lake
 
     from pea.embed import EmbedResult
-    from pea.shards import pack
     from pea.spec import load_spec
+    from pea.train.shards import pack
 
     lake = work / f"{kind}-{rows}{'-tiny' if tiny else ''}"
     write_lake(lake, rows, kind=kind, latent_size=8 if tiny else None)
@@ -70,7 +70,7 @@ def _unet(kind: str, tiny: bool, device):
     import torch
     from diffusers import UNet2DConditionModel
 
-    from pea.fullsize import SD15_UNET, SDXL_UNET
+    from pea.models.fullsize import SD15_UNET, SDXL_UNET
 
     torch.manual_seed(0)
     config = TINY[kind] if tiny else (SDXL_UNET if kind == "sdxl" else SD15_UNET)
@@ -91,10 +91,10 @@ def run(kind: str, variant: str, batch: int, steps: int, shards, device, tiny: b
     from torch.utils.flop_counter import FlopCounterMode
 
     from pea import train as pea_train
-    from pea.adapter import PEAAdapter
-    from pea.distill import Conditioning, distill_loss, sdxl_time_ids
-    from pea.reader import ShardStream
+    from pea.method.adapter import PEAAdapter
+    from pea.method.distill import Conditioning, distill_loss, sdxl_time_ids
     from pea.spec import TrainSpec
+    from pea.train.reader import ShardStream
 
     tuned = variant == "tuned"
     cfg = TrainSpec(precision="bf16", micro_batch_size=batch, steps=10**6, lr=1e-5)

@@ -10,13 +10,13 @@ teacher's UNet output with tokens that a LoRA on the attention projections reads
 and aligning the teacher's 77 tokens (train.adapter_tokens: teacher + token_kd_weight) keeps most of the gap. The
 toy UNet's projections are as wide as its context; SD 1.5's 320- and 640-wide ones are not injective on its
 768-wide context. Here every shape is SD 1.5's:
-- the UNet (pea.fullsize.SD15_UNET, 860 M), the teacher's CLIP ViT-L text encoder (SD15_TEXT) and the zh student's
+- the UNet (pea.models.fullsize.SD15_UNET, 860 M), the teacher's CLIP ViT-L text encoder (SD15_TEXT) and the zh student's
   RoBERTa-large text tower (ZH_TEXT: 1024 wide, 52 tokens), all with random weights (nothing is downloaded);
 - captions: 4-20 random "words" from a 5,000-word vocabulary, each word one token id in CLIP's vocabulary and one
   in the student's, the student's word order swapped pairwise (a translation that moves words): the student's
   states determine the teacher's context, though not position by position;
 - random latents (4×32×32: the KD terms need no image, and the question is the projections' widths, not the
-  resolution), uniform timesteps, pea.distill.distill_loss as pea.train calls it, AdamW on the adapter alone
+  resolution), uniform timesteps, pea.method.distill.distill_loss as pea.train calls it, AdamW on the adapter alone
   (DeepSpeed's engine is not what is measured), the UNet frozen in bf16 on a GPU (fp32 on the CPU).
 Systems, each trained --steps on the same batches: `PEA` (the paper's adapter: output + feature KD), `aligned`
 (the attention token mixer to the teacher's 77 tokens + token KD at weight 1: toy_table.py's attention_perturbed
@@ -29,7 +29,7 @@ which reads only the context's mean; `--attention-spread` scales to_q and to_k u
 asked (3 picks tokens as trained attention does; a guess, no trained weights being here). On a CPU, `--latent-size 8 --encoder-layers 2` keep every width at a fraction of the cost.
 `--model sdxl` builds SDXL's instead: its UNet (2.6 B; every cross-attention narrower than its 2048-wide context),
 both CLIPs (penultimate states side by side, the second's pooled vector) and the time ids; the adapter outputs the
-pooled vector too (pea.adapter). Last line: `fullsize_gap_kept_3x=<PEA>/<aligned>/<aligned_perturbed>` (all
+pooled vector too (pea.method.adapter). Last line: `fullsize_gap_kept_3x=<PEA>/<aligned>/<aligned_perturbed>` (all
 attention at 3×, mean over the LoRAs; the systems run).
 """
 
@@ -141,12 +141,25 @@ def main() -> None:
 
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from lora_robustness import TARGETS, gaps_kept, scale_lora, table_row
-    from transformers import BertConfig, BertModel, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import (
+        BertConfig,
+        BertModel,
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+    )
 
-    from pea.adapter import DEFAULT_DIMS, PEAAdapter
-    from pea.distill import Conditioning, distill_loss, sdxl_time_ids
-    from pea.fullsize import SCHEDULER, SD15_TEXT, SD15_UNET, SDXL_TEXT_2, SDXL_UNET, ZH_TEXT
-    from pea.perturb import RandomLoRA
+    from pea.method.adapter import DEFAULT_DIMS, PEAAdapter
+    from pea.method.distill import Conditioning, distill_loss, sdxl_time_ids
+    from pea.method.perturb import RandomLoRA
+    from pea.models.fullsize import (
+        SCHEDULER,
+        SD15_TEXT,
+        SD15_UNET,
+        SDXL_TEXT_2,
+        SDXL_UNET,
+        ZH_TEXT,
+    )
     from pea.spec import PerturbationSpec
 
     device = torch.device(args.device)

@@ -4,7 +4,7 @@
 
 The UNet is frozen, so a LoRA made for the English model should work with the adapter. Random rank-4 LoRAs
 (peft, through diffusers' `add_adapter`) on the toy teacher's UNet: on every attention projection, on the
-cross-attention to_k/to_v alone, or on self-attention alone (pea.perturb.RandomLoRA, drawn from seeds training
+cross-attention to_k/to_v alone, or on self-attention alone (pea.method.perturb.RandomLoRA, drawn from seeds training
 never uses); each is scaled (secant steps on ρ = ‖B·A‖/‖W‖, the same on every projection) so that it moves the
 teacher's own output by a chosen multiple of the conditioning's effect (the untrained adapter's relative error).
 Under each LoRA, every system's held-out UNet-output error is measured against the teacher *with the same LoRA*,
@@ -17,7 +17,7 @@ adapters one token per student token (16): whether a system keeps its gap says w
 teacher comes from matching the attention *output* with another set of tokens, which a change of the key/value
 projections undoes.
 
-Also prints, for SD 1.5's and SDXL's UNet configs (pea.fullsize, built on the meta device: shapes only), each
+Also prints, for SD 1.5's and SDXL's UNet configs (pea.models.fullsize, built on the meta device: shapes only), each
 cross-attention width against its context width: where the context is wider, to_k/to_v have a null space
 (context − width dimensions) in which tokens may differ unseen until a LoRA changes the projection.
 
@@ -46,7 +46,7 @@ def context_widths() -> list[str]:
     from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
 
-    from pea.fullsize import SD15_UNET, SDXL_UNET
+    from pea.models.fullsize import SD15_UNET, SDXL_UNET
 
     lines = []
     for name, config in (("SD 1.5", SD15_UNET), ("SDXL", SDXL_UNET)):
@@ -81,7 +81,7 @@ def _teacher_outputs(spec, table, unet) -> list[torch.Tensor]:
 def unseen_lora(unet, targets: list[str], seed: int):
     """A rank-4 LoRA on `targets` drawn from its own seed (training's perturbations come from other streams);
     `.apply(generator(seed), ρ)` sets ‖B·A‖ = ρ‖W‖ on every projection, same directions at every ρ."""
-    from pea.perturb import RandomLoRA
+    from pea.method.perturb import RandomLoRA
     from pea.spec import PerturbationSpec
 
     return RandomLoRA(unet, PerturbationSpec(share=1.0, rank=4, targets=targets), seed, name=f"unseen-{seed}")
@@ -153,7 +153,7 @@ def training_contexts(train, rows: int, seed: int) -> tuple[torch.Tensor, torch.
     """The parallel rows among up to `rows` of the training stream (teacher tokens, student states): the sample the
     linear map is fit on (LinearMap.sample). The context error there beside the held-out one tells a system that
     underfits (both alike) from one that overfits."""
-    from pea.baselines import LinearMap
+    from pea.evaluate.baselines import LinearMap
 
     sample = LinearMap.sample(train, rows, seed)
     return (sample["teacher"].unflatten(1, train.tensors["teacher"][0]),
@@ -177,10 +177,10 @@ def load_world(lake: Path, language: str, noise: float, seed: int = 0):
 def load_systems(lake: Path, language: str, noise: float, seed: int = 0):
     """A toy_table.py lake's held-out table and the systems of training seed `seed`: (spec, table, {name: adapter or
     map}, the training shards)."""
-    from pea.adapter import PEAAdapter
-    from pea.baselines import LinearMap, untrained_like
-    from pea.shards import pack
-    from pea.table import load_table
+    from pea.evaluate.baselines import LinearMap, untrained_like
+    from pea.method.adapter import PEAAdapter
+    from pea.train.shards import pack
+    from pea.train.table import load_table
 
     spec, pairs_path, embedded, run = load_world(lake, language, noise, seed)
     table = load_table(spec, pairs_path, embedded, "heldout").with_english()

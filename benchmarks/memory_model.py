@@ -3,12 +3,12 @@ tensors, counted by torch's MemTracker (issue #33).
 
     python benchmarks/memory_model.py [--batches 1 2 ... 8] [--kinds sd15,sdxl] [--no-measure] [--measure-batch 1]
 
-Each UNet is built from its public config (pea.fullsize: SD 1.5 860 M, SDXL 2,567 M parameters) under
+Each UNet is built from its public config (pea.models.fullsize: SD 1.5 860 M, SDXL 2,567 M parameters) under
 FakeTensorMode, directly in bf16 (no bytes behind any tensor), and frozen as pea.train holds it; the adapter is the
 zh spec's (student 1024 wide, hidden 2048; SDXL adds the pooled 1280) in bf16, with DeepSpeed's bf16 optimizer
 written out beside it (fp32 master weights and gradients, AdamW's two fp32 states, made before the step as at any
 step after the first). The step is pea.train's: the adapter on the batch plus the empty caption, caption dropout's
-swap, pea.distill.distill_loss (the teacher pass under no_grad, the student pass with grad, block features hooked on
+swap, pea.method.distill.distill_loss (the teacher pass under no_grad, the student pass with grad, block features hooked on
 both), backward, AdamW. MemTracker (torch.distributed._tools.mem_tracker) counts every tensor the step holds, with
 and without diffusers' gradient checkpointing on the frozen UNet's blocks (recomputed in the backward pass). The
 peak is what a device must hold before what the tracker does not see: the CUDA context, kernel workspaces and the
@@ -29,13 +29,13 @@ Last lines: sdxl_max_micro_batch_80gb= (the largest micro-batch, with or without
 from __future__ import annotations
 
 import argparse
-from collections import OrderedDict
 import contextlib
 import gc
 import os
 import subprocess
 import sys
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", DO_NOT_TRACK="1", TRANSFORMERS_VERBOSITY="error")
@@ -55,12 +55,12 @@ def _build(kind: str, fake: bool):
     """The frozen bf16 UNet and the bf16 adapter, on fake tensors or (fake=False) real random ones."""
     from diffusers import UNet2DConditionModel
 
-    from pea.adapter import PEAAdapter
-    from pea.fullsize import SD15_UNET, SDXL_UNET
+    from pea.method.adapter import PEAAdapter
+    from pea.models.fullsize import SD15_UNET, SDXL_UNET
 
     # Built in bf16 directly (torch's default dtype for the while): a module cast after construction swaps its fake
     # parameters, which FakeTensorMode refuses (its tensors carry weak references). Real values are the layers' own
-    # random initialisation, as pea.fullsize's models.
+    # random initialisation, as pea.models.fullsize's models.
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
@@ -76,7 +76,7 @@ def _build(kind: str, fake: bool):
 
 def _inputs(kind: str, batch: int, size: int) -> dict:
 
-    from pea.distill import sdxl_time_ids
+    from pea.method.distill import sdxl_time_ids
 
     g = torch.Generator().manual_seed(0)
     latent = size // 8
@@ -103,7 +103,7 @@ class _Loss(torch.nn.Module):
         self.unet, self.adapter = unet, adapter
 
     def forward(self, x: dict):
-        from pea.distill import Conditioning, distill_loss
+        from pea.method.distill import Conditioning, distill_loss
 
         noisy = x["latents"] + x["noise"]  # the scheduler's arithmetic: same shapes, not what is measured
         states = torch.cat([x["student"], x["empty"][None]]).to(torch.bfloat16)

@@ -14,11 +14,11 @@ Cases (benchmarks/sd15_lake.py writes the first three: random fp16 tensors with 
   repeats its captions (packed rows share stored ones), so this case checks that each part is read exactly once
   instead of giving a ratio.
 
-Each case packs in a fresh process (pea.shards.pack). The pack counts, per store, the bytes its process read while
+Each case packs in a fresh process (pea.train.shards.pack). The pack counts, per store, the bytes its process read while
 locating and gathering that store (the OS's count, /proc/<pid>/io rchar: hash columns, Parquet footers, tensor
 columns, page-cache hits included) and the tensor bytes of the rows it packed; the ratio of the sums is
 `pack_read_amplification`. Also printed: parts read against parts in the store, the staging bytes (the gather's one
-extra write and read of the packed tensors, pea.gather), the whole process's read bytes per packed byte (pairs,
+extra write and read of the packed tensors, pea.train.gather), the whole process's read bytes per packed byte (pairs,
 staging and imports included), seconds and peak RSS. Last line: pack_read_amplification=<worst case>; the exit
 status is 1 when a case is above --aim.
 """
@@ -48,7 +48,7 @@ def _embed8(lake: Path, pairs: int, zoo: Path) -> None:
     """pea.embed's own eight-worker layout over the tiny zoo's synthetic pairs."""
     from pea.corpus.synthetic import all_scenes, write_pairs
     from pea.embed import embed
-    from pea.embedded import prepare_zoo
+    from pea.models.embedded import prepare_zoo
     from pea.spec import load_spec
 
     if (lake / "done").is_file():
@@ -64,11 +64,12 @@ def _embed8(lake: Path, pairs: int, zoo: Path) -> None:
 
 
 def child(args) -> None:
-    from pea.embed import EmbedResult, open_stores
-    from pea.shards import pack
-    from pea.spec import load_spec
-    from pea.gather import read_chars
     from sd15_lake import peak_rss_gb, stores
+
+    from pea.embed import EmbedResult, open_stores
+    from pea.spec import load_spec
+    from pea.train.gather import read_chars
+    from pea.train.shards import pack
 
     lake = Path(args.lake)
     spec = load_spec("zh", "embedded", zoo_dir=Path(args.zoo))
@@ -85,7 +86,7 @@ def child(args) -> None:
     before, started, gather = read_chars(), time.perf_counter(), {}
     packed = pack(spec, pairs, embedded, gather)
     seconds, total = time.perf_counter() - started, read_chars() - before
-    from pea.store import TensorStore
+    from pea.embed.store import TensorStore
 
     parts = {name: len(TensorStore.open(root).parts()) for name, root in
              zip(("teacher", "student", "latents"), (embedded.teacher_store, embedded.student_store,

@@ -3,7 +3,7 @@
     write_lake(lake, pairs=4000, writers=1, teacher_order="key")
 
 pairs.parquet (keys 000000000…, an English and a Chinese caption and an image hash per pair) and three
-TensorStores (pea.store, fp16): teacher tokens 77×768, student states 77×1024 (the zh spec's Chinese-CLIP tower),
+TensorStores (pea.embed.store, fp16): teacher tokens 77×768, student states 77×1024 (the zh spec's Chinese-CLIP tower),
 latents 4×64×64 of a 512-pixel image: ≈ 309 KB a pair (../shared/SCALE.md); with kind="sdxl" SDXL's at 1024 px
 (tokens 77×2048 and pooled 1280, latents 4×128×128: ≈ 607 KB). The layout is pea.embed's:
 `writers` workers, worker w storing the rows whose hash bucket (pea.embed.bucket: the first 32 bits of the hash
@@ -43,8 +43,8 @@ def write_lake(lake: Path, pairs: int, writers: int = 1, teacher_order: str = "k
     import torch
 
     from pea.embed import ROWS_PER_PART
-    from pea.keys import key_digest, text_hash
-    from pea.store import TensorStore
+    from pea.embed.store import TensorStore
+    from pea.io.keys import key_digest, text_hash
 
     stamp = f"{pairs} {writers} {teacher_order} {kind} {latent_size}"
     shapes = SDXL if kind == "sdxl" else {name: {COLUMNS[name]: shape} for name, shape in SHAPES.items()}

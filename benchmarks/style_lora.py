@@ -24,7 +24,6 @@ import random
 from pathlib import Path
 
 import torch
-
 from lora_robustness import TARGETS, load_systems
 
 PALETTE = ["red", "green", "blue", "yellow", "purple", "orange"]
@@ -40,10 +39,11 @@ def train_style(spec, style: str, folder: Path, steps: int, batch: int = 32, lr:
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    from pea import models, progress
-    from pea.atomic import publish
+    from pea import models
     from pea.corpus.synthetic import ENGLISH, all_scenes, caption
-    from pea.toy import denoising_loss
+    from pea.io import progress
+    from pea.io.atomic import publish
+    from pea.models.toy import denoising_loss
 
     if (folder / "pytorch_lora_weights.safetensors").is_file():
         return folder

@@ -82,8 +82,9 @@ def run_cell(language: str, lake: Path, noise: float, seeds: list[int], ablation
     """One language at one noise share: {system: [judge score per seed]} for both prompt sets, and the time. The
     first seed trains every variant, the others PEA and `every_seed`."""
     from pea import embed, evaluate, ops, train
-    from pea.corpus import acquire, filter as filter_stage
-    from pea.embedded import prepare_zoo
+    from pea.corpus import acquire
+    from pea.corpus import filter as filter_stage
+    from pea.models.embedded import prepare_zoo
     from pea.spec import load_spec
 
     started = time.perf_counter()
@@ -105,7 +106,7 @@ def run_cell(language: str, lake: Path, noise: float, seeds: list[int], ablation
         wanted = {"trained", *(variants if i == 0 else every_seed)}
         done = json.loads(report.read_text()) if reuse and report.is_file() else {"judge": {}}
         if wanted <= set(done["judge"]):
-            # Published whole (pea.atomic), from adapters that never change once trained: read, not redone.
+            # Published whole (pea.io.atomic), from adapters that never change once trained: read, not redone.
             _collect(done["judge"], done["judge_sets"][SET], heldout, culture)
             print(json.dumps({"language": language, "noise": noise, "seed": seed, "reused": str(report)}), flush=True)
             continue
@@ -134,8 +135,8 @@ def _cells(scores: dict[str, list[float]], systems: tuple[str, ...]) -> str:
 
 
 def main() -> None:
-    from pea import launcher
-    from pea.grids import HEADER
+    from pea.embed import launcher
+    from pea.evaluate.grids import HEADER
     from pea.spec import available_languages
 
     parser = argparse.ArgumentParser()

@@ -2,8 +2,8 @@
 and the reader's cost, separated from the disk's, must keep up with a node of GPUs.
 
 Random stores with SD 1.5's shapes in fp16 (benchmarks/sd15_lake.py: ≈ 309 KB a pair) for N and 10·N pairs, packed
-by pea.shards, then, each in a fresh process with one torch thread:
-- reader: pea.reader.ShardStream alone (one partition, `shuffle_row_groups` row groups a window, prefetch 1). One
+by pea.train.shards, then, each in a fresh process with one torch thread:
+- reader: pea.train.reader.ShardStream alone (one partition, `shuffle_row_groups` row groups a window, prefetch 1). One
   window untimed, then --reader-windows whole windows timed, the pack's files evicted from the page cache before
   each (posix_fadvise DONTNEED: the reads come from the disk, or from whatever cache lies below this machine), with
   the process's CPU seconds (every thread) beside the wall time; then the same files read raw (os.read, 8 MB
@@ -113,7 +113,7 @@ def _raw_read(files: list[Path], limit: int) -> tuple[int, float]:
 
 
 def _reader(packed, args) -> dict:
-    from pea.reader import ShardStream
+    from pea.train.reader import ShardStream
 
     files = sorted((packed.root / "train").glob("*.parquet"))
     row_bytes = sum(f.stat().st_size for f in files) / packed.train.rows
@@ -142,8 +142,8 @@ def child(args) -> None:
     import torch
 
     from pea.embed import EmbedResult
-    from pea.shards import pack
     from pea.train import train
+    from pea.train.shards import pack
 
     torch.set_num_threads(1)
     lake = Path(args.lake)

@@ -36,10 +36,10 @@ from pathlib import Path
 
 os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", DO_NOT_TRACK="1", TRANSFORMERS_VERBOSITY="error")
 
-# SD 1.5's and the zh student's public configs, as pea.fullsize builds them (one copy in the project).
-from pea.fullsize import SD15_TEXT as SD15_TEXT_ENCODER  # noqa: E402
-from pea.fullsize import SD15_UNET, SD15_VAE  # noqa: E402,F401 (gpu_step imports SD15_UNET from here)
-from pea.fullsize import ZH_TEXT as ZH_STUDENT  # noqa: E402
+# SD 1.5's and the zh student's public configs, as pea.models.fullsize builds them (one copy in the project).
+from pea.models.fullsize import SD15_TEXT as SD15_TEXT_ENCODER  # noqa: E402
+from pea.models.fullsize import SD15_UNET, SD15_VAE  # noqa: E402,F401 (gpu_step imports SD15_UNET from here)
+from pea.models.fullsize import ZH_TEXT as ZH_STUDENT  # noqa: E402
 
 COMPONENTS = ("teacher text encoder", "student encoder", "VAE encoder")
 
@@ -95,13 +95,20 @@ def main() -> None:
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from PIL import Image
-    from transformers import BertConfig, BertModel, BertTokenizerFast, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import (
+        BertConfig,
+        BertModel,
+        BertTokenizerFast,
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTokenizer,
+    )
 
     from pea import models
-    from pea.adapter import PEAAdapter
     from pea.corpus.synthetic import ENGLISH, all_scenes, caption, render
-    from pea.distill import Conditioning, distill_loss
-    from pea.embedded import prepare_zoo
+    from pea.method.adapter import PEAAdapter
+    from pea.method.distill import Conditioning, distill_loss
+    from pea.models.embedded import prepare_zoo
     from pea.spec import load_spec
 
     torch.set_num_threads(args.threads)

@@ -5,7 +5,7 @@ as the two one after the other; without it (every run with all cores) they thras
 
 zh and ja are acquired, filtered, embedded and packed once (benchmarks/chaos.py's stage children on the embedded
 default); then the train stage of both, from the same snapshot, three ways: one after the other with all cores
-each (what a lone run gets: `pea.launcher.thread_budget(1)`), both at once with the budget of a work pool
+each (what a lone run gets: `pea.embed.launcher.thread_budget(1)`), both at once with the budget of a work pool
 whose concurrency limit is 2 (`thread_budget(2)`: cores / 2 each), and both at once with all cores each (no
 budget; stopped at 3× the sequential time). Wall time is from the first train start to the last train end, child
 start-up included. LAST lines: `concurrent_vs_sequential=` (aim ≈ 1, ≤ 1.1) and `unbudgeted_vs_sequential=`.
@@ -17,8 +17,6 @@ import argparse
 import os
 import time
 from pathlib import Path
-
-
 
 
 def train_both(chaos, work: Path, threads: int, at_once: bool, steps: int, limit_s: float | None = None) -> float:
@@ -47,8 +45,8 @@ def main() -> None:
     args = parser.parse_args()
     import chaos  # benchmarks/chaos.py: this script's folder is on sys.path
 
-    from pea.embedded import prepare_zoo
-    from pea.launcher import thread_budget
+    from pea.embed.launcher import thread_budget
+    from pea.models.embedded import prepare_zoo
 
     work = args.work
     prepare_zoo(work / "zoo", image_size=32)

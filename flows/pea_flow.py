@@ -7,7 +7,7 @@ Caching (docs/operations.md): acquire, filter and embed are cached across runs, 
 the spec they read and a fingerprint of their inputs; train, evaluate and register are cached only
 within one flow run (a retried run skips what it finished), so every new run trains and registers a
 new version. Cached results are small frozen dataclasses of paths and numbers, written as plain JSON under
-`$PEA_RESULTS` (default `<lake>/prefect-results`) and read back only through pea.results, which refuses a file
+`$PEA_RESULTS` (default `<lake>/prefect-results`) and read back only through pea.io.results, which refuses a file
 it did not write (never unpickled, nothing imported); the data itself stays in the lake.
 """
 
@@ -33,25 +33,34 @@ from prefect.context import FlowRunContext, TaskRunContext
 from prefect.settings import get_current_settings
 from pydantic import Field
 
+from flows.summary import print_summary  # noqa: F401 (the flow module's API: main() and callers print with it)
 from pea import embed as embed_stage
 from pea import evaluate as evaluate_stage
-from pea import launcher, ops, progress, registry, results
-from pea import shards as shards_stage
+from pea import ops, registry
 from pea import train as train_stage
 from pea.corpus import acquire as acquire_stage
 from pea.corpus import filter as filter_stage
-from pea.discovery import SCAN_TAG, check_sources
-from pea.embedded import prepare_zoo
-from pea.redact import mask_logging, masked_errors, redact
-from pea.spec import DIFFUSION_ONLY, ENGINE_ADDRESS, LANGUAGE_CODE, LanguageSpec, lake_root, load_spec, profiles
-
-from flows.summary import print_summary  # noqa: F401 (the flow module's API: main() and callers print with it)
+from pea.embed import launcher
+from pea.io import progress, results
+from pea.io.redact import mask_logging, masked_errors, redact
+from pea.models.embedded import prepare_zoo
+from pea.spec import (
+    DIFFUSION_ONLY,
+    ENGINE_ADDRESS,
+    LANGUAGE_CODE,
+    LanguageSpec,
+    lake_root,
+    load_spec,
+    profiles,
+)
+from pea.spec.discovery import SCAN_TAG, check_sources
+from pea.train import shards as shards_stage
 
 CACHE_VERSION = 2  # bump when a stage's output format changes, so old cached results are not reused (2: pea-json)
 
 
 def results_root(lake: Path) -> Path:
-    """Where Prefect persists task results (pea-json, pea.results): $PEA_RESULTS or <lake>/prefect-results."""
+    """Where Prefect persists task results (pea-json, pea.io.results): $PEA_RESULTS or <lake>/prefect-results."""
     return Path(os.environ.get("PEA_RESULTS") or Path(lake) / "prefect-results").resolve()
 
 
@@ -84,7 +93,7 @@ def _filter_key(_: TaskRunContext, p: dict[str, Any]) -> str:
 def _embed_key(_: TaskRunContext, p: dict[str, Any]) -> str:
     spec: LanguageSpec = p["spec"]
     # The worker layout changes how, not what: the same stores whatever embed.launcher says. The pairs' fingerprint is
-    # scanned once a process (pea.shards.fingerprint): pack, train, evaluate and register reuse it.
+    # scanned once a process (pea.train.shards.fingerprint): pack, train, evaluate and register reuse it.
     return _digest("embed", lake=p["lake"], stores=embed_stage.store_keys(spec),
                    embed=spec.embed.model_dump(mode="json", exclude={"launcher"}),
                    data=shards_stage.fingerprint(p["pairs"]))
@@ -114,10 +123,10 @@ def _transient(task_, task_run, state) -> bool:
 # --- tasks: one per stage -------------------------------------------------------------------------------------
 
 @task(retries=0)
-@masked_errors()  # Prefect logs and stores the error's message: masked first (pea.redact)
+@masked_errors()  # Prefect logs and stores the error's message: masked first (pea.io.redact)
 def load_language(language: str, profile: str | None, overrides: dict[str, dict[str, Any]]) -> LanguageSpec:
     """Load and validate the spec, then apply the run's overrides (validated again, never retried). A run the scan
-    started checks the spec's sources again (pea.discovery): the YAML may have changed since the scan read it."""
+    started checks the spec's sources again (pea.spec.discovery): the YAML may have changed since the scan read it."""
     spec = ops.with_overrides(load_spec(language, profile), **overrides)
     context = FlowRunContext.get()
     if context is not None and context.flow_run is not None and SCAN_TAG in (context.flow_run.tags or []):
@@ -126,56 +135,56 @@ def load_language(language: str, profile: str | None, overrides: dict[str, dict[
 
 
 @task
-@masked_errors()  # Prefect logs and stores the error's message: masked first (pea.redact)
+@masked_errors()  # Prefect logs and stores the error's message: masked first (pea.io.redact)
 def build_zoo(spec: LanguageSpec) -> dict[str, Path]:
     return prepare_zoo(image_size=spec.corpus.image_size)
 
 
 @task
-@masked_errors()  # Prefect logs and stores the error's message: masked first (pea.redact)
+@masked_errors()  # Prefect logs and stores the error's message: masked first (pea.io.redact)
 def build_full_size(spec: LanguageSpec) -> dict[str, Path]:
-    """Profile fullsize: the real architectures with random weights (pea.fullsize), built once."""
-    from pea import fullsize
+    """Profile fullsize: the real architectures with random weights (pea.models.fullsize), built once."""
+    from pea.models import fullsize
 
     return fullsize.prepare(spec)
 
 
 @task(retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=_transient, cache_key_fn=_acquire_key,
       persist_result=True)
-@masked_errors()  # Prefect logs and stores the error's message: masked first (pea.redact)
+@masked_errors()  # Prefect logs and stores the error's message: masked first (pea.io.redact)
 def acquire(spec: LanguageSpec, lake: Path) -> acquire_stage.AcquireResult:
     return acquire_stage.acquire(spec, lake)
 
 
 @task(cache_key_fn=_filter_key, persist_result=True)
-@masked_errors()  # Prefect logs and stores the error's message: masked first (pea.redact)
+@masked_errors()  # Prefect logs and stores the error's message: masked first (pea.io.redact)
 def filter_pairs(spec: LanguageSpec, lake: Path) -> filter_stage.FilterResult:
     return filter_stage.filter_pairs(spec, lake)
 
 
 @task(cache_key_fn=_embed_key, persist_result=True)
-@masked_errors()  # Prefect logs and stores the error's message: masked first (pea.redact)
+@masked_errors()  # Prefect logs and stores the error's message: masked first (pea.io.redact)
 def embed(spec: LanguageSpec, lake: Path, pairs: Path) -> embed_stage.EmbedResult:
     # In this process for one worker; under the deepspeed launcher for spec embed.launcher's workers.
     return embed_stage.launch(spec, lake, pairs)
 
 
 @task(cache_key_fn=_pack_key, persist_result=True)
-@masked_errors()  # Prefect logs and stores the error's message: masked first (pea.redact)
+@masked_errors()  # Prefect logs and stores the error's message: masked first (pea.io.redact)
 def pack(spec: LanguageSpec, pairs: Path, embedded: embed_stage.EmbedResult) -> shards_stage.Packed:
     """Join the pairs with their tensors into the training shards every rank streams (and the held-out sample)."""
     return shards_stage.pack(spec, pairs, embedded)
 
 
 @task(cache_key_fn=_per_flow_run_key("train"), persist_result=True)
-@masked_errors()  # Prefect logs and stores the error's message: masked first (pea.redact)
+@masked_errors()  # Prefect logs and stores the error's message: masked first (pea.io.redact)
 def train(spec: LanguageSpec, pairs: Path, embedded: embed_stage.EmbedResult, run_dir: Path) -> train_stage.TrainResult:
     # In this process for one process; under the deepspeed launcher for spec train.launcher's processes/nodes.
     return train_stage.launch(spec, pairs, embedded, run_dir)
 
 
 @task(cache_key_fn=_per_flow_run_key("train_diffusion_only"), persist_result=True)
-@masked_errors()  # Prefect logs and stores the error's message: masked first (pea.redact)
+@masked_errors()  # Prefect logs and stores the error's message: masked first (pea.io.redact)
 def train_diffusion_only(spec: LanguageSpec, pairs: Path, embedded: embed_stage.EmbedResult,
                          run_dir: Path) -> train_stage.TrainResult:
     """The table's diffusion-loss-only baseline (evaluate.diffusion_only_baseline): same adapter, data and steps,
@@ -184,7 +193,7 @@ def train_diffusion_only(spec: LanguageSpec, pairs: Path, embedded: embed_stage.
 
 
 @task(cache_key_fn=_per_flow_run_key("evaluate"), persist_result=True)
-@masked_errors()  # Prefect logs and stores the error's message: masked first (pea.redact)
+@masked_errors()  # Prefect logs and stores the error's message: masked first (pea.io.redact)
 def evaluate(spec: LanguageSpec, pairs: Path, embedded: embed_stage.EmbedResult, trained: train_stage.TrainResult,
              baselines: dict[str, Path]) -> evaluate_stage.Evaluation:
     return evaluate_stage.evaluate(spec, pairs, embedded, trained.adapter_dir, trained.run_dir / "evaluation",
@@ -193,7 +202,7 @@ def evaluate(spec: LanguageSpec, pairs: Path, embedded: embed_stage.EmbedResult,
 
 @task(retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_transient,
       cache_key_fn=_per_flow_run_key("register"), persist_result=True)
-@masked_errors()  # Prefect logs and stores the error's message: masked first (pea.redact)
+@masked_errors()  # Prefect logs and stores the error's message: masked first (pea.io.redact)
 def register(spec: LanguageSpec, trained: train_stage.TrainResult, evaluation: evaluate_stage.Evaluation,
              filtered: filter_stage.FilterResult) -> registry.Registration:
     result = registry.register(spec, trained, evaluation, [filtered.report_path, *filtered.histograms.values()],
@@ -298,7 +307,7 @@ def pea(language: Annotated[str, Field(pattern=LANGUAGE_CODE.pattern, descriptio
     launcher.apply_thread_budget(threads)
     print(f"thread budget: {threads} (PEA_THREADS, else the cores / the work pool's concurrency limit)")
     lake = lake_root()
-    # JSON results, read back only through a storage that refuses files naming another serializer (pea.results).
+    # JSON results, read back only through a storage that refuses files naming another serializer (pea.io.results).
     storage = results.result_storage(results_root(lake))
     stages = {t.name: results.persisted(t, storage) for t in (acquire, filter_pairs, embed, pack, train,
                                                               train_diffusion_only, evaluate, register)}
@@ -367,7 +376,7 @@ def _world(spec: LanguageSpec) -> str:
 
 def publish_model(language: str, registered: registry.Registration, cached: list[str]) -> dict:
     """The `model-<language>` artifact and the summary's model entry. Both are shown to people: a password or
-    token in the tracking URI is masked (pea.redact), in the links too."""
+    token in the tracking URI is masked (pea.io.redact), in the links too."""
     links = ops.mlflow_links(registered)
     tracking = redact(registered.tracking_uri)
     create_markdown_artifact(

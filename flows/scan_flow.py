@@ -4,7 +4,7 @@ A language is due when `data/languages/<lang>.yaml` exists but no model version 
 yet, or when its spec, manifests or filtered data changed since its latest version (see pea.ops).
 Dropping a new spec into data/languages/ is all it takes to add a language. A language that already
 has a train-language run scheduled, pending or running is not started again. A spec starts nothing until it
-validates and names only allowed model sources and paths (pea.discovery): a refused one is listed in the
+validates and names only allowed model sources and paths (pea.spec.discovery): a refused one is listed in the
 `language-scan` artifact with its file and fields, the others are handled, then the scan fails so it is noticed.
 
     python -m flows.scan_flow --profile embedded              # in-process, against $PREFECT_API_URL
@@ -19,15 +19,20 @@ import json
 from prefect import flow
 from prefect.artifacts import create_table_artifact
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import (DeploymentFilter, DeploymentFilterId, FlowRunFilter,
-                                            FlowRunFilterState, FlowRunFilterStateType)
+from prefect.client.schemas.filters import (
+    DeploymentFilter,
+    DeploymentFilterId,
+    FlowRunFilter,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+)
 from prefect.client.schemas.objects import StateType
 from prefect.deployments import run_deployment
 
 from pea import ops
-from pea.discovery import SCAN_TAG
-from pea.redact import mask_logging, masked_errors, redact
+from pea.io.redact import mask_logging, masked_errors, redact
 from pea.spec import SpecError
+from pea.spec.discovery import SCAN_TAG
 
 TRAIN_DEPLOYMENT = "pea/train-language"
 UNFINISHED = [StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING, StateType.PAUSED, StateType.CANCELLING]

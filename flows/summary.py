@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from pea.corpus.culture import PROMPT_SET as CULTURE_SET
-from pea.redact import redact
+from pea.io.redact import redact
 
 
 def print_summary(summary: dict) -> None:

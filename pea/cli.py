@@ -5,12 +5,12 @@
     pea eval --language zh [--model-uri models:/pea-adapter-zh@champion]
     pea generate --language zh --prompt "左边有一个红色的圆形" [--model-uri models:/pea-adapter-zh@champion] --out a.png
 
-A registered version carries the models and settings it was trained and evaluated with (pea.record): `generate`
+A registered version carries the models and settings it was trained and evaluated with (pea.registry.record): `generate`
 and `eval` use them, whatever `--profile` says (it is read only for versions registered before that record).
 
 The whole pipeline runs as the Prefect flow: `python -m flows.pea_flow --language zh`.
 
-A command that fails prints one line, `pea <command>: <error>`, masked (pea.redact: tracking-URI passwords, tokens,
+A command that fails prints one line, `pea <command>: <error>`, masked (pea.io.redact: tracking-URI passwords, tokens,
 signed URLs) and naming the fix; no traceback (PEA_DEBUG=1 prints it, masked too). Everything the command and the
 libraries it calls print, their log lines included, passes through the same masking.
 """
@@ -30,8 +30,8 @@ def _student_limits(ref) -> str:
     directory or the Hugging Face cache); load_student checks them again in any case."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from pea.hub import pinned_revision
-    from pea.lengths import check_max_length
+    from pea.spec.hub import pinned_revision
+    from pea.spec.lengths import check_max_length
 
     try:
         revision = pinned_revision(ref.id, ref.revision) or ref.revision
@@ -53,7 +53,7 @@ def _teacher_shapes(ref) -> str:
     from diffusers import UNet2DConditionModel
     from transformers import AutoConfig
 
-    from pea.hub import pinned_revision
+    from pea.spec.hub import pinned_revision
 
     try:
         revision = pinned_revision(ref.id, ref.revision) or ref.revision
@@ -95,7 +95,7 @@ def _validate(args) -> None:
 
 
 def _zoo(args) -> None:
-    from pea.embedded import prepare_zoo
+    from pea.models.embedded import prepare_zoo
 
     for name, path in prepare_zoo().items():
         print(f"{name}: {path}")
@@ -105,10 +105,10 @@ def _generate(args) -> None:
     import diffusers
     import torch
 
-    from pea.adapter import PEAAdapter
+    from pea.method.adapter import PEAAdapter
     from pea.models import device, inference_dtype, load_pipeline, load_student
-    from pea.pipeline import generate
-    from pea.record import fetch, settings
+    from pea.models.pipeline import generate
+    from pea.registry.record import fetch, settings
 
     uri = _model_uri(args)
     with tempfile.TemporaryDirectory() as tmp:
@@ -143,7 +143,7 @@ def _model_uri(args) -> str:
 def _eval(args) -> None:
     from pea.embed import launch
     from pea.evaluate import evaluate, format_table
-    from pea.record import eval_spec, fetch
+    from pea.registry.record import eval_spec, fetch
     from pea.spec import lake_root
 
     uri = _model_uri(args)
@@ -167,7 +167,7 @@ def _eval(args) -> None:
         print(path)
 
 
-UNRECORDED = ("only read for a version registered before versions recorded their settings (pea.record); a newer "
+UNRECORDED = ("only read for a version registered before versions recorded their settings (pea.registry.record); a newer "
               "one is drawn and evaluated with its own, whatever the profile")
 
 
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _fix(err: BaseException) -> str | None:
     """The fix for an error of the tracking server or the network (None for others: pea's own name theirs)."""
-    from pea.redact import redact
+    from pea.io.redact import redact
 
     names = {c.__name__ for c in type(err).__mro__}
     if "MlflowException" in names or "RestException" in names:
@@ -225,7 +225,7 @@ def _fix(err: BaseException) -> str | None:
 def run_masked(name: str, command) -> int:  # noqa: ANN001 - any callable
     """Run `command` with stdout, stderr and every log handler masked; an error becomes one masked line naming the fix
     (exit 1). Returns the exit status."""
-    from pea.redact import MaskedStream, mask_logging, one_line
+    from pea.io.redact import MaskedStream, mask_logging, one_line
 
     out, err_stream = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = MaskedStream(out), MaskedStream(err_stream)

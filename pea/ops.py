@@ -7,7 +7,7 @@
     mlflow_links(registration) -> dict   # UI links to the run and the model version
     with_overrides(spec, train={...})    # a run's overrides of spec sections, validated like the spec
 
-Every spec is checked before it counts as due (pea.discovery): it must validate and name only allowed model
+Every spec is checked before it counts as due (pea.spec.discovery): it must validate and name only allowed model
 sources and paths; a refused one is reported under `invalid` with the file and fields, and the rest go on.
 
 A language is *due* when it has a spec but no model version yet, when its spec or manifests changed
@@ -28,12 +28,20 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from pydantic import ValidationError
 
-from pea.corpus.addresses import networks
-from pea.discovery import check_sources
-from pea.redact import masked_errors, redact
+from pea.io.addresses import networks
+from pea.io.redact import masked_errors, redact
 from pea.registry import Registration, model_name, tracking_uri
-from pea.spec import LanguageSpec, SpecError, deep_merge, available_languages, home, lake_root, load_spec
-from pea.shards import fingerprint
+from pea.spec import (
+    LanguageSpec,
+    SpecError,
+    available_languages,
+    deep_merge,
+    home,
+    lake_root,
+    load_spec,
+)
+from pea.spec.discovery import check_sources
+from pea.train.shards import fingerprint
 
 SOURCE_TAG = "source_fingerprint"
 

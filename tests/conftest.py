@@ -7,7 +7,7 @@ os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HUB_DISABLE_T
                   PREFECT_SERVER_ANALYTICS_ENABLED="false", WANDB_MODE="disabled", NO_ALBUMENTATIONS_UPDATE="1",
                   TOKENIZERS_PARALLELISM="false")
 # pytest-xdist's workers (pyproject's addopts: -n 2) share the cores: each torch process and what it starts gets its
-# share (pea.launcher.thread_budget reads PEA_THREADS; torch reads OMP_NUM_THREADS when it is first imported), since
+# share (pea.embed.launcher.thread_budget reads PEA_THREADS; torch reads OMP_NUM_THREADS when it is first imported), since
 # two torch processes with all cores each oversubscribe the machine and both crawl.
 if _workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
     _share = str(max(1, len(os.sched_getaffinity(0)) // _workers))
@@ -18,10 +18,9 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from pea.embedded import prepare_zoo  # noqa: E402
-from pea.launcher import DISTRIBUTED_ENV  # noqa: E402
+from pea.embed.launcher import DISTRIBUTED_ENV  # noqa: E402
+from pea.models.embedded import prepare_zoo  # noqa: E402
 from pea.spec import LanguageSpec, load_spec  # noqa: E402
-
 
 # The longest files first (their times in docs/performance.md), so that xdist's two workers start on them and end
 # together instead of one of them taking a 15-minute file last.

@@ -9,7 +9,14 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
-from hostile_site import ALLOWED, EXPECTED, GOOD, MAX_BYTES, TIMEOUT_S, hostile_spec  # tests/hostile_site.py: the site
+from hostile_site import (  # tests/hostile_site.py: the site
+    ALLOWED,
+    EXPECTED,
+    GOOD,
+    MAX_BYTES,
+    TIMEOUT_S,
+    hostile_spec,
+)
 
 from pea.corpus.acquire import acquire
 from pea.corpus.fetch import fetch_image

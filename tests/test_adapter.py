@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from pea.adapter import PEAAdapter
+from pea.method.adapter import PEAAdapter
 
 
 def test_reference_sdxl_adapter_has_the_papers_parameter_count():

@@ -1,4 +1,4 @@
-"""pea.atomic: an output appears whole or not at all; a full disk names the file; stale temps are swept."""
+"""pea.io.atomic: an output appears whole or not at all; a full disk names the file; stale temps are swept."""
 
 import errno
 import os
@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from pea.atomic import NoRoom, publish, sweep, temp_path
+from pea.io.atomic import NoRoom, publish, sweep, temp_path
 
 
 def test_an_output_appears_only_when_its_writer_returns(tmp_path):

@@ -3,9 +3,8 @@ runs every fault with more trials: docs/reliability.md). Each trial kills, fills
 stage run in a child process, reruns it, and compares with an undisturbed reference run."""
 
 
-import pytest
-
 import bench
+import pytest
 
 pytestmark = pytest.mark.chaos
 

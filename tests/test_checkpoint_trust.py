@@ -1,5 +1,5 @@
 """A resume unpickles DeepSpeed checkpoints, so it takes only a run directory that this user owns and nobody else can
-write (pea.checkpoints.check_private, called by pea.train before it picks a tag); a run directory is created 0700
+write (pea.train.checkpoints.check_private, called by pea.train before it picks a tag); a run directory is created 0700
 whatever the umask, and an existing one is judged by what it is, not by the mode mkdir was asked for."""
 
 import os
@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from pea import checkpoints
+from pea.train import checkpoints
 
 
 def _run_with_checkpoint(root):

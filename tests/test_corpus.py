@@ -16,8 +16,23 @@ from PIL import Image  # noqa: E402
 
 from pea.corpus.acquire import acquire  # noqa: E402
 from pea.corpus.filter import REASONS, filter_pairs  # noqa: E402
-from pea.corpus.synthetic import BROKEN, ENGLISH, Scene, all_scenes, caption, make_corpus, render, serve  # noqa: E402
-from pea.spec import LanguageSpec, ManifestSpec, SyntheticCorpus, available_languages, load_spec  # noqa: E402
+from pea.corpus.synthetic import (  # noqa: E402
+    BROKEN,
+    ENGLISH,
+    Scene,
+    all_scenes,
+    caption,
+    make_corpus,
+    render,
+    serve,
+)
+from pea.spec import (  # noqa: E402
+    LanguageSpec,
+    ManifestSpec,
+    SyntheticCorpus,
+    available_languages,
+    load_spec,
+)
 
 SIZE = 40  # good samples
 ROWS = SIZE + len(BROKEN)  # manifest rows

@@ -5,7 +5,7 @@ import math
 
 from mlflow import MlflowClient
 
-from pea.curves import CURVE_POINTS, curve
+from pea.registry.curves import CURVE_POINTS, curve
 
 
 def test_a_50k_step_history_is_a_few_batches_of_window_means(tmp_path):

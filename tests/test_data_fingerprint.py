@@ -1,11 +1,11 @@
-"""The pairs' fingerprint (pea.shards.data_fingerprint) keys the pack, the embed cache and a version's lineage: it must
+"""The pairs' fingerprint (pea.train.shards.data_fingerprint) keys the pack, the embed cache and a version's lineage: it must
 change with every column pack writes, the native flag included, and tell NULL from ''; it must not change with row
 order or file layout."""
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pea.shards import data_fingerprint
+from pea.train.shards import data_fingerprint
 
 ROWS = {"key": ["000000000", "000000001", "000000002"], "image_sha256": ["a" * 64, "b" * 64, "c" * 64],
         "caption_en": ["one red circle", "two blue squares", ""], "caption": ["红色的圆形", "两个蓝色的正方形", "金砖"],

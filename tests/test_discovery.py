@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from pea import ops
-from pea.discovery import problems
 from pea.spec import ManifestSpec, available_languages, load_spec
+from pea.spec.discovery import problems
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -86,8 +86,8 @@ def test_a_run_the_scan_started_checks_the_spec_again_when_it_loads_it(project):
     from prefect.testing.utilities import prefect_test_harness
 
     from flows.pea_flow import load_language
-    from pea.discovery import SCAN_TAG
     from pea.spec import SpecError
+    from pea.spec.discovery import SCAN_TAG
 
     @flow
     def load(language: str) -> str:

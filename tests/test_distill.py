@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from pea import models
-from pea.distill import Conditioning, distill_loss, token_fit_loss, unet_features
+from pea.method.distill import Conditioning, distill_loss, token_fit_loss, unet_features
 
 
 def _batch(unet, tokens: int = 77):
@@ -65,7 +65,7 @@ def test_loss_weights_come_from_the_caller(zh_spec):
 
 
 def test_sdxl_teacher_hooks_every_block_and_the_pooled_vector_reaches_the_unet(zoo_dir):
-    from pea.distill import sdxl_time_ids
+    from pea.method.distill import sdxl_time_ids
     from pea.spec import load_spec
 
     spec = load_spec("zh", "embedded,sdxl", zoo_dir=zoo_dir)

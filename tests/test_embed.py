@@ -3,10 +3,10 @@ import torch
 
 from pea.corpus.synthetic import ENGLISH, all_scenes, caption, write_pairs
 from pea.embed import embed, open_stores
+from pea.embed.store import StoreMismatch, TensorStore
+from pea.io.keys import text_hash
 from pea.spec import load_spec
-from pea.keys import text_hash
-from pea.store import StoreMismatch, TensorStore
-from pea.shards import pack
+from pea.train.shards import pack
 
 
 def test_embeddings_are_computed_once_and_shared_across_languages(tmp_path, zoo_dir, monkeypatch):

@@ -3,11 +3,11 @@
 import duckdb
 import pyarrow.parquet as pq
 
-import pea.keys
+import pea.io.keys
 from pea.corpus.synthetic import all_scenes, write_pairs
 from pea.embed import embed, write_inputs
+from pea.embed.store import TensorStore
 from pea.spec import load_spec
-from pea.store import TensorStore
 
 
 def test_the_launcher_hashes_each_caption_once_and_its_workers_hash_none(tmp_path, zoo_dir, monkeypatch):
@@ -16,8 +16,8 @@ def test_the_launcher_hashes_each_caption_once_and_its_workers_hash_none(tmp_pat
     rows = pq.read_table(pairs, columns=["caption_en", "caption"]).to_pylist()
     texts = {r["caption_en"] for r in rows if r["caption_en"] is not None} | {r["caption"] for r in rows} | {""}
     calls = []
-    real = pea.keys.text_hash
-    monkeypatch.setattr(pea.keys, "text_hash", lambda text: calls.append(text) or real(text))
+    real = pea.io.keys.text_hash
+    monkeypatch.setattr(pea.io.keys, "text_hash", lambda text: calls.append(text) or real(text))
 
     write_inputs(zh, pairs, tmp_path / "inputs", workers=2)
     english = {r["caption_en"] for r in rows if r["caption_en"] is not None} | {""}

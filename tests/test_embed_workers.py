@@ -11,8 +11,8 @@ from PIL import Image
 
 from pea.corpus.synthetic import all_scenes, write_pairs
 from pea.embed import embed, launch, open_stores
+from pea.embed.store import TensorStore
 from pea.spec import EmbedSpec, LanguageSpec, load_spec
-from pea.store import TensorStore
 
 
 def _owner(hash_: str, workers: int) -> int:

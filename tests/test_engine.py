@@ -21,8 +21,8 @@ from hostile_site import hostile_spec  # tests/hostile_site.py
 
 from pea.corpus import filter as filter_stage
 from pea.corpus.acquire import AcquireResult, acquire
-from pea.corpus.filter import FilterResult, filter_pairs
 from pea.corpus.engine import CONNECT_TIMEOUT_S, session
+from pea.corpus.filter import FilterResult, filter_pairs
 from pea.spec import EngineSpec, LanguageSpec, SyntheticCorpus, load_spec
 
 SIZE, SHARD_ROWS = 20, 10  # 20 good images + the broken entries: 29 rows fetched, 3 shards

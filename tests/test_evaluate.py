@@ -10,10 +10,10 @@ import torch
 from PIL import Image
 
 from pea import evaluate as ev
-from pea.baselines import LinearMap
+from pea.evaluate.baselines import LinearMap
 from pea.spec import ModelRef, available_languages
-from pea.shards import pack
-from pea.table import load_table
+from pea.train.shards import pack
+from pea.train.table import load_table
 
 
 @pytest.fixture(scope="session")

@@ -7,8 +7,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from pydantic import ValidationError
 
-from pea.corpus.addresses import networks, refusal
 from pea.corpus.fetch import fetch_image
+from pea.io.addresses import networks, refusal
 from pea.spec import CorpusSpec
 
 LOOPBACK = ("127.0.0.1/32",)

@@ -4,9 +4,8 @@ files, about a minute), then a few minutes of stages; `-m "not fullsize"` leaves
 
 import math
 
-import pytest
-
 import bench
+import pytest
 from PIL import Image
 
 pytestmark = pytest.mark.fullsize

@@ -1,5 +1,5 @@
 """Every shipped language's captions are readable in the evaluation grids: each character of each prompt in
-data/prompts/<lang>/ is drawn with a real glyph, not the missing-glyph box (pea.grids, issue #34)."""
+data/prompts/<lang>/ is drawn with a real glyph, not the missing-glyph box (pea.evaluate.grids, issue #34)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from fontTools.ttLib import TTCollection, TTFont
 from PIL import Image
 
-from pea.grids import font_for, write_grid
+from pea.evaluate.grids import font_for, write_grid
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 LANGUAGES = sorted(p.stem for p in (DATA / "languages").glob("*.yaml"))

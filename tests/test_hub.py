@@ -1,4 +1,4 @@
-"""Hub revisions pin to commits, weights load from safetensors only, variants load when asked (pea.hub).
+"""Hub revisions pin to commits, weights load from safetensors only, variants load when asked (pea.spec.hub).
 
 Hub ids load from a real Hugging Face cache layout built in tmp (`models--org--name/refs/main` naming a
 `snapshots/<commit>/` that holds a tiny saved model), through the same from_pretrained calls as production.

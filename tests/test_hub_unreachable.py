@@ -14,12 +14,11 @@ import huggingface_hub
 import pytest
 from huggingface_hub import constants
 from huggingface_hub.utils import close_session
+from test_hub import COMMIT_A, REPO, _publish  # noqa: F401 - tests/test_hub.py: a real cache layout
 
-from pea.hub import pinned_revision
 from pea.models import load_student
 from pea.spec import StudentSpec
-
-from test_hub import COMMIT_A, REPO, _publish  # noqa: F401 - tests/test_hub.py: a real cache layout
+from pea.spec.hub import pinned_revision
 
 ROOT = Path(__file__).resolve().parents[1]
 UNRESOLVABLE = "hub.pea-test.invalid"

@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from pea import launcher
+from pea.embed import launcher
 from pea.spec import LauncherSpec
 
 

@@ -1,11 +1,18 @@
-"""student.max_length against the model's own limits (pea.lengths), on tiny models saved like the real ones."""
+"""student.max_length against the model's own limits (pea.spec.lengths), on tiny models saved like the real ones."""
 
 import re
 import shutil
 
 import pytest
 import torch
-from transformers import BertConfig, BertModel, ChineseCLIPConfig, ChineseCLIPModel, XLMRobertaConfig, XLMRobertaModel
+from transformers import (
+    BertConfig,
+    BertModel,
+    ChineseCLIPConfig,
+    ChineseCLIPModel,
+    XLMRobertaConfig,
+    XLMRobertaModel,
+)
 
 from pea.cli import main
 from pea.models import StudentEncoder, _train_wordpiece_tokenizer, load_student

@@ -1,11 +1,11 @@
 """benchmarks/lora_full_size.py's parts (#19): its captions are the translation its docstring says, an unseen LoRA
 is sized to the effect asked for, and the attention's selectivity is measured and set as asked."""
 
+import bench
 import torch
 
-import bench
 from pea import models
-from pea.distill import Conditioning
+from pea.method.distill import Conditioning
 
 full = bench.load("lora_full_size")
 robustness = bench.load("lora_robustness")
@@ -29,7 +29,13 @@ def test_the_student_caption_is_the_english_words_swapped_pairwise():
 
 
 def test_the_teacher_context_is_sd15s_last_state_or_sdxls_two_penultimate_states_side_by_side():
-    from transformers import BertConfig, BertModel, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import (
+        BertConfig,
+        BertModel,
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+    )
 
     torch.manual_seed(0)
     clip = dict(vocab_size=49408, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,

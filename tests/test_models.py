@@ -4,13 +4,26 @@ import json
 
 import pytest
 import torch
-from transformers import (AltCLIPConfig, AltCLIPModel, BertConfig, BertModel, ChineseCLIPConfig, ChineseCLIPModel,
-                          CLIPConfig, CLIPModel, MT5Config, MT5Model, T5Config, T5EncoderModel, XLMRobertaConfig,
-                          XLMRobertaModel)
+from transformers import (
+    AltCLIPConfig,
+    AltCLIPModel,
+    BertConfig,
+    BertModel,
+    ChineseCLIPConfig,
+    ChineseCLIPModel,
+    CLIPConfig,
+    CLIPModel,
+    MT5Config,
+    MT5Model,
+    T5Config,
+    T5EncoderModel,
+    XLMRobertaConfig,
+    XLMRobertaModel,
+)
 
-from pea.adapter import PEAAdapter
+from pea.method.adapter import PEAAdapter
 from pea.models import load_pipeline, load_student, load_teacher_text, model_key
-from pea.pipeline import check_compatible
+from pea.models.pipeline import check_compatible
 from pea.spec import StudentSpec, load_spec
 
 TINY_TEXT = dict(hidden_size=48, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
@@ -77,7 +90,7 @@ def test_teacher_conditioning_equals_the_stock_pipeline_encoding(kind, profile, 
 
 
 def test_the_zoo_is_built_once_and_keyed_by_its_content(zoo_dir):
-    from pea.embedded import prepare_zoo
+    from pea.models.embedded import prepare_zoo
 
     before = {p: p.stat().st_mtime_ns for p in zoo_dir.rglob("*.safetensors")}
     prepare_zoo(zoo_dir, image_size=32)

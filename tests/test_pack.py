@@ -11,15 +11,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-import pea.shards
-import pea.table
-from pea import shards
+import pea.train.shards
+import pea.train.table
 from pea.corpus.synthetic import all_scenes, write_pairs
 from pea.embed import ROWS_PER_PART, EmbedResult, embed
-from pea.shards import Packed, pack
+from pea.embed.store import TensorStore
+from pea.io.keys import key_digest, text_hash
 from pea.spec import load_spec
-from pea.keys import key_digest, text_hash
-from pea.store import TensorStore
+from pea.train import shards
+from pea.train.shards import Packed, pack
 
 SHAPES = {"teacher": (77, 64), "student": (77, 96), "latents": (4, 16, 16)}  # ≈ 27 KB a pair in fp16
 COLUMNS = {"teacher": "tokens", "student": "states", "latents": "latents"}
@@ -142,10 +142,10 @@ def test_stores_of_eight_real_embed_workers_pack_as_one_worker_s(tmp_path, zoo_d
 
 @pytest.fixture
 def scans(monkeypatch):
-    """Counts the full scans of the pairs (pea.shards.data_fingerprint, run for real)."""
+    """Counts the full scans of the pairs (pea.train.shards.data_fingerprint, run for real)."""
     calls = []
-    real = pea.shards.data_fingerprint
-    monkeypatch.setattr(pea.shards, "data_fingerprint", lambda path: calls.append(path) or real(path))
+    real = pea.train.shards.data_fingerprint
+    monkeypatch.setattr(pea.train.shards, "data_fingerprint", lambda path: calls.append(path) or real(path))
     monkeypatch.setattr(shards, "_FINGERPRINTS", {})
     return calls
 
@@ -161,9 +161,9 @@ def test_the_fingerprint_is_scanned_once_and_recorded_in_the_pack_index(tmp_path
     opened = Packed.open(packed.root)  # another process (a rank, a retried stage): the index says it
     assert len(scans) == 1 and again.root == opened.root == packed.root
     index = json.loads((packed.root / "index.json").read_text())
-    assert index["fingerprint"] == opened.fingerprint == pea.shards.data_fingerprint(pairs)
+    assert index["fingerprint"] == opened.fingerprint == pea.train.shards.data_fingerprint(pairs)
     scans.clear()
-    table = pea.table.load_table(zh, tmp_path / "gone.parquet", embedded, packed=opened)
+    table = pea.train.table.load_table(zh, tmp_path / "gone.parquet", embedded, packed=opened)
     assert len(table) == packed.heldout.rows
     assert lineage(zh, tmp_path / "gone.parquet", opened.fingerprint)["data_fingerprint"] == index["fingerprint"]
     assert not scans

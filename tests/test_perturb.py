@@ -1,4 +1,4 @@
-"""Distillation under random LoRAs (pea.perturb, spec train.perturbation): the draws are what the spec says,
+"""Distillation under random LoRAs (pea.method.perturb, spec train.perturbation): the draws are what the spec says,
 seeded by the micro-step, invisible when off, never trained, and a perturbed training run resumes exactly."""
 
 import json
@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from pea import models, ops, train
 from pea.corpus.synthetic import all_scenes, write_pairs
 from pea.embed import embed
-from pea.perturb import ADAPTER_NAME, RandomLoRA
+from pea.method.perturb import ADAPTER_NAME, RandomLoRA
 from pea.spec import PerturbationSpec, SpecError, load_spec
 
 
@@ -105,8 +105,8 @@ def test_a_perturbed_run_resumes_exactly_and_differs_from_a_plain_one(tmp_path, 
 def test_an_aligned_adapter_trains_to_the_teachers_token_count_and_draws_through_the_stock_pipeline(mixer, heads,
                                                                                                    tmp_path, zoo_dir):
     from pea import models
-    from pea.adapter import PEAAdapter
-    from pea.pipeline import generate
+    from pea.method.adapter import PEAAdapter
+    from pea.models.pipeline import generate
 
     spec = ops.with_overrides(load_spec("zh", "embedded", zoo_dir=zoo_dir),
                               train={"steps": 4, "warmup_steps": 1, "adapter_tokens": "teacher", "token_kd_weight": 1.0,
@@ -130,8 +130,8 @@ def test_an_aligned_adapter_trains_to_the_teachers_token_count_and_draws_through
 
 
 def test_the_token_warm_start_fits_the_context_without_the_unet_then_distils(tmp_path, zoo_dir):
-    from pea.adapter import PEAAdapter
-    from pea.table import load_table
+    from pea.method.adapter import PEAAdapter
+    from pea.train.table import load_table
 
     spec = ops.with_overrides(load_spec("zh", "embedded", zoo_dir=zoo_dir),
                               train={"steps": 20, "warmup_steps": 1, "token_warmup": 1.0, "perturbation": {"share": 0}})

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pea.models import _build_student, _build_teacher, load_pipeline, load_student
-from pea.pipeline import generate, prompt_kwargs
+from pea.models.pipeline import generate, prompt_kwargs
 from pea.spec import StudentSpec, TeacherSpec
 
 ENGLISH = ["one red circle on the left", "two blue squares at the top", "one green triangle in the center"]
@@ -49,7 +49,9 @@ def test_sdxl_has_no_safety_checker_to_turn_on():
 
 
 def test_the_safety_checker_on_loads_and_runs_the_repos_own(teachers, tmp_path):
-    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from diffusers.pipelines.stable_diffusion.safety_checker import (
+        StableDiffusionSafetyChecker,
+    )
     from transformers import CLIPConfig, CLIPImageProcessorPil
 
     pipe = load_pipeline(TeacherSpec(id=teachers["sd15"]))

@@ -7,17 +7,22 @@ ones and be closer to the English teacher's images than the untrained adapter's 
 import numpy as np
 import pytest
 import torch
-from diffusers import (ControlNetModel, LCMScheduler, StableDiffusionControlNetPipeline,
-                       StableDiffusionImg2ImgPipeline, StableDiffusionXLControlNetPipeline,
-                       StableDiffusionXLImg2ImgPipeline)
+from diffusers import (
+    ControlNetModel,
+    LCMScheduler,
+    StableDiffusionControlNetPipeline,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionXLControlNetPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+)
 from peft import LoraConfig, get_peft_model_state_dict
 from PIL import Image
 
-from pea.adapter import PEAAdapter
-from pea.baselines import untrained_like
+from pea.evaluate.baselines import untrained_like
+from pea.method.adapter import PEAAdapter
 from pea.models import load_pipeline, load_student
-from pea.pipeline import prompt_kwargs
-from pea.table import load_table
+from pea.models.pipeline import prompt_kwargs
+from pea.train.table import load_table
 
 SEEDS = [0, 1, 2, 3]
 

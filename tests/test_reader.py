@@ -10,11 +10,10 @@ import torch
 
 from pea.corpus.synthetic import all_scenes, write_pairs
 from pea.embed import embed
-from pea.reader import ShardStream
-from pea.shards import Shards, pack
 from pea.spec import LanguageSpec, load_spec
-from pea.shards import data_fingerprint
-from pea.table import is_heldout, load_table
+from pea.train.reader import ShardStream
+from pea.train.shards import Shards, data_fingerprint, pack
+from pea.train.table import is_heldout, load_table
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,9 @@
-"""pea.redact masks credentials in URLs, signed query parameters and secret environment assignments, as DeepSpeed's
+"""pea.io.redact masks credentials in URLs, signed query parameters and secret environment assignments, as DeepSpeed's
 runners, MLflow URIs and signed manifest URLs write them, and leaves everything else as it was."""
 
 import pytest
 
-from pea.redact import redact, redact_all, redact_url
+from pea.io.redact import redact, redact_all, redact_url
 
 
 @pytest.mark.parametrize("text, masked", [
@@ -64,7 +64,7 @@ def test_an_exception_chain_and_log_records_are_masked(monkeypatch, capsys):
     import io
     import logging
 
-    from pea.redact import MaskedStream, MaskingFilter, mask_exception
+    from pea.io.redact import MaskedStream, MaskingFilter, mask_exception
 
     monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "tok-1234567")
     try:

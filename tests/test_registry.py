@@ -4,12 +4,12 @@ version's URI alone (and a version older than the record), and registration unde
 and rerun, a server that is down, a server too slow for MLflow's client (which then POSTs twice)."""
 
 import dataclasses
-import math
-import re
 import http.client
 import json
 import logging
+import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -26,23 +26,30 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+from conftest import evaluated_variant, quick_spec
 from mlflow import MlflowClient
 from mlflow.entities import ViewType
 from mlflow.exceptions import MlflowException
-
-from conftest import evaluated_variant, quick_spec
 from mlflow_server import free_port, mlflow_server
+
 from pea import embed, registry
-from pea.adapter import PEAAdapter
 from pea.corpus.synthetic import all_scenes, write_pairs
-from pea.curves import CURVE_POINTS
-from pea.baselines import untrained_like
 from pea.evaluate import evaluate
+from pea.evaluate.baselines import untrained_like
+from pea.io.results import encode
+from pea.method.adapter import PEAAdapter
 from pea.models import load_student
-from pea.pipeline import prompt_kwargs
-from pea.results import encode
-from pea.registration import (COMPLETE, HTTP_DEFAULTS, KEY_TAG, STATE_TAG, backoff_s, promotion_tags,
-                              registration_key)
+from pea.models.pipeline import prompt_kwargs
+from pea.registry.curves import CURVE_POINTS
+from pea.registry.registration import (
+    COMPLETE,
+    HTTP_DEFAULTS,
+    KEY_TAG,
+    STATE_TAG,
+    backoff_s,
+    promotion_tags,
+    registration_key,
+)
 from pea.spec import load_spec
 
 
@@ -254,7 +261,7 @@ def test_pea_eval_prints_the_table_for_the_champion_from_its_uri_alone(cycle, tr
                                                                        capsys):
     """No --language, no --profile: the version's record names the models, its run's spec the evaluation."""
     from pea.cli import main
-    from pea.record import eval_spec, fetch
+    from pea.registry.record import eval_spec, fetch
 
     main(["eval", "--model-uri", "models:/pea-adapter-zh@champion", "--pairs", str(trained_sd15.pairs), "--out",
           str(tmp_path / "eval")])
@@ -298,7 +305,7 @@ def test_pea_generate_draws_with_the_champion_whatever_the_profile(profile, cycl
 @pytest.fixture(scope="module")
 def legacy(cycle, trained_sd15, server) -> str:
     """A version as pea registered them before the generation record: model_config holds the student alone."""
-    from pea.record import model_config
+    from pea.registry.record import model_config
 
     old = {k: v for k, v in model_config(trained_sd15.spec).items() if k.startswith("student_") or k == "language"}
     with mlflow.start_run():
@@ -413,8 +420,8 @@ KILLED_CHILD = """
 import json, os, signal, sys
 from mlflow import MlflowClient
 from pea import registry
-from pea.registration import STATE_TAG
-from pea.results import decode
+from pea.registry.registration import STATE_TAG
+from pea.io.results import decode
 from pea.spec import LanguageSpec
 
 args = json.loads(open(sys.argv[1], encoding="utf-8").read())  # JSON, not a pickle: nothing to execute
@@ -610,7 +617,7 @@ def test_a_slow_create_retried_by_mlflow_leaves_one_version(cycle, trained_sd15,
     client = MlflowClient(server)
     spec, result, evaluation = _again(cycle, trained_sd15, tmp_path / "slow")
     key = registration_key(result.run_dir, result.adapter_dir)
-    caplog.set_level(logging.WARNING, logger="pea.registration")
+    caplog.set_level(logging.WARNING, logger="pea.registry.registration")
     elsewhere.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
     elsewhere.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     with _slow_proxy(server, delay_s=8, times=1) as (uri, seen):
@@ -632,7 +639,7 @@ def test_a_server_too_slow_for_create_fails_clearly_and_the_rerun_keeps_one_vers
     client = MlflowClient(server)
     spec, result, evaluation = _again(cycle, trained_sd15, tmp_path / "too-slow")
     key = registration_key(result.run_dir, result.adapter_dir)
-    caplog.set_level(logging.WARNING, logger="pea.registration")
+    caplog.set_level(logging.WARNING, logger="pea.registry.registration")
     elsewhere.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
     elsewhere.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     with _slow_proxy(server, delay_s=8, times=2) as (uri, seen):

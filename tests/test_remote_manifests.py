@@ -11,13 +11,18 @@ import pyarrow.parquet as pq
 import pytest
 import trustme
 from hostile_site import GOOD  # tests/hostile_site.py: real PNGs
-from manifest_site import PASSWORD, USER, Site, serving  # tests/manifest_site.py: the manifest host
+from manifest_site import (  # tests/manifest_site.py: the manifest host
+    PASSWORD,
+    USER,
+    Site,
+    serving,
+)
 
 from pea import ops
 from pea.corpus import remote
-from pea.corpus.addresses import networks
 from pea.corpus.acquire import acquire
 from pea.corpus.manifest import prepare_url_list
+from pea.io.addresses import networks
 from pea.spec import ManifestSpec
 
 ALLOWED = ["127.0.0.1/32"]  # 127.0.0.2 stays refused: the canary

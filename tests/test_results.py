@@ -12,8 +12,14 @@ from prefect.testing.utilities import prefect_test_harness
 
 from pea.embed import EmbedResult
 from pea.evaluate import Evaluation
-from pea.results import ResultJSON, TamperedResult, check_record, persisted, result_storage
-from pea.shards import Packed, Shards
+from pea.io.results import (
+    ResultJSON,
+    TamperedResult,
+    check_record,
+    persisted,
+    result_storage,
+)
+from pea.train.shards import Packed, Shards
 
 KEY = "pea-test-embed"
 CALLS: list[int] = []

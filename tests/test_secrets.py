@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
-
 from mlflow_server import free_port, mlflow_server
-from pea import launcher, registry
+
+from pea import registry
+from pea.embed import launcher
 from pea.spec import LauncherSpec, ManifestSpec, load_spec
 
 SECRET = "SeCrEt-9f2c"

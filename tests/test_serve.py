@@ -23,7 +23,7 @@ from mlflow.types import ColSpec, DataType, Schema, TensorSpec
 from mlflow_server import free_port
 
 from pea import registry
-from pea.adapter import PEAAdapter
+from pea.method.adapter import PEAAdapter
 
 PROMPTS = ["左边有一个红色的圆形", "右边有两个蓝色的正方形"]
 CHAMPION = "models:/pea-adapter-zh@champion"

@@ -1,4 +1,4 @@
-"""The per-run thread budget (pea.launcher.thread_budget / apply_thread_budget): what a run and its children use."""
+"""The per-run thread budget (pea.embed.launcher.thread_budget / apply_thread_budget): what a run and its children use."""
 
 import os
 import subprocess
@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from pea.launcher import thread_budget
+from pea.embed.launcher import thread_budget
 
 CORES = len(os.sched_getaffinity(0))
 
@@ -27,7 +27,7 @@ def test_pea_threads_overrides_and_a_bad_value_is_refused_by_name(monkeypatch):
 
 
 def test_the_budget_reaches_torch_here_and_in_a_child_process():
-    code = ("import os, subprocess, sys, torch; from pea.launcher import apply_thread_budget; apply_thread_budget(1); "
+    code = ("import os, subprocess, sys, torch; from pea.embed.launcher import apply_thread_budget; apply_thread_budget(1); "
             "child = subprocess.run([sys.executable, '-c', 'import torch; print(torch.get_num_threads())'], "
             "capture_output=True, text=True).stdout.strip(); print(torch.get_num_threads(), child)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,

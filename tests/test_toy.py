@@ -9,9 +9,10 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from pea import models, toy
+from pea import models
 from pea.corpus.synthetic import ENGLISH, all_scenes, caption, word_by_word
-from pea.pipeline import draw, is_pixel_space
+from pea.models import toy
+from pea.models.pipeline import draw, is_pixel_space
 from pea.spec import available_languages, load_spec
 
 

@@ -1,4 +1,4 @@
-"""A new SQLite tracking store appears whole (pea.registration.create_sqlite_store): a kill while MLflow builds its
+"""A new SQLite tracking store appears whole (pea.registry.registration.create_sqlite_store): a kill while MLflow builds its
 schema leaves nothing a rerun trips over (benchmarks/chaos.py's kill:register once landed there and the rerun
 failed with "table review_queues already exists")."""
 
@@ -10,7 +10,7 @@ import time
 
 from mlflow import MlflowClient
 
-from pea.atomic import TEMP_MARK
+from pea.io.atomic import TEMP_MARK
 from pea.registry import tracking_uri
 
 CREATE = "from pea.registry import tracking_uri; tracking_uri()"

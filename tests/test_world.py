@@ -9,11 +9,20 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pea import ops, toy
+from pea import ops
 from pea.corpus.culture import PROMPT_SET, prompt_lines
-from pea.corpus.synthetic import (ENGLISH, Scene, all_scenes, caption, culture_caption, culture_scenes, make_corpus,
-                                  word_by_word)
+from pea.corpus.synthetic import (
+    ENGLISH,
+    Scene,
+    all_scenes,
+    caption,
+    culture_caption,
+    culture_scenes,
+    make_corpus,
+    word_by_word,
+)
 from pea.evaluate import load_prompts
+from pea.models import toy
 from pea.spec import CulturePhrase, available_languages, home, load_spec
 
 SIZE, CULTURE = 180, 42

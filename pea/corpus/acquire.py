@@ -28,11 +28,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pea.atomic import publish
 from pea.corpus.engine import session
 from pea.corpus.fetch import download
 from pea.corpus.manifest import UrlList, prepare_url_list
 from pea.corpus.synthetic import make_corpus, serve
+from pea.io.atomic import publish
 from pea.spec import ColumnMapping, LanguageSpec, ManifestSpec
 
 

@@ -108,7 +108,7 @@ def map_tasks(engine: EngineSpec | None, fn: Callable[[T], R], items: Sequence[T
               log: Callable[[str], None] = print) -> list[R]:
     """`[fn(item) for item in items]`, each call a Ray task (one CPU, retried twice if its worker dies) when an
     engine is set; without one, in a pool of local processes (as many as the run's threads, see
-    pea.launcher.thread_budget) from LOCAL_POOL_MIN_ITEMS items, else in this process. `fn` must be importable
+    pea.embed.launcher.thread_budget) from LOCAL_POOL_MIN_ITEMS items, else in this process. `fn` must be importable
     by name (a module-level function) and its result small: results come back to this process. A few progress
     lines go to `log`."""
     if engine is None:

@@ -9,7 +9,7 @@ the time left; every read of the status line, the headers and the body goes thro
 which gives the socket only the time left and fails once none is; a TLS handshake is bounded per read by
 the time left at connect), bodies over
 `corpus.max_download_bytes` and non-image content types are refused unread, redirects may only lead to
-http/https, every connection (redirects included) goes only to a resolved address pea.corpus.addresses allows
+http/https, every connection (redirects included) goes only to a resolved address pea.io.addresses allows
 (public, or in `corpus.allow_networks`; checked on the address actually connected to, before anything is sent;
 no proxy from the environment, whose address would hide the target's), and every error message starts with its
 class (`http_error:`, `timeout:`, `connection:`, `redirect:`, `not_image:`, `too_large:`, `bad_url:`,
@@ -36,8 +36,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from pea.corpus.addresses import Network, networks, refusal
-from pea.redact import redact
+from pea.io.addresses import Network, networks, refusal
+from pea.io.redact import redact
 from pea.spec import URL_SCHEMES, LanguageSpec
 
 # img2dataset imports wandb and albumentations, which reach for the network unless told not to.

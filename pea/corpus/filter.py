@@ -27,21 +27,27 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pea.atomic import publish
 from pea.corpus.engine import map_tasks, session
-from pea.corpus.judge import PAIRS_SCHEMA, ShardJob, judge_shards, part_counts, part_keys
+from pea.corpus.judge import (
+    PAIRS_SCHEMA,
+    ShardJob,
+    judge_shards,
+    part_counts,
+    part_keys,
+)
 from pea.corpus.manifest import MANIFEST_REASONS
 from pea.corpus.report import ReportData, write_report
+from pea.io.atomic import publish
+from pea.io.keys import connect
 from pea.spec import LanguageSpec
-from pea.keys import connect
 
 DOWNLOAD_REASONS = ("download_http_error", "download_redirect", "download_timeout", "download_connection",
                     "download_not_image", "download_too_large", "download_disallowed", "download_blocked_address",

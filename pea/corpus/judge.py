@@ -27,10 +27,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pea.atomic import publish
 from pea.corpus.clean import clean_captions, text_ratios
 from pea.corpus.langid import wrong_language
 from pea.corpus.where import read_only_where
+from pea.io.atomic import publish
 from pea.spec import LanguageSpec
 
 OPTIONAL = {"similarity": "DOUBLE", "punsafe": "DOUBLE", "pwatermark": "DOUBLE"}

@@ -31,13 +31,20 @@ import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pea import atomic
-from pea.corpus.addresses import Network, networks
 from pea.corpus.remote import describe, manifest_filesystem, refused_error
-from pea.corpus.urllist import GROUP_SHARDS, PART_SHARDS, PartWriter, clear_leftovers, digest, publish
-from pea.redact import redact
+from pea.corpus.urllist import (
+    GROUP_SHARDS,
+    PART_SHARDS,
+    PartWriter,
+    clear_leftovers,
+    digest,
+    publish,
+)
+from pea.io import atomic
+from pea.io.addresses import Network, networks
+from pea.io.keys import connect
+from pea.io.redact import redact
 from pea.spec import URL_SCHEMES, LanguageSpec, ManifestSpec, home
-from pea.keys import connect
 
 # Pre-download drop reasons, in report order.
 MANIFEST_REASONS = ("manifest_unreadable", "bad_url", "manifest_language")

@@ -6,7 +6,7 @@
 http(s) manifests are read through fsspec's HTTPFileSystem (aiohttp) with two changes:
 
 - every socket it opens, on the first request and on every redirect hop (aiohttp follows them itself), goes only
-  to an address pea.corpus.addresses allows: the check runs in aiohttp's socket factory on the address actually
+  to an address pea.io.addresses allows: the check runs in aiohttp's socket factory on the address actually
   connected to, so neither a redirect nor a name that resolves differently later (DNS rebinding) gets past it,
   and a refused one is recorded so that any failure it causes (a HEAD, a read deep inside DuckDB) is reported
   as the same clear error; no proxy from the environment (its address would hide the target's);
@@ -16,7 +16,7 @@ http(s) manifests are read through fsspec's HTTPFileSystem (aiohttp) with two ch
 Reads are ranged (fsspec's HTTPFile: what DuckDB asks for plus BLOCK_BYTES), so a manifest is streamed, never held
 whole; the existence check is a HEAD, not fsspec's GET (which starts sending the whole file). A URL
 with user-info (`https://user:pass@host/m.parquet`) is sent as a Basic Authorization header with the host resolved
-alone (aiohttp; dropped on a redirect to another host); error messages mask the password (pea.redact).
+alone (aiohttp; dropped on a redirect to another host); error messages mask the password (pea.io.redact).
 
 s3:// and gs:// go through s3fs and gcsfs (the `remote` extra) to the object store their own configuration names
 (AWS_ENDPOINT_URL, STORAGE_EMULATOR_HOST, credentials): the operator's settings, not a spec's, pick those hosts.
@@ -35,8 +35,8 @@ import aiohttp
 import fsspec
 from fsspec.implementations.http import HTTPFileSystem
 
-from pea.corpus.addresses import Network, refusal
-from pea.redact import redact
+from pea.io.addresses import Network, refusal
+from pea.io.redact import redact
 
 CONNECT_S, READ_S = 30, 120  # a manifest host that stops answering fails instead of holding the stage
 # Bytes each ranged read fetches beyond what DuckDB asked for (its reads are ~2 MiB, one per thread): what a manifest

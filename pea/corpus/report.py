@@ -18,12 +18,12 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; never a display
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import NullFormatter  # noqa: E402
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
 
-from pea.atomic import publish  # noqa: E402
+from pea.io.atomic import publish  # noqa: E402
 
 HISTOGRAMS = ("image_sizes", "aspect_ratios", "caption_lengths")
 

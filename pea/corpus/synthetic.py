@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
-from pea.atomic import publish
+from pea.io.atomic import publish
 from pea.spec import SLOTS, CulturePhrase, LanguageSpec, SyntheticCaptions
 
 ENGLISH = SyntheticCaptions(
