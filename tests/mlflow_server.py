@@ -38,6 +38,23 @@ class Server:
             pytest.fail(f"the mlflow server exited with {self.proc.returncode}: {self.log.read_text()[-3000:]}")
 
 
+def wait_until_up(url: str, proc: subprocess.Popen, log: Path, timeout_s: float, what: str) -> None:
+    """Poll `url` until it answers 200; fail the test with the log's tail if `proc` exits or the time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as answer:
+                if answer.status == 200:
+                    return
+        except OSError:  # URLError is one: not listening yet
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            exit_code = proc.poll()
+            proc.kill()
+            pytest.fail(f"{what} did not come up (exit {exit_code}): {log.read_text(errors='replace')[-3000:]}")
+        time.sleep(0.5)
+
+
 @contextmanager
 def mlflow_server(root: Path):
     port = free_port()
@@ -49,18 +66,7 @@ def mlflow_server(root: Path):
              f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1",
              "--port", str(port), "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, cwd=root, env=env)
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"mlflow server did not come up: {log_path.read_text()[-2000:]}")
-            time.sleep(0.5)
+        wait_until_up(f"{url}/health", proc, log_path, 90, "mlflow server")
         server = Server(proc, url, log_path)
         try:
             yield server

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 import warnings
 from pathlib import Path
@@ -20,7 +19,7 @@ import pytest
 from conftest import evaluated_variant
 from mlflow.models import Model, ModelSignature
 from mlflow.types import ColSpec, DataType, Schema, TensorSpec
-from mlflow_server import free_port
+from mlflow_server import free_port, wait_until_up
 
 from pea import registry
 from pea.method.adapter import PEAAdapter
@@ -72,18 +71,7 @@ def test_the_served_champion_answers_invocations_as_the_pyfunc_does(registered, 
                                   cwd=tmp_path, env=env, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/ping", timeout=2) as answer:
-                    if answer.status == 200:
-                        break
-            except (urllib.error.URLError, OSError):
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow models serve did not come up (exit {server.poll()}): "
-                            f"{log.read_text(errors='replace')[-3000:]}")
-            time.sleep(0.5)
+        wait_until_up(f"{base}/ping", server, log, 120, "mlflow models serve")
         started = time.monotonic()
         for body in ({"inputs": PROMPTS}, {"dataframe_split": {"columns": ["prompt"], "data": [[p] for p in PROMPTS]}}):
             served = np.asarray(_post(f"{base}/invocations", body)["predictions"]["prompt_embeds"], np.float32)

@@ -31,7 +31,9 @@ class AdapterModel(PythonModel):
 
         cfg = context.model_config
         self.adapter = PEAAdapter.from_pretrained(context.artifacts["adapter"]).eval().to(device())
-        # Only the settings that are set: a serving environment with an older pea.spec still loads the model.
+        # Only the settings that are set: a serving environment with an older pea.spec still loads the model. Read
+        # here, not through pea.registry.record.student: importing the registry package (evaluate, train) would
+        # add ≈ 3 s to every model load.
         optional = {k: cfg[f"student_{k}"] for k in ("variant", "trained_length") if cfg.get(f"student_{k}") is not None}
         self.student = load_student(StudentSpec(id=cfg["student_id"], revision=cfg["student_revision"],
                                                 max_length=cfg["student_max_length"], **optional))
