@@ -138,9 +138,9 @@ def main() -> None:
     kept = {}
     for name in plain:
         ratio = None
-        if name != "teacher_en":
-            ratio = (controlled[name]["all_right"] / max(controlled["teacher_en"]["all_right"], 1e-9)) / max(
-                plain[name]["all_right"] / max(plain["teacher_en"]["all_right"], 1e-9), 1e-9)
+        if name != "teacher_en" and plain[name]["all_right"] > 0:  # nothing right without it: no ratio to keep
+            ratio = (controlled[name]["all_right"] / max(controlled["teacher_en"]["all_right"], 1e-9)) / (
+                plain[name]["all_right"] / max(plain["teacher_en"]["all_right"], 1e-9))
             if name.startswith("PEA"):
                 kept[name] = ratio
         label = {"teacher_en": "English teacher"}.get(name, name)

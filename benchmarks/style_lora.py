@@ -110,10 +110,10 @@ def main() -> None:
     ratios = {}
     for name in plain:
         kept = None
-        if name != "teacher_en":
-            kept = (styled[name]["all_right"] / max(styled["teacher_en"]["all_right"], 1e-9)) / max(
-                plain[name]["all_right"] / max(plain["teacher_en"]["all_right"], 1e-9), 1e-9)
-        if name.startswith("PEA"):
+        if name != "teacher_en" and plain[name]["all_right"] > 0:  # nothing right without it: no ratio to keep
+            kept = (styled[name]["all_right"] / max(styled["teacher_en"]["all_right"], 1e-9)) / (
+                plain[name]["all_right"] / max(plain["teacher_en"]["all_right"], 1e-9))
+        if name.startswith("PEA") and kept is not None:
             ratios[name] = kept
         label = {"teacher_en": "English teacher"}.get(name, name)
         error = (f"{errors_plain[name]:.4f} | {errors_styled[name]:.4f}" if name in errors_plain else "— | —")
