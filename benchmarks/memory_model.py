@@ -49,23 +49,18 @@ from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 from torch.distributed._tools.mem_tracker import MemTracker  # noqa: E402
 from torch.utils.hooks import RemovableHandle  # noqa: E402
 
+from pea.spec import load_spec  # noqa: E402
+
 GB = 1e9
-STUDENT_TOKENS = 52  # the zh spec's student.max_length (Chinese-CLIP's trained length)
+STUDENT_TOKENS = load_spec("zh").student.max_length  # 52: Chinese-CLIP's trained length
 KINDS = {"sd15": {"token_dim": 768, "pooled_dim": None, "size": 512},
          "sdxl": {"token_dim": 2048, "pooled_dim": 1280, "size": 1024}}
 
 
 def train_section(adapter: str):
-    """The training section whose step is counted: the shipped default's (the plug-and-play adapter, #31) or the
-    paper's (data/profiles/paper.yaml's train overrides on the same defaults)."""
-    import yaml
-
-    from pea.spec import TrainSpec, home
-
-    if adapter == "default":
-        return TrainSpec()
-    paper = yaml.safe_load((home() / "data" / "profiles" / "paper.yaml").read_text(encoding="utf-8"))
-    return TrainSpec(**paper["train"])
+    """The zh spec's training section whose step is counted: the shipped default's (the plug-and-play adapter, #31),
+    or the paper's (the profile `paper` on top)."""
+    return load_spec("zh", "paper" if adapter == "paper" else None).train
 
 
 def _build(kind: str, fake: bool, cfg):
